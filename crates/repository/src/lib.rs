@@ -1,0 +1,1 @@
+//! PostgreSQL access for the dashboard service.
