@@ -4,6 +4,15 @@
 //! machine: running a local PostgreSQL cluster, migrating and seeding it, running the tests against a
 //! throwaway cluster, serving the stand-in recommendation service, load tests and benchmarks.
 
+mod db;
+mod migrate;
+mod pg;
+mod seed;
+mod test;
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 /// Developer commands for the dashboard workspace.
@@ -15,10 +24,41 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Run the project-local PostgreSQL cluster: start, stop, status, url.
+    Db(db::DbArgs),
+    /// Apply pending migrations from migrations/ (or list them with --status).
+    Migrate(migrate::MigrateArgs),
+    /// Fill the database with deterministic pseudo-random users, orders and reviews.
+    Seed(seed::SeedArgs),
+    /// Run every test against a throwaway PostgreSQL cluster (the project's test command).
+    Test(test::TestArgs),
+}
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One readable line per cause; a backtrace helps nobody running a developer command.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Paths in the settings (config/, migrations/, target/) are relative to the workspace root,
+    // wherever `cargo xtask` was typed.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask is not inside the workspace")?;
+    std::env::set_current_dir(root).context("cannot enter the workspace root")?;
+    match cli.command {
+        Command::Db(args) => db::run(args).await,
+        Command::Migrate(args) => migrate::run(args).await,
+        Command::Seed(args) => seed::run(args).await,
+        Command::Test(args) => test::run(args).await,
+    }
 }

@@ -1,4 +1,7 @@
 //! The dashboard HTTP API on actix-web.
 //!
-//! This crate will hold the composition root: settings, telemetry, the application built on a
-//! chosen port, the routes for the dashboard and batch endpoints, health, metrics and OpenAPI.
+//! This crate is the composition root. For now it holds the layered [`settings`]; the routes for
+//! the dashboard and batch endpoints, health, metrics and OpenAPI, and the application that can be
+//! built on any port come with the service layer.
+
+pub mod settings;

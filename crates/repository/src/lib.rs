@@ -1,1 +1,45 @@
 //! PostgreSQL access for the dashboard service.
+//!
+//! The layer the seed article calls 仓库层 (section 四), built on deadpool-postgres and
+//! tokio-postgres:
+//!
+//! - [`Database`] owns the pool. Every wait on it is bounded (`wait`, `create` and `recycle`
+//!   timeouts from [`DbConfig`]), and every connection carries a server-side `statement_timeout`.
+//! - The reads the dashboard and the batch summaries need ([`Conn::profile`], [`Conn::orders`],
+//!   [`Conn::reviews`], [`Conn::order_summary`], [`Conn::user_summaries`]) run prepared statements
+//!   cached per connection and return typed rows ([`models`]); money is an exact decimal.
+//! - Errors are a typed [`Error`] a caller can match on: pool timeout, unavailable server,
+//!   statement timeout, other query errors with their SQLSTATE. No database error panics.
+//! - [`migrations`] applies the schema files of `migrations/` with refinery.
+
+mod config;
+mod database;
+mod error;
+pub mod migrations;
+pub mod models;
+
+pub use config::{DbConfig, Secret, mask_url};
+pub use database::{Conn, Database, PoolStatus};
+pub use error::Error;
+pub use models::{Order, OrderSummary, Profile, Review, UserSummary};
+
+/// Opens one connection outside the pool, for tools (migrations, seeding, admin statements).
+/// The connection's driver task runs on the current tokio runtime until the client is dropped.
+///
+/// # Errors
+///
+/// [`Error::Config`] for unusable settings, [`Error::Unavailable`] when the server cannot be
+/// reached within `create_timeout`, or another [`Error`] the server reports.
+pub async fn connect(config: &DbConfig) -> Result<tokio_postgres::Client, Error> {
+    let pg = config.pg_config()?;
+    let (client, connection) =
+        tokio::time::timeout(config.create_timeout, pg.connect(tokio_postgres::NoTls))
+            .await
+            .map_err(|_| Error::Unavailable("connecting timed out".to_owned()))??;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "direct database connection ended");
+        }
+    });
+    Ok(client)
+}

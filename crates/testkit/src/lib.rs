@@ -1,1 +1,170 @@
-//! Test support for database tests.
+//! Test support: a fresh PostgreSQL database for every test.
+//!
+//! `cargo xtask test` starts a throwaway cluster, migrates a template database on it, and runs the
+//! tests with `DATABASE_URL` pointing at that template. [`TestDb::create`] copies the template
+//! into a new database (`CREATE DATABASE ... TEMPLATE`), so every test owns its data and tests run
+//! in parallel without seeing each other. The database is dropped when the [`TestDb`] is.
+//!
+//! A database test run without `DATABASE_URL` fails, saying to use `cargo xtask test`: it never
+//! passes silently by skipping its checks.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use repository::DbConfig;
+
+/// A database created for one test, dropped (with its connections) when this value is dropped.
+#[derive(Debug)]
+pub struct TestDb {
+    name: String,
+    admin: DbConfig,
+    config: DbConfig,
+}
+
+impl TestDb {
+    /// A new database with the migrated schema and no rows.
+    ///
+    /// # Panics
+    ///
+    /// When `DATABASE_URL` is unset or the server cannot create the database: the test fails.
+    pub async fn create() -> Self {
+        let template = template_url();
+        let template_name = database_name(&template);
+        Self::create_from(&template, Some(&template_name)).await
+    }
+
+    /// A new, empty database (no schema at all), for migration tests.
+    ///
+    /// # Panics
+    ///
+    /// When `DATABASE_URL` is unset or the server cannot create the database: the test fails.
+    pub async fn empty() -> Self {
+        Self::create_from(&template_url(), None).await
+    }
+
+    async fn create_from(template_url: &str, template: Option<&str>) -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(
+            "test_{}_{}_{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = DbConfig::with_url(replace_database(template_url, "postgres"));
+        let client = repository::connect(&admin).await.unwrap_or_else(|e| {
+            panic!(
+                "cannot reach the test cluster at {}: {e}",
+                admin.masked_url()
+            )
+        });
+        let template = template.unwrap_or("template0");
+        client
+            .batch_execute(&format!(
+                "CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
+        let config = DbConfig::with_url(replace_database(template_url, &name));
+        Self {
+            name,
+            admin,
+            config,
+        }
+    }
+
+    /// Settings for a pool on this database (defaults for everything but the URL).
+    pub fn config(&self) -> DbConfig {
+        self.config.clone()
+    }
+
+    /// The connection URL of this database.
+    pub fn url(&self) -> &str {
+        &self.config.url
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Settings for the cluster's maintenance database, to run admin statements
+    /// (for example to terminate this database's connections).
+    pub fn admin_config(&self) -> DbConfig {
+        self.admin.clone()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Dropping is async and Drop is not: do it on a thread with its own small runtime, so it
+        // works whether or not the test's runtime is still running.
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let client = repository::connect(&admin).await.ok()?;
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+        // A database that could not be dropped only costs disk on a throwaway cluster.
+        let _ = dropped;
+    }
+}
+
+/// The template database's URL from `DATABASE_URL`.
+///
+/// # Panics
+///
+/// When it is unset: database tests need the cluster that `cargo xtask test` starts.
+pub fn template_url() -> String {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "DATABASE_URL is not set: database tests need a PostgreSQL server. \
+             Run the tests with `cargo xtask test`, which starts a throwaway cluster."
+        ),
+    }
+}
+
+/// The database name at the end of a `postgres://.../name?params` URL.
+fn database_name(url: &str) -> String {
+    let path = url.split('?').next().unwrap_or(url);
+    path.rsplit('/').next().unwrap_or_default().to_owned()
+}
+
+/// The same URL with another database name.
+fn replace_database(url: &str, database: &str) -> String {
+    let (path, query) = match url.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (url, None),
+    };
+    let base = path.rsplit_once('/').map_or(path, |(base, _)| base);
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swaps_the_database_name_only() {
+        assert_eq!(
+            replace_database("postgres://u:p@h:1/tpl?sslmode=disable", "x"),
+            "postgres://u:p@h:1/x?sslmode=disable"
+        );
+        assert_eq!(database_name("postgres://u:p@h:1/tpl?a=b"), "tpl");
+    }
+}

@@ -1,0 +1,216 @@
+//! Layered settings: `config/default.toml`, then `config/{APP_ENV}.toml`, then the environment.
+//!
+//! Every setting has its default, with a comment, in `config/default.toml`. An environment file
+//! (`APP_ENV=production` reads `config/production.toml`) overrides some of them, and environment
+//! variables override both: `APP__DATABASE__MAX_SIZE=50` sets `database.max_size`. `DATABASE_URL`
+//! is honoured too, below `APP__DATABASE__URL`. Unknown keys and bad values stop start-up with an
+//! error naming the key.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use config::{Config, Environment, File, FileFormat};
+use repository::DbConfig;
+use serde::Deserialize;
+
+/// Every setting of the service and its tools.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// The PostgreSQL pool (`[database]`).
+    pub database: DbConfig,
+    /// The project-local PostgreSQL cluster that `cargo xtask db` runs (`[local_cluster]`).
+    pub local_cluster: LocalCluster,
+}
+
+/// Where `cargo xtask db start` keeps the development cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalCluster {
+    /// Directory (relative to the workspace) holding the cluster's data and its password file.
+    pub dir: PathBuf,
+    /// Extra `postgres -c` settings for the development cluster, as `name=value` strings.
+    pub server_settings: Vec<String>,
+}
+
+impl Default for LocalCluster {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("target/pg/dev"),
+            server_settings: vec![
+                "shared_buffers=256MB".to_owned(),
+                "max_connections=200".to_owned(),
+            ],
+        }
+    }
+}
+
+/// Why the settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A file is unreadable or malformed, a key is unknown, or a value has the wrong type.
+    #[error("invalid settings: {0}")]
+    Invalid(#[from] config::ConfigError),
+    /// `config/default.toml` is not where it should be.
+    #[error(
+        "settings file {0} not found (set APP_CONFIG_DIR to the directory holding default.toml)"
+    )]
+    MissingDefaults(PathBuf),
+}
+
+impl Settings {
+    /// Loads the settings from `APP_CONFIG_DIR` (default `config`) and the process environment.
+    ///
+    /// # Errors
+    ///
+    /// [`SettingsError`] naming the file or key that is wrong.
+    pub fn load() -> Result<Self, SettingsError> {
+        let dir = std::env::var_os("APP_CONFIG_DIR")
+            .map_or_else(|| PathBuf::from("config"), PathBuf::from);
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Self::load_from(&dir, &env)
+    }
+
+    /// Loads the settings from `dir` with `env` standing in for the process environment.
+    ///
+    /// # Errors
+    ///
+    /// [`SettingsError`] naming the file or key that is wrong.
+    pub fn load_from(dir: &Path, env: &HashMap<String, String>) -> Result<Self, SettingsError> {
+        let defaults = dir.join("default.toml");
+        if !defaults.is_file() {
+            return Err(SettingsError::MissingDefaults(defaults));
+        }
+        let mut builder =
+            Config::builder().add_source(File::from(defaults).format(FileFormat::Toml));
+        if let Some(app_env) = env.get("APP_ENV").filter(|v| !v.is_empty()) {
+            builder = builder.add_source(
+                File::from(dir.join(format!("{app_env}.toml")))
+                    .format(FileFormat::Toml)
+                    .required(false),
+            );
+        }
+        let app_vars: config::Map<String, String> = env
+            .iter()
+            .filter(|(key, _)| key.starts_with("APP__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("APP")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(app_vars)),
+        );
+        if !env.contains_key("APP__DATABASE__URL") {
+            if let Some(url) = env.get("DATABASE_URL").filter(|v| !v.is_empty()) {
+                builder = builder.set_override("database.url", url.as_str())?;
+            }
+        }
+        Ok(builder.build()?.try_deserialize()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn config_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config")
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn default_toml_matches_the_built_in_defaults() {
+        let mut loaded = Settings::load_from(&config_dir(), &env(&[])).unwrap();
+        let built_in = Settings::default();
+        // The library default has no password file; the project's config points at the local
+        // cluster's.
+        assert_eq!(
+            loaded.database.password_file.take(),
+            Some(PathBuf::from("target/pg/dev/password"))
+        );
+        assert_eq!(
+            format!("{:?}", loaded.database),
+            format!("{:?}", built_in.database)
+        );
+        assert_eq!(
+            format!("{:?}", loaded.local_cluster),
+            format!("{:?}", built_in.local_cluster)
+        );
+    }
+
+    #[test]
+    fn environment_overrides_files_and_database_url_is_honoured() {
+        let settings = Settings::load_from(
+            &config_dir(),
+            &env(&[
+                ("APP__DATABASE__MAX_SIZE", "7"),
+                ("APP__DATABASE__WAIT_TIMEOUT", "250ms"),
+                ("DATABASE_URL", "postgres://a@b/c"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.database.max_size, 7);
+        assert_eq!(settings.database.wait_timeout, Duration::from_millis(250));
+        assert_eq!(settings.database.url, "postgres://a@b/c");
+
+        let settings = Settings::load_from(
+            &config_dir(),
+            &env(&[
+                ("APP__DATABASE__URL", "postgres://x@y/z"),
+                ("DATABASE_URL", "postgres://a@b/c"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.database.url, "postgres://x@y/z");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let err = Settings::load_from(&config_dir(), &env(&[("APP__DATABASE__MAX_SIZE", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_size"), "{err}");
+
+        let err = Settings::load_from(
+            &config_dir(),
+            &env(&[("APP__DATABASE__WAIT_TIMEOUT", "soon")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("wait_timeout"), "{err}");
+
+        let err = Settings::load_from(&config_dir(), &env(&[("APP__DATABASE__COLOUR", "blue")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn an_environment_file_overrides_the_defaults() {
+        let dir = std::env::temp_dir().join(format!("settings-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(config_dir().join("default.toml"), dir.join("default.toml")).unwrap();
+        std::fs::write(dir.join("staging.toml"), "[database]\nmax_size = 3\n").unwrap();
+        let settings = Settings::load_from(&dir, &env(&[("APP_ENV", "staging")])).unwrap();
+        assert_eq!(settings.database.max_size, 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_config_dir_says_where_it_looked() {
+        let err = Settings::load_from(Path::new("/nonexistent"), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/default.toml"), "{err}");
+    }
+}

@@ -1,0 +1,283 @@
+//! Database settings: where the server is, how big the pool is, and how long anything may wait.
+//!
+//! deadpool leaves every pool timeout unset by default, which lets `Pool::get` wait forever when
+//! the server is down or the pool is exhausted. Every limit here has a finite default instead, so
+//! each wait on the database is bounded.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// Settings of the PostgreSQL pool, read from the `[database]` section of the configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DbConfig {
+    /// Connection URL (`postgres://user@host:port/dbname`). A password in it is honoured but
+    /// better kept out of files: see [`DbConfig::password`] and [`DbConfig::password_file`].
+    pub url: String,
+    /// The password, usually from the environment (`APP__DATABASE__PASSWORD`). Never logged.
+    pub password: Option<Secret>,
+    /// A file holding the password, read when neither the URL nor `password` has one. A missing
+    /// file means no password, so a local cluster that was never started does not stop start-up.
+    pub password_file: Option<PathBuf>,
+    /// Maximum number of pooled connections.
+    pub max_size: usize,
+    /// How long a caller waits for a free connection before getting [`Error::PoolTimeout`].
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// How long opening a new connection may take (TCP connect, authentication, start-up).
+    #[serde(with = "humantime_serde")]
+    pub create_timeout: Duration,
+    /// How long the health check of a returned connection may take before it is replaced.
+    #[serde(with = "humantime_serde")]
+    pub recycle_timeout: Duration,
+    /// Server-side `statement_timeout`: the server cancels any statement running longer.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// `application_name` shown in `pg_stat_activity`.
+    pub application_name: String,
+    /// At most this many orders are returned for one user, newest first.
+    pub orders_limit: i64,
+    /// At most this many reviews are returned for one user.
+    pub reviews_limit: i64,
+}
+
+impl Default for DbConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://dashboard@127.0.0.1:54320/dashboard".to_owned(),
+            password: None,
+            password_file: None,
+            max_size: 20,
+            wait_timeout: Duration::from_secs(1),
+            create_timeout: Duration::from_secs(2),
+            recycle_timeout: Duration::from_secs(1),
+            statement_timeout: Duration::from_secs(30),
+            application_name: "dashboard".to_owned(),
+            orders_limit: 100,
+            reviews_limit: 100,
+        }
+    }
+}
+
+impl DbConfig {
+    /// A configuration with defaults for everything but the URL.
+    pub fn with_url(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Parses the URL and applies the password, the timeouts and the session settings.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the URL does not parse, a limit is out of range, or the password
+    /// file exists but cannot be read.
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, Error> {
+        let mut pg = tokio_postgres::Config::from_str(&self.url).map_err(|e| {
+            Error::Config(format!("database.url is not a valid PostgreSQL URL: {e}"))
+        })?;
+        if pg.get_password().is_none() {
+            if let Some(password) = &self.password {
+                pg.password(password.expose());
+            } else if let Some(path) = &self.password_file {
+                match std::fs::read_to_string(path) {
+                    Ok(text) => {
+                        pg.password(text.trim_end_matches(['\n', '\r']));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(Error::Config(format!(
+                            "database.password_file {} cannot be read: {e}",
+                            path.display()
+                        )));
+                    }
+                }
+            }
+        }
+        if self.max_size == 0 {
+            return Err(Error::Config("database.max_size must be at least 1".into()));
+        }
+        for (key, value) in [
+            ("database.wait_timeout", self.wait_timeout),
+            ("database.create_timeout", self.create_timeout),
+            ("database.recycle_timeout", self.recycle_timeout),
+            ("database.statement_timeout", self.statement_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(Error::Config(format!("{key} must be greater than zero")));
+            }
+        }
+        for (key, value) in [
+            ("database.orders_limit", self.orders_limit),
+            ("database.reviews_limit", self.reviews_limit),
+        ] {
+            if value < 1 {
+                return Err(Error::Config(format!("{key} must be at least 1")));
+            }
+        }
+        pg.application_name(&self.application_name);
+        pg.connect_timeout(self.create_timeout);
+        // Sent in the start-up packet, so the setting costs no extra round trip per connection.
+        pg.options(format!(
+            "-c statement_timeout={}",
+            self.statement_timeout.as_millis()
+        ));
+        Ok(pg)
+    }
+
+    /// The URL as it may be logged: any password replaced by `***`.
+    pub fn masked_url(&self) -> String {
+        mask_url(&self.url)
+    }
+}
+
+/// Replaces the password of a `scheme://user:password@host/...` URL with `***`.
+///
+/// Anything that does not look like a URL with credentials is returned unchanged.
+pub fn mask_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+/// A secret string whose `Debug` and `Display` never show the value.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_the_password_and_nothing_else() {
+        assert_eq!(
+            mask_url("postgres://app:s3cr%40t@db:5432/x?sslmode=disable"),
+            "postgres://app:***@db:5432/x?sslmode=disable"
+        );
+        assert_eq!(
+            mask_url("postgres://app@db:5432/x"),
+            "postgres://app@db:5432/x"
+        );
+        assert_eq!(mask_url("host=db user=app"), "host=db user=app");
+        assert_eq!(mask_url("postgres://a:b@c@h/d"), "postgres://a:***@h/d");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let config = DbConfig {
+            password: Some(Secret::new("hunter2")),
+            ..DbConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert_eq!(Secret::new("hunter2").to_string(), "***");
+    }
+
+    #[test]
+    fn password_precedence_url_then_setting_then_file() {
+        let dir = std::env::temp_dir().join(format!("repo-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "from-file\n").unwrap();
+
+        let mut config = DbConfig::with_url("postgres://u:from-url@h/d");
+        config.password = Some(Secret::new("from-setting"));
+        config.password_file = Some(file.clone());
+        assert_eq!(
+            config.pg_config().unwrap().get_password(),
+            Some(&b"from-url"[..])
+        );
+
+        config.url = "postgres://u@h/d".into();
+        assert_eq!(
+            config.pg_config().unwrap().get_password(),
+            Some(&b"from-setting"[..])
+        );
+
+        config.password = None;
+        assert_eq!(
+            config.pg_config().unwrap().get_password(),
+            Some(&b"from-file"[..])
+        );
+
+        config.password_file = Some(dir.join("missing"));
+        assert_eq!(config.pg_config().unwrap().get_password(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let mut config = DbConfig::with_url("not a url");
+        let err = config.pg_config().unwrap_err().to_string();
+        assert!(err.contains("database.url"), "{err}");
+
+        config = DbConfig {
+            max_size: 0,
+            ..DbConfig::default()
+        };
+        let err = config.pg_config().unwrap_err().to_string();
+        assert!(err.contains("database.max_size"), "{err}");
+
+        config = DbConfig {
+            wait_timeout: Duration::ZERO,
+            ..DbConfig::default()
+        };
+        let err = config.pg_config().unwrap_err().to_string();
+        assert!(err.contains("database.wait_timeout"), "{err}");
+    }
+
+    #[test]
+    fn session_settings_travel_in_the_startup_packet() {
+        let pg = DbConfig::default().pg_config().unwrap();
+        assert_eq!(pg.get_options(), Some("-c statement_timeout=30000"));
+        assert_eq!(pg.get_application_name(), Some("dashboard"));
+    }
+}

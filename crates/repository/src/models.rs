@@ -1,0 +1,66 @@
+//! Typed rows returned by the repository.
+//!
+//! Money is an exact decimal ([`Decimal`]) and serialises as a JSON string such as `"19.99"`, so no
+//! client ever sees a binary floating-point rounding of an amount.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+/// A user's profile: one row of `users`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Profile {
+    /// The user's id.
+    pub id: i64,
+    /// Unique login name.
+    pub username: String,
+    /// Contact address.
+    pub email: String,
+    /// Avatar URL, when the user has set one.
+    pub avatar: Option<String>,
+}
+
+/// One order of a user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Order {
+    /// The order's id.
+    pub id: i64,
+    /// What was bought.
+    pub product: String,
+    /// What it cost, exactly.
+    pub amount: Decimal,
+    /// When it was placed.
+    pub created_at: DateTime<Utc>,
+}
+
+/// One review written by a user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Review {
+    /// The review's id.
+    pub id: i64,
+    /// The reviewed product.
+    pub product_id: i64,
+    /// 1 to 5 stars.
+    pub rating: i16,
+    /// The text of the review.
+    pub content: String,
+}
+
+/// How many orders a user has placed and what they add up to, over all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OrderSummary {
+    /// Number of orders.
+    pub order_count: i64,
+    /// Sum of their amounts; zero when there are none.
+    pub total_amount: Decimal,
+}
+
+/// A profile with its order summary: one entry of a batch summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserSummary {
+    /// The user's profile.
+    pub profile: Profile,
+    /// The user's orders, summarised.
+    #[serde(flatten)]
+    pub orders: OrderSummary,
+}

@@ -1,0 +1,532 @@
+//! A project-local PostgreSQL cluster: initdb, start, stop and status, with no set-up.
+//!
+//! The cluster lives in a directory of the project (its data, its log and a generated password),
+//! listens on 127.0.0.1 only, and keeps its Unix socket in its data directory, so it never clashes
+//! with a system PostgreSQL. `initdb` refuses to run as root, so as root every server command runs
+//! as the unprivileged `postgres` system user through `runuser`; when that user cannot reach the
+//! project directory (a checkout under `/root`, say), the data moves to a directory under the
+//! system temp dir, named after the project path so every run finds it again.
+
+use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use repository::DbConfig;
+
+/// How long `start` waits for the server to accept connections.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A cluster on this machine, described by where it lives and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// Root-owned directory with the password file (and, when reachable, the data).
+    state_dir: PathBuf,
+    /// Directory the server user owns: `data/` and `server.log`.
+    server_dir: PathBuf,
+    bin_dir: PathBuf,
+    run_as: Option<SystemUser>,
+    /// TCP port on 127.0.0.1.
+    pub port: u16,
+    /// Superuser role, created by initdb.
+    pub user: String,
+    /// Server settings written to the cluster's `xtask.conf` at each start.
+    pub settings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct SystemUser {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+/// What `pg_ctl status` and a connection attempt say about a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// `initdb` has not run.
+    Uninitialized,
+    /// Initialised, no server running.
+    Stopped,
+    /// A server is running.
+    Running,
+}
+
+impl Cluster {
+    /// Describes the cluster kept in `state_dir`, creating the directories it needs.
+    ///
+    /// # Errors
+    ///
+    /// When the PostgreSQL binaries are missing or the directories cannot be prepared.
+    pub fn new(state_dir: &Path, port: u16, user: &str, settings: Vec<String>) -> Result<Self> {
+        let bin_dir = find_bin_dir()?;
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("cannot create {}", state_dir.display()))?;
+        let state_dir = state_dir
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", state_dir.display()))?;
+        let run_as = if running_as_root()? {
+            Some(postgres_user()?)
+        } else {
+            None
+        };
+        let server_dir = match &run_as {
+            None => state_dir.clone(),
+            Some(system_user) => reachable_server_dir(&state_dir, system_user)?,
+        };
+        Ok(Self {
+            state_dir,
+            server_dir,
+            bin_dir,
+            run_as,
+            port,
+            user: user.to_owned(),
+            settings,
+        })
+    }
+
+    /// The cluster's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.server_dir.join("data")
+    }
+
+    /// The server's log file.
+    pub fn log_file(&self) -> PathBuf {
+        self.server_dir.join("server.log")
+    }
+
+    /// The file holding the superuser's password.
+    pub fn password_file(&self) -> PathBuf {
+        self.state_dir.join("password")
+    }
+
+    /// Settings for a connection to `database` on this cluster, password included.
+    ///
+    /// # Errors
+    ///
+    /// When the password file cannot be read (the cluster was never initialised).
+    pub fn db_config(&self, database: &str) -> Result<DbConfig> {
+        let password = std::fs::read_to_string(self.password_file())
+            .with_context(|| format!("cannot read {}", self.password_file().display()))?;
+        Ok(DbConfig::with_url(format!(
+            "postgres://{}:{}@127.0.0.1:{}/{database}",
+            self.user,
+            password.trim(),
+            self.port
+        )))
+    }
+
+    /// Whether the cluster exists and whether its server runs.
+    ///
+    /// # Errors
+    ///
+    /// When `pg_ctl` cannot be run.
+    pub fn state(&self) -> Result<State> {
+        if !self.data_dir().join("PG_VERSION").is_file() {
+            return Ok(State::Uninitialized);
+        }
+        let output = self.run(
+            "pg_ctl",
+            &["status", "-D", &self.data_dir().to_string_lossy()],
+        )?;
+        // pg_ctl status: 0 running, 3 not running, 4 no accessible data directory.
+        Ok(if output.status.success() {
+            State::Running
+        } else {
+            State::Stopped
+        })
+    }
+
+    /// Runs `initdb` with a newly generated password, when the cluster does not exist yet.
+    ///
+    /// # Errors
+    ///
+    /// When `initdb` fails; its output is included.
+    pub fn init(&self) -> Result<()> {
+        if self.state()? != State::Uninitialized {
+            return Ok(());
+        }
+        let password = random_password()?;
+        write_private(&self.password_file(), &password)?;
+        // initdb reads the password from a file it must be able to open as the server user.
+        let pwfile = self.server_dir.join("initdb.pw");
+        write_private(&pwfile, &password)?;
+        self.give_to_server_user(&pwfile)?;
+        let data = self.data_dir();
+        let result = self.run(
+            "initdb",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-U",
+                &self.user,
+                &format!("--pwfile={}", pwfile.display()),
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+                "--no-instructions",
+            ],
+        );
+        let _ = std::fs::remove_file(&pwfile);
+        let output = result?;
+        if !output.status.success() {
+            bail!(
+                "initdb failed for {}:\n{}{}",
+                data.display(),
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .context("cannot open postgresql.conf")?;
+        writeln!(
+            conf,
+            "\n# Written by cargo xtask at each start.\ninclude_if_exists = 'xtask.conf'"
+        )
+        .context("cannot write postgresql.conf")?;
+        Ok(())
+    }
+
+    /// Starts the server unless it runs already, and returns once it accepts connections.
+    ///
+    /// # Errors
+    ///
+    /// When it does not come up within the deadline; the error shows the log's last lines.
+    pub async fn start(&self) -> Result<()> {
+        self.init()?;
+        if self.state()? == State::Stopped {
+            self.write_server_conf()?;
+            let data = self.data_dir();
+            let log = self.log_file();
+            let output = self.run(
+                "pg_ctl",
+                &[
+                    "start",
+                    "-D",
+                    &data.to_string_lossy(),
+                    "-l",
+                    &log.to_string_lossy(),
+                    "-w",
+                    "-t",
+                    &START_DEADLINE.as_secs().to_string(),
+                ],
+            )?;
+            if !output.status.success() {
+                bail!(
+                    "PostgreSQL did not start on 127.0.0.1:{}.\n{}\nLast lines of {}:\n{}",
+                    self.port,
+                    String::from_utf8_lossy(&output.stderr).trim(),
+                    log.display(),
+                    self.log_tail(20)
+                );
+            }
+        }
+        self.wait_until_ready().await
+    }
+
+    async fn wait_until_ready(&self) -> Result<()> {
+        let config = self.db_config("postgres")?;
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            match repository::connect(&config).await {
+                Ok(client) => {
+                    client
+                        .simple_query("SELECT 1")
+                        .await
+                        .context("the server accepted a connection but not a query")?;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() >= deadline => bail!(
+                    "PostgreSQL runs but does not accept connections on 127.0.0.1:{} ({e}).\n\
+                     Is another server using that port, or was the cluster started with another \
+                     port? Last lines of {}:\n{}",
+                    self.port,
+                    self.log_file().display(),
+                    self.log_tail(20)
+                ),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Stops the server (fast shutdown: running statements are cancelled), if it runs.
+    /// Returns whether it was running.
+    ///
+    /// # Errors
+    ///
+    /// When `pg_ctl stop` fails.
+    pub fn stop(&self) -> Result<bool> {
+        if self.state()? != State::Running {
+            return Ok(false);
+        }
+        let output = self.run(
+            "pg_ctl",
+            &[
+                "stop",
+                "-D",
+                &self.data_dir().to_string_lossy(),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "30",
+            ],
+        )?;
+        if !output.status.success() {
+            bail!(
+                "pg_ctl stop failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(true)
+    }
+
+    /// Stops the server and deletes the cluster's data, log and password.
+    ///
+    /// # Errors
+    ///
+    /// When stopping fails or the files cannot be removed.
+    pub fn destroy(&self) -> Result<()> {
+        self.stop()?;
+        for path in [self.data_dir(), self.log_file(), self.password_file()] {
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else if path.exists() {
+                std::fs::remove_file(&path)
+            } else {
+                Ok(())
+            }
+            .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of the server log, or a note that there is none.
+    pub fn log_tail(&self, lines: usize) -> String {
+        match std::fs::read_to_string(self.log_file()) {
+            Ok(text) => {
+                let all: Vec<&str> = text.lines().collect();
+                all[all.len().saturating_sub(lines)..].join("\n")
+            }
+            Err(e) => format!("(no log: {e})"),
+        }
+    }
+
+    fn write_server_conf(&self) -> Result<()> {
+        let mut conf = format!(
+            "# Written by cargo xtask at each start; edit config/default.toml instead.\n\
+             port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n",
+            self.port,
+            self.data_dir().display()
+        );
+        for setting in &self.settings {
+            let Some((name, value)) = setting.split_once('=') else {
+                bail!("server setting {setting:?} is not of the form name=value");
+            };
+            let value = value.trim().replace('\'', "''");
+            conf.push_str(&format!("{} = '{value}'\n", name.trim()));
+        }
+        let path = self.data_dir().join("xtask.conf");
+        std::fs::write(&path, conf).with_context(|| format!("cannot write {}", path.display()))?;
+        self.give_to_server_user(&path)
+    }
+
+    fn give_to_server_user(&self, path: &Path) -> Result<()> {
+        if let Some(system_user) = &self.run_as {
+            std::os::unix::fs::chown(path, Some(system_user.uid), Some(system_user.gid))
+                .with_context(|| {
+                    format!("cannot hand {} to {}", path.display(), system_user.name)
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Runs a server program, as the `postgres` user when this process is root.
+    fn run(&self, program: &str, args: &[&str]) -> Result<Output> {
+        let path = self.bin_dir.join(program);
+        let mut command = match &self.run_as {
+            None => Command::new(&path),
+            Some(system_user) => {
+                let mut command = Command::new("runuser");
+                command.args(["-u", &system_user.name, "--"]).arg(&path);
+                command
+            }
+        };
+        // The server must not inherit our stdout: a test runner would wait for it to close.
+        command
+            .args(args)
+            .current_dir(&self.server_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .with_context(|| format!("cannot run {}", path.display()))
+    }
+}
+
+/// Finds the directory of `initdb`, `pg_ctl` and `postgres`.
+fn find_bin_dir() -> Result<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file());
+    if let Some(dir) = on_path {
+        // Debian links the programs into /usr/local/bin or /usr/bin; resolve to the real
+        // directory so `pg_ctl` finds its own `postgres` next to it.
+        let initdb = dir
+            .join("initdb")
+            .canonicalize()
+            .unwrap_or(dir.join("initdb"));
+        return Ok(initdb.parent().map_or(dir, Path::to_path_buf));
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("bin"))
+        .filter(|bin| bin.join("initdb").is_file())
+        .collect();
+    versions.sort_by_key(|bin| {
+        bin.parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    versions.pop().context(
+        "PostgreSQL server programs (initdb, pg_ctl, postgres) were not found. \
+         Install the Debian package `postgresql` (apt-get install postgresql).",
+    )
+}
+
+fn running_as_root() -> Result<bool> {
+    // /proc/self is owned by the process's effective user.
+    Ok(std::fs::metadata("/proc/self")
+        .context("cannot read /proc/self")?
+        .uid()
+        == 0)
+}
+
+fn postgres_user() -> Result<SystemUser> {
+    let id = |flag: &str| -> Result<u32> {
+        let output = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .context("cannot run `id`")?;
+        if !output.status.success() {
+            bail!(
+                "running as root, so the cluster must run as the `postgres` system user, which \
+                 does not exist. Install the Debian package `postgresql` (it creates the user) \
+                 or run as an ordinary user."
+            );
+        }
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .context("unexpected output from `id`")
+    };
+    Ok(SystemUser {
+        name: "postgres".to_owned(),
+        uid: id("-u")?,
+        gid: id("-g")?,
+    })
+}
+
+/// A directory the server user owns and can reach: `state_dir` when every parent lets it through,
+/// else one under the system temp dir.
+fn reachable_server_dir(state_dir: &Path, system_user: &SystemUser) -> Result<PathBuf> {
+    let can_reach = |dir: &Path| -> bool {
+        Command::new("runuser")
+            .args(["-u", &system_user.name, "--", "test", "-x"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    let parent_reachable = state_dir.parent().is_some_and(can_reach);
+    let dir = if parent_reachable {
+        state_dir.to_path_buf()
+    } else {
+        let tag = fnv1a(state_dir.to_string_lossy().as_bytes());
+        let name = state_dir
+            .file_name()
+            .map_or_else(|| "cluster".into(), |n| n.to_string_lossy().into_owned());
+        std::env::temp_dir()
+            .join(format!("dashboard-pg-{tag:016x}"))
+            .join(name)
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let chown = |path: &Path| {
+        std::os::unix::fs::chown(path, Some(system_user.uid), Some(system_user.gid))
+            .with_context(|| format!("cannot hand {} to {}", path.display(), system_user.name))
+    };
+    if dir != state_dir {
+        if let Some(parent) = dir.parent() {
+            chown(parent)?;
+        }
+    }
+    chown(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot set permissions of {}", dir.display()))?;
+    if !can_reach(&dir) {
+        bail!(
+            "the postgres system user cannot reach {}; run as an ordinary user or move the project",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn random_password() -> Result<String> {
+    let mut bytes = [0u8; 18];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").context("cannot open /dev/urandom")?,
+        &mut bytes,
+    )
+    .context("cannot read /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_dir_names_are_stable_per_path() {
+        assert_eq!(fnv1a(b"/root/x/target/pg"), fnv1a(b"/root/x/target/pg"));
+        assert_ne!(fnv1a(b"/root/x/target/pg"), fnv1a(b"/root/y/target/pg"));
+    }
+
+    #[test]
+    fn passwords_are_random_hex() {
+        let a = random_password().unwrap();
+        let b = random_password().unwrap();
+        assert_eq!(a.len(), 36);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}

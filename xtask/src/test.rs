@@ -1,0 +1,181 @@
+//! `cargo xtask test [-- ARGS]`: the project's one test command.
+//!
+//! It starts a throwaway PostgreSQL cluster (its own data directory and a free port, apart from
+//! the development cluster), migrates a template database on it, and runs the workspace's tests
+//! with `DATABASE_URL` pointing at that template; each database test copies the template into a
+//! database of its own. The cluster is stopped and deleted afterwards, whether the tests passed,
+//! failed, or were interrupted with Ctrl-C.
+
+use std::path::Path;
+use std::process::ExitStatus;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tokio::process::Command;
+
+use crate::migrate::{MIGRATIONS_DIR, apply};
+use crate::pg::Cluster;
+
+/// Arguments of `cargo xtask test`.
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// Arguments passed on to `cargo nextest run` (or `cargo test`), e.g. a test name filter.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+/// The template database the tests copy.
+const TEMPLATE: &str = "dashboard_template";
+/// The throwaway cluster's home, apart from the development cluster's.
+const TEST_CLUSTER_DIR: &str = "target/pg/test";
+
+/// Stops and deletes the test cluster when dropped, so an error or a panic cannot leave it running.
+struct ClusterGuard(Cluster);
+
+impl Drop for ClusterGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.destroy() {
+            eprintln!("warning: could not remove the test cluster: {e:#}");
+        }
+    }
+}
+
+/// Runs `cargo xtask test`.
+pub async fn run(args: TestArgs) -> Result<()> {
+    let port = free_port()?;
+    let cluster = Cluster::new(
+        Path::new(TEST_CLUSTER_DIR),
+        port,
+        "dashboard",
+        vec![
+            // Durability is worthless for a cluster deleted after the run; speed is not.
+            "fsync=off".into(),
+            "synchronous_commit=off".into(),
+            "full_page_writes=off".into(),
+            "max_connections=300".into(),
+            "shared_buffers=128MB".into(),
+        ],
+    )?;
+    // A previous run that was killed may have left its cluster behind.
+    cluster.destroy()?;
+    let guard = ClusterGuard(cluster);
+    eprintln!("test cluster: starting on 127.0.0.1:{port}");
+    guard.0.start().await?;
+    crate::db::create_database(&guard.0, TEMPLATE, None).await?;
+    let template = guard.0.db_config(TEMPLATE)?;
+    {
+        let mut client = repository::connect(&template).await?;
+        let applied = apply(&mut client, Path::new(MIGRATIONS_DIR)).await?;
+        eprintln!(
+            "test cluster: template migrated ({} migrations)",
+            applied.len()
+        );
+        // The client drops here: a template with a connection open cannot be copied.
+    }
+
+    let nextest = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    // `-p crate` narrows the run; without it, everything in the workspace runs.
+    let scope: Vec<String> = if args
+        .args
+        .iter()
+        .any(|a| a == "-p" || a.starts_with("--package"))
+    {
+        Vec::new()
+    } else {
+        vec!["--workspace".into()]
+    };
+    let mut runs: Vec<Vec<String>> = Vec::new();
+    if nextest {
+        let mut run = vec!["nextest".into(), "run".into()];
+        run.extend(scope.iter().cloned());
+        run.extend(args.args.iter().cloned());
+        runs.push(run);
+        // nextest does not run doctests.
+        let mut doc = vec!["test".into(), "--doc".into()];
+        doc.extend(scope.iter().cloned());
+        doc.extend(packages(&args.args));
+        doc.extend(filter_for_doctests(&args.args));
+        runs.push(doc);
+    } else {
+        eprintln!("cargo-nextest is not installed; using cargo test");
+        let mut run = vec!["test".into()];
+        run.extend(scope.iter().cloned());
+        if !args.args.is_empty() {
+            run.push("--".into());
+            run.extend(args.args.iter().cloned());
+        }
+        runs.push(run);
+    }
+
+    for run in runs {
+        let status = run_cargo(&run, &template.url).await?;
+        if !status.success() {
+            drop(guard);
+            bail!("`cargo {}` failed ({status})", run.join(" "));
+        }
+    }
+    drop(guard);
+    Ok(())
+}
+
+/// The `-p NAME` pairs among the arguments, for the doctest run.
+fn packages(args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if arg == "-p" || arg == "--package" {
+            out.push("-p".into());
+            out.extend(it.next().cloned());
+        } else if let Some(name) = arg.strip_prefix("--package=") {
+            out.push(format!("--package={name}"));
+        }
+    }
+    out
+}
+
+/// A test-name filter given to nextest, passed to the doctest run as well.
+fn filter_for_doctests(args: &[String]) -> Vec<String> {
+    match args.first() {
+        Some(filter) if !filter.starts_with('-') => vec!["--".into(), filter.clone()],
+        _ => Vec::new(),
+    }
+}
+
+/// Runs cargo with the test environment; Ctrl-C stops it and still lets the caller clean up.
+async fn run_cargo(args: &[String], database_url: &str) -> Result<ExitStatus> {
+    let config_dir = std::env::current_dir()?.join("config");
+    let mut child = Command::new("cargo")
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("APP_CONFIG_DIR", config_dir)
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot run cargo")?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        status = child.wait() => Ok(status?),
+        _ = terminate.recv() => {
+            let _ = child.kill().await;
+            bail!("terminated");
+        }
+        _ = tokio::signal::ctrl_c() => {
+            // The terminal sent the interrupt to the test run too; make sure it is gone before
+            // the cluster is removed under it.
+            let _ = child.kill().await;
+            bail!("interrupted");
+        }
+    }
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    Ok(listener.local_addr()?.port())
+}
