@@ -1,4 +1,21 @@
-//! Structured concurrency for tokio.
-//!
-//! This crate will hold the task group: children spawned into a group belong to it, fail-fast or
-//! collect-all policies decide what a failure does to the siblings, and no child outlives the group.
+//! Structured concurrency for tokio (docs in progress).
+
+mod child;
+mod context;
+mod group;
+mod handle;
+mod map;
+mod outcome;
+mod report;
+
+pub use context::ChildContext;
+pub use group::{
+    BuildError, Builder, ChildBuilder, Policy, SpawnError, Spawner, Stats, TaskGroup,
+    live_children,
+};
+pub use handle::TaskHandle;
+pub use outcome::{
+    CancelReason, ChildError, ChildErrorKind, Limit, Outcome, OutcomeKind, Panic, Timeout,
+};
+pub use report::{ChildReport, GroupError, GroupErrorKind, Report};
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,257 @@
+//! The per-child slot where a finished child leaves its result, and [`TaskHandle`], the typed
+//! handle that reads the output from it.
+//!
+//! A slot is shared by three parties: the child's task writes it exactly once (on completion, or
+//! from its drop guard when it is cancelled), the handle takes the output, and the group takes the
+//! outcome (error or panic payload) when it builds its report. Splitting output and outcome this
+//! way lets children of different output types share one group, while every error is still
+//! delivered by `join`.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use crate::outcome::{CancelReason, ChildError, ChildErrorKind, Outcome};
+
+/// Where a child's result waits to be read.
+pub(crate) struct Slot<T, E> {
+    name: Cow<'static, str>,
+    state: Mutex<State<T, E>>,
+}
+
+enum State<T, E> {
+    /// The child has not finished; the waker belongs to a task awaiting the handle.
+    Pending(Option<Waker>),
+    /// The child finished. `output` is taken by the handle, `outcome` by the group's report, and
+    /// `error` (absent on success) is what the handle reports when there is no output.
+    Done {
+        output: Option<T>,
+        outcome: Option<Outcome<(), E>>,
+        error: Option<ChildErrorKind>,
+    },
+}
+
+impl<T, E> Slot<T, E> {
+    pub(crate) fn new(name: Cow<'static, str>) -> Self {
+        Slot {
+            name,
+            state: Mutex::new(State::Pending(None)),
+        }
+    }
+
+    pub(crate) fn name(&self) -> &Cow<'static, str> {
+        &self.name
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T, E>> {
+        // Nothing runs user code while holding this lock, so poisoning cannot leave the state
+        // half-written; recovering the guard is always sound here.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records the child's result, unless one is already recorded, and wakes a waiting handle.
+    pub(crate) fn finish(&self, result: Outcome<T, E>) {
+        let (output, outcome, error) = match result {
+            Outcome::Ok(value) => (Some(value), Outcome::Ok(()), None),
+            Outcome::Err(error) => (None, Outcome::Err(error), Some(ChildErrorKind::Failed)),
+            Outcome::Panicked(panic) => {
+                let message = panic.message().to_owned();
+                (
+                    None,
+                    Outcome::Panicked(panic),
+                    Some(ChildErrorKind::Panicked { message }),
+                )
+            }
+            Outcome::Cancelled(reason) => (
+                None,
+                Outcome::Cancelled(reason.clone()),
+                Some(ChildErrorKind::Cancelled(reason)),
+            ),
+            Outcome::TimedOut(timeout) => (
+                None,
+                Outcome::TimedOut(timeout),
+                Some(ChildErrorKind::TimedOut(timeout)),
+            ),
+        };
+        let waker = {
+            let mut state = self.lock();
+            match &mut *state {
+                State::Pending(waker) => {
+                    let waker = waker.take();
+                    *state = State::Done {
+                        output,
+                        outcome: Some(outcome),
+                        error,
+                    };
+                    waker
+                }
+                State::Done { .. } => None,
+            }
+        };
+        // Wake outside the lock so the woken task never contends with us.
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        matches!(&*self.lock(), State::Done { .. })
+    }
+
+    fn poll_output(&self, cx: Option<&mut Context<'_>>) -> Poll<Result<T, ChildErrorKind>> {
+        let mut state = self.lock();
+        match &mut *state {
+            State::Pending(waker) => {
+                if let Some(cx) = cx {
+                    match waker {
+                        Some(existing) if existing.will_wake(cx.waker()) => {}
+                        _ => *waker = Some(cx.waker().clone()),
+                    }
+                }
+                Poll::Pending
+            }
+            State::Done { output, error, .. } => match output.take() {
+                Some(value) => Poll::Ready(Ok(value)),
+                None => Poll::Ready(Err(error.clone().unwrap_or(ChildErrorKind::Taken))),
+            },
+        }
+    }
+}
+
+/// The group's type-erased view of a slot: it needs the outcome and name, not the output type.
+pub(crate) trait ErasedSlot<E>: Send + Sync {
+    /// Takes the outcome for the report. A slot that was somehow never written (which the drop
+    /// guard prevents) reads as cancelled by a runtime shutdown rather than panicking.
+    fn take_outcome(&self) -> Outcome<(), E>;
+    fn name(&self) -> &Cow<'static, str>;
+}
+
+impl<T: Send, E: Send> ErasedSlot<E> for Slot<T, E> {
+    fn take_outcome(&self) -> Outcome<(), E> {
+        let mut state = self.lock();
+        match &mut *state {
+            State::Done { outcome, .. } => outcome
+                .take()
+                .unwrap_or(Outcome::Cancelled(CancelReason::RuntimeShutdown)),
+            State::Pending(_) => Outcome::Cancelled(CancelReason::RuntimeShutdown),
+        }
+    }
+
+    fn name(&self) -> &Cow<'static, str> {
+        &self.name
+    }
+}
+
+/// A typed handle to one child of a [`TaskGroup`](crate::TaskGroup).
+///
+/// Await it (inside or outside the group, like `await task` in Python) to get the child's output,
+/// or, once the group is joined, call [`output`](TaskHandle::output). Outputs of children that
+/// finished before a failure or deadline stay readable. A child that produced no output gives a
+/// [`ChildError`] saying why; the error value or panic payload itself is delivered by the group's
+/// [`join`](crate::TaskGroup::join).
+///
+/// Dropping a handle does not cancel or detach the child: the child still belongs to its group.
+pub struct TaskHandle<T> {
+    slot: Arc<dyn OutputSlot<T>>,
+    index: usize,
+    _marker: PhantomData<fn() -> T>,
+}
+
+/// The handle's view of a slot: the output type, without the error type, so handles of every
+/// child in a group are `TaskHandle<T>` whatever the group's error type.
+trait OutputSlot<T>: Send + Sync {
+    fn poll_output(&self, cx: Option<&mut Context<'_>>) -> Poll<Result<T, ChildErrorKind>>;
+    fn is_finished(&self) -> bool;
+    fn name(&self) -> &Cow<'static, str>;
+}
+
+impl<T: Send, E: Send> OutputSlot<T> for Slot<T, E> {
+    fn poll_output(&self, cx: Option<&mut Context<'_>>) -> Poll<Result<T, ChildErrorKind>> {
+        Slot::poll_output(self, cx)
+    }
+
+    fn is_finished(&self) -> bool {
+        Slot::is_finished(self)
+    }
+
+    fn name(&self) -> &Cow<'static, str> {
+        &self.name
+    }
+}
+
+impl<T: Send + 'static> TaskHandle<T> {
+    pub(crate) fn new<E: Send + 'static>(slot: Arc<Slot<T, E>>, index: usize) -> Self {
+        TaskHandle {
+            slot,
+            index,
+            _marker: PhantomData,
+        }
+    }
+}
+
+impl<T> TaskHandle<T> {
+    /// The child's name.
+    pub fn name(&self) -> &str {
+        self.slot.name()
+    }
+
+    /// The child's position in its group, in spawn order; the same index as in the group's
+    /// [`Report`](crate::Report).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Whether the child has finished (in any way). Always true after the group is joined.
+    pub fn is_finished(&self) -> bool {
+        self.slot.is_finished()
+    }
+
+    /// Takes the child's output without waiting.
+    ///
+    /// # Errors
+    ///
+    /// A [`ChildError`] saying why there is no output: the child failed, panicked, was cancelled
+    /// or timed out, has not finished yet ([`ChildErrorKind::NotFinished`]), or the output was
+    /// already taken.
+    pub fn output(self) -> Result<T, ChildError> {
+        match self.slot.poll_output(None) {
+            Poll::Ready(result) => result.map_err(|kind| self.error(kind)),
+            Poll::Pending => Err(self.error(ChildErrorKind::NotFinished)),
+        }
+    }
+
+    fn error(&self, kind: ChildErrorKind) -> ChildError {
+        ChildError {
+            name: self.slot.name().clone(),
+            kind,
+        }
+    }
+}
+
+impl<T> Future for TaskHandle<T> {
+    type Output = Result<T, ChildError>;
+
+    /// Resolves when the child finishes: to its output, or to a [`ChildError`] saying why there
+    /// is none.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.slot
+            .poll_output(Some(cx))
+            .map(|result| result.map_err(|kind| self.error(kind)))
+    }
+}
+
+impl<T> fmt::Debug for TaskHandle<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskHandle")
+            .field("name", &self.slot.name())
+            .field("index", &self.index)
+            .field("finished", &self.slot.is_finished())
+            .finish()
+    }
+}
