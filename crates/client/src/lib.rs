@@ -1,4 +1,30 @@
-//! The recommendation-service client.
+//! The client of the external recommendation service.
 //!
-//! This crate will hold `RecommendationClient`: one pooled hyper client per process, with timeouts,
-//! a body-size cap, typed errors, a circuit breaker and optional hedging.
+//! The dashboard asks a recommendation API for `GET {base}/users/{id}/recommendations` and gets
+//! `{"items": [{"product_id": …, "score": …}, …]}`. [`RecommendationClient`] makes that call on
+//! hyper and hyper-util's pooled client, shared by every request of the process, and adds what a
+//! high-concurrency service needs around it:
+//!
+//! - a time budget per call (configured, default 5 s, or shorter per call via a deadline) that
+//!   covers connecting, waiting, reading and retries;
+//! - keep-alive reuse with a cap on idle connections, a connect timeout and a cap on requests in
+//!   flight;
+//! - a response-size cap (default 1 MiB), enforced before reading when the length is announced;
+//! - typed errors ([`RecommendationError`]) whose messages are one readable line and whose
+//!   [`ErrorKind`] labels metrics;
+//! - a circuit breaker that fails fast while the service keeps failing;
+//! - optional hedged requests against a slow latency tail, and optional retries of failed
+//!   connects.
+//!
+//! Settings come from the `[recommendations]` section of the API's configuration, deserialised
+//! into [`ClientConfig`].
+
+mod breaker;
+mod client;
+mod config;
+mod error;
+
+pub use breaker::{BreakerSnapshot, BreakerState};
+pub use client::{ClientStats, ErrorCounts, Recommendation, RecommendationClient};
+pub use config::{BreakerConfig, ClientConfig, HedgeConfig};
+pub use error::{ConfigError, ErrorKind, RecommendationError};

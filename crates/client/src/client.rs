@@ -1,0 +1,605 @@
+//! [`RecommendationClient`]: one pooled HTTP client per process, with a time budget per call, a
+//! body cap, a circuit breaker, optional hedging and optional connect retries.
+//!
+//! A call goes through these layers, outermost first:
+//!
+//! 1. the deadline (configured timeout, or the caller's deadline if earlier) wraps everything
+//!    below, so no wait inside can outlive it;
+//! 2. the circuit breaker may refuse the call without touching the network;
+//! 3. a slot among `max_in_flight` is taken, bounding connections and memory;
+//! 4. the request is sent on a pooled keep-alive connection (connect failures retried if
+//!    configured), hedged by a second request if enabled and slow;
+//! 5. the answer is checked (status, size) and decoded.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::header::{ACCEPT, CONTENT_LENGTH, USER_AGENT};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::breaker::{Breaker, BreakerSnapshot, Outcome};
+use crate::config::ClientConfig;
+use crate::error::{ConfigError, ErrorKind, RecommendationError, one_line_excerpt};
+
+/// How much of a non-200 body is read for the error message. The excerpt shown is shorter; the
+/// slack absorbs whitespace and multi-byte characters.
+const STATUS_BODY_PREFIX: usize = 1024;
+
+const USER_AGENT_VALUE: &str = concat!("dashboard-recommendations/", env!("CARGO_PKG_VERSION"));
+
+/// One recommended product.
+///
+/// Fields the service adds beyond these are ignored, so it can grow its answer without breaking
+/// us.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recommendation {
+    /// The recommended product.
+    pub product_id: i64,
+    /// The service's relevance score; higher is better.
+    pub score: f64,
+}
+
+/// The document the service answers.
+#[derive(Debug, Deserialize)]
+struct Envelope {
+    items: Vec<Recommendation>,
+}
+
+/// Error counts by kind, indexed in the order of [`ErrorKind::ALL`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ErrorCounts([u64; ErrorKind::ALL.len()]);
+
+impl ErrorCounts {
+    /// Calls that failed with `kind`.
+    pub fn get(&self, kind: ErrorKind) -> u64 {
+        self.0[kind.index()]
+    }
+
+    /// Every kind with its count, zeros included, in the order of [`ErrorKind::ALL`].
+    pub fn iter(&self) -> impl Iterator<Item = (ErrorKind, u64)> + '_ {
+        ErrorKind::ALL.iter().map(|kind| (*kind, self.get(*kind)))
+    }
+
+    /// Failed calls of any kind.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+/// The client's counters at one moment, for `/metrics`. All totals count since the client was
+/// built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Calls started. `calls - successes - errors.total()` are in progress or were cancelled by
+    /// their caller.
+    pub calls: u64,
+    /// Calls that returned recommendations.
+    pub successes: u64,
+    /// Calls that returned an error, by kind.
+    pub errors: ErrorCounts,
+    /// HTTP requests sent, including hedges and connect retries.
+    pub requests_sent: u64,
+    /// Hedge requests sent.
+    pub hedges: u64,
+    /// Calls answered by their hedge rather than by the first request.
+    pub hedge_wins: u64,
+    /// Requests retried after a failed connect.
+    pub connect_retries: u64,
+    /// Requests in flight right now.
+    pub in_flight: usize,
+    /// The circuit breaker.
+    pub breaker: BreakerSnapshot,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    calls: AtomicU64,
+    successes: AtomicU64,
+    errors: [AtomicU64; ErrorKind::ALL.len()],
+    requests_sent: AtomicU64,
+    hedges: AtomicU64,
+    hedge_wins: AtomicU64,
+    connect_retries: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The client of the recommendation service.
+///
+/// Build one per process and share it (it is a cheap `Clone` of an `Arc`): all clones use the
+/// same connection pool, in-flight limit, breaker and counters. Calls must run on a tokio
+/// runtime.
+///
+/// ```
+/// use client::{ClientConfig, ErrorKind, RecommendationClient};
+///
+/// # // The paused clock makes the server's delay, and the budget below, exact.
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // A local stand-in service on an ephemeral port.
+/// let server = upstream::Server::start(upstream::Config::default()).await?;
+/// let client = RecommendationClient::new(ClientConfig {
+///     base_url: server.base_url(),
+///     ..ClientConfig::default()
+/// })?;
+///
+/// let items = client.recommendations(7).await?;
+/// assert_eq!(items.len(), 10);
+///
+/// // The caller's deadline wins when it is shorter than the configured timeout.
+/// server.script([upstream::Reply::ok().after(std::time::Duration::from_secs(1))]);
+/// let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(20);
+/// let error = client.recommendations_with_deadline(7, deadline).await.unwrap_err();
+/// assert_eq!(error.kind(), ErrorKind::Timeout);
+/// assert_eq!(error.to_string(), "recommendation service did not answer within 20ms");
+/// # server.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RecommendationClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    http: Client<HttpConnector, Empty<Bytes>>,
+    /// `base_url` without its trailing `/`.
+    base: String,
+    config: ClientConfig,
+    in_flight: Semaphore,
+    breaker: Breaker,
+    counters: Counters,
+}
+
+impl RecommendationClient {
+    /// Builds the client and its (initially empty) connection pool. No connection is made yet.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] if `base_url` is not an `http://` URL with a host, or a setting is out of
+    /// range (zero timeouts, limits or threshold).
+    pub fn new(config: ClientConfig) -> Result<Self, ConfigError> {
+        let base = validate(&config)?;
+
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        // Requests are small and answered in one go; Nagle's algorithm would only add latency.
+        connector.set_nodelay(true);
+        let http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(config.max_idle_per_host)
+            .pool_idle_timeout(config.idle_timeout)
+            // Without a timer the pool never expires idle connections.
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                base,
+                in_flight: Semaphore::new(config.max_in_flight),
+                breaker: Breaker::new(config.breaker.clone()),
+                config,
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// Fetches the recommendations of `user_id`, within the configured timeout.
+    ///
+    /// Cancel-safe: dropping the future abandons the call and its connection.
+    ///
+    /// # Errors
+    ///
+    /// A [`RecommendationError`] saying what went wrong; see [`RecommendationError::kind`].
+    pub async fn recommendations(
+        &self,
+        user_id: i64,
+    ) -> Result<Vec<Recommendation>, RecommendationError> {
+        self.call(user_id, None).await
+    }
+
+    /// Fetches the recommendations of `user_id`, giving up at `deadline` or after the configured
+    /// timeout, whichever comes first. A deadline already past fails at once with
+    /// [`RecommendationError::Timeout`] without sending anything (and without counting against
+    /// the service in the breaker).
+    ///
+    /// # Errors
+    ///
+    /// A [`RecommendationError`] saying what went wrong; see [`RecommendationError::kind`].
+    pub async fn recommendations_with_deadline(
+        &self,
+        user_id: i64,
+        deadline: Instant,
+    ) -> Result<Vec<Recommendation>, RecommendationError> {
+        self.call(user_id, Some(deadline)).await
+    }
+
+    /// The configuration the client was built with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// A snapshot of the counters and of the breaker, for metrics.
+    pub fn stats(&self) -> ClientStats {
+        let inner = &*self.inner;
+        let c = &inner.counters;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        ClientStats {
+            calls: load(&c.calls),
+            successes: load(&c.successes),
+            errors: ErrorCounts(c.errors.each_ref().map(load)),
+            requests_sent: load(&c.requests_sent),
+            hedges: load(&c.hedges),
+            hedge_wins: load(&c.hedge_wins),
+            connect_retries: load(&c.connect_retries),
+            in_flight: inner
+                .config
+                .max_in_flight
+                .saturating_sub(inner.in_flight.available_permits()),
+            breaker: inner.breaker.snapshot(),
+        }
+    }
+
+    async fn call(
+        &self,
+        user_id: i64,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Recommendation>, RecommendationError> {
+        let inner = &*self.inner;
+        bump(&inner.counters.calls);
+        let result = inner.call(user_id, deadline).await;
+        match &result {
+            Ok(_) => bump(&inner.counters.successes),
+            Err(error) => bump(&inner.counters.errors[error.kind().index()]),
+        }
+        result
+    }
+}
+
+impl Inner {
+    async fn call(
+        &self,
+        user_id: i64,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Recommendation>, RecommendationError> {
+        let now = Instant::now();
+        let configured = now + self.config.timeout;
+        let deadline = deadline.map_or(configured, |deadline| deadline.min(configured));
+        let budget = deadline.saturating_duration_since(now);
+        if budget.is_zero() {
+            return Err(RecommendationError::Timeout { after: budget });
+        }
+        let uri = self.uri(user_id)?;
+        let permit = self
+            .breaker
+            .try_acquire()
+            .map_err(|retry_in| RecommendationError::CircuitOpen { retry_in })?;
+
+        let result = match tokio::time::timeout_at(deadline, self.fetch(&uri)).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(RecommendationError::Timeout { after: budget }),
+        };
+        permit.record(match &result {
+            Ok(_) => Outcome::Success,
+            Err(error) if error.is_service_failure() => Outcome::Failure,
+            Err(_) => Outcome::Neutral,
+        });
+        if let Err(error) = &result {
+            debug!(user_id, kind = %error.kind(), %error, "recommendation call failed");
+        }
+        result
+    }
+
+    fn uri(&self, user_id: i64) -> Result<Uri, RecommendationError> {
+        // `validate` proved that the base URL with any user id parses, so this cannot fail.
+        Uri::try_from(format!("{}/users/{user_id}/recommendations", self.base))
+            .map_err(RecommendationError::unavailable)
+    }
+
+    /// The request, with hedging if enabled.
+    async fn fetch(&self, uri: &Uri) -> Result<Vec<Recommendation>, RecommendationError> {
+        let slot = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(RecommendationError::unavailable)?;
+        let first = self.attempt(uri, slot);
+        if !self.config.hedge.enabled {
+            return first.await;
+        }
+        let mut first = pin!(first);
+        tokio::select! {
+            biased;
+            result = &mut first => return result,
+            () = tokio::time::sleep(self.config.hedge.delay) => {}
+        }
+        // A hedge must not add load to a client that is already at its limit, where it would
+        // only queue behind the requests it is meant to overtake.
+        let Ok(slot) = self.in_flight.try_acquire() else {
+            return first.await;
+        };
+        bump(&self.counters.hedges);
+        let mut second = pin!(self.attempt(uri, slot));
+        // The first good answer wins and the loser is dropped, which closes its connection. If
+        // one fails, the other may still succeed within the deadline.
+        tokio::select! {
+            result = &mut first => match result {
+                Ok(items) => Ok(items),
+                Err(_) => self.hedge_outcome(second.await),
+            },
+            result = &mut second => match result {
+                Ok(items) => self.hedge_outcome(Ok(items)),
+                Err(_) => first.await,
+            },
+        }
+    }
+
+    fn hedge_outcome(
+        &self,
+        result: Result<Vec<Recommendation>, RecommendationError>,
+    ) -> Result<Vec<Recommendation>, RecommendationError> {
+        if result.is_ok() {
+            bump(&self.counters.hedge_wins);
+        }
+        result
+    }
+
+    /// One HTTP exchange, holding an in-flight slot until the body is read.
+    async fn attempt(
+        &self,
+        uri: &Uri,
+        _slot: SemaphorePermit<'_>,
+    ) -> Result<Vec<Recommendation>, RecommendationError> {
+        let (parts, body) = self.send(uri).await?.into_parts();
+        if parts.status != StatusCode::OK {
+            let start = read_prefix(body, STATUS_BODY_PREFIX).await;
+            return Err(RecommendationError::Status {
+                status: parts.status,
+                body: one_line_excerpt(&start),
+            });
+        }
+        let limit = self.config.body_limit;
+        if content_length(&parts.headers).is_some_and(|length| length > limit as u64) {
+            // Refused without reading a byte; dropping the body closes the connection.
+            return Err(RecommendationError::TooLarge { limit });
+        }
+        let bytes = match Limited::new(body, limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) if error.is::<LengthLimitError>() => {
+                return Err(RecommendationError::TooLarge { limit });
+            }
+            Err(error) => return Err(RecommendationError::unavailable(error)),
+        };
+        let envelope: Envelope = serde_json::from_slice(&bytes)
+            .map_err(|source| RecommendationError::Decode { source })?;
+        Ok(envelope.items)
+    }
+
+    /// Sends the request, retrying failed connects as configured.
+    async fn send(&self, uri: &Uri) -> Result<Response<Incoming>, RecommendationError> {
+        let mut retries = 0;
+        loop {
+            bump(&self.counters.requests_sent);
+            match self.http.request(request(uri)).await {
+                Ok(response) => return Ok(response),
+                Err(error) if error.is_connect() && retries < self.config.connect_retries => {
+                    retries += 1;
+                    bump(&self.counters.connect_retries);
+                    debug!(%error, retries, "connecting to the recommendation service failed; retrying");
+                    let pause = self.config.connect_retry_backoff.saturating_mul(retries);
+                    tokio::time::sleep(pause).await;
+                }
+                Err(error) => return Err(RecommendationError::unavailable(error)),
+            }
+        }
+    }
+}
+
+fn request(uri: &Uri) -> Request<Empty<Bytes>> {
+    let mut request = Request::new(Empty::new());
+    *request.uri_mut() = uri.clone();
+    let headers = request.headers_mut();
+    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+    request
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Reads at most `max` bytes of `body`, stopping early at its end or at an error: the caller
+/// only wants an excerpt for an error message.
+async fn read_prefix(mut body: Incoming, max: usize) -> Vec<u8> {
+    let mut start = Vec::new();
+    while start.len() < max {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    let take = data.len().min(max - start.len());
+                    start.extend_from_slice(&data[..take]);
+                }
+            }
+            Some(Err(_)) | None => break,
+        }
+    }
+    start
+}
+
+/// Checks the configuration and returns the base URL without its trailing `/`.
+fn validate(config: &ClientConfig) -> Result<String, ConfigError> {
+    let url = &config.base_url;
+    let bad_url = |reason| ConfigError::BaseUrl {
+        url: url.clone(),
+        reason,
+    };
+    let uri: Uri = url.parse().map_err(|_| bad_url("not a valid URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(bad_url("https is not supported; use http")),
+        _ => return Err(bad_url("must start with http://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad_url("has no host"));
+    }
+    if uri.query().is_some() || url.contains('#') {
+        return Err(bad_url("must not have a query or fragment"));
+    }
+    let base = url.trim_end_matches('/').to_owned();
+    // Every user id renders with the same characters, so the widest one proves them all.
+    Uri::try_from(format!("{base}/users/{}/recommendations", i64::MIN))
+        .map_err(|_| bad_url("cannot be extended with /users/{id}/recommendations"))?;
+
+    let value = |field, reason| Err(ConfigError::Value { field, reason });
+    if config.timeout.is_zero() {
+        return value("timeout", "must be greater than zero");
+    }
+    if config.connect_timeout.is_zero() {
+        return value("connect_timeout", "must be greater than zero");
+    }
+    if config.max_in_flight == 0 || config.max_in_flight > Semaphore::MAX_PERMITS {
+        return value("max_in_flight", "must be at least 1 (and reasonably small)");
+    }
+    if config.body_limit == 0 {
+        return value("body_limit", "must be at least 1 byte");
+    }
+    if config.breaker.failure_threshold == 0 {
+        return value("breaker.failure_threshold", "must be at least 1");
+    }
+    if config.hedge.enabled && config.hedge.delay.is_zero() {
+        return value(
+            "hedge.delay",
+            "must be greater than zero when hedging is enabled (zero would double every request)",
+        );
+    }
+    Ok(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn with_base(url: &str) -> ClientConfig {
+        ClientConfig {
+            base_url: url.to_owned(),
+            ..ClientConfig::default()
+        }
+    }
+
+    #[test]
+    fn base_urls_are_validated_and_normalised() {
+        assert_eq!(
+            validate(&with_base("http://127.0.0.1:9100")).unwrap(),
+            "http://127.0.0.1:9100"
+        );
+        assert_eq!(
+            validate(&with_base("http://recs.internal/api/v2/")).unwrap(),
+            "http://recs.internal/api/v2"
+        );
+        for (url, reason) in [
+            ("", "valid URL"),
+            ("127.0.0.1:9100", "http://"),
+            ("https://recs.example", "https"),
+            ("ftp://recs.example", "http://"),
+            ("http://recs.example/?q=1", "query"),
+            ("http://recs example", "valid URL"),
+        ] {
+            let error = validate(&with_base(url)).unwrap_err();
+            let message = error.to_string();
+            assert!(message.contains(reason), "{url:?}: {message}");
+            assert!(
+                message.starts_with("invalid recommendations.base_url"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_limits_are_refused_with_the_field_name() {
+        let cases = [
+            (
+                ClientConfig {
+                    timeout: Duration::ZERO,
+                    ..ClientConfig::default()
+                },
+                "recommendations.timeout",
+            ),
+            (
+                ClientConfig {
+                    max_in_flight: 0,
+                    ..ClientConfig::default()
+                },
+                "recommendations.max_in_flight",
+            ),
+            (
+                ClientConfig {
+                    body_limit: 0,
+                    ..ClientConfig::default()
+                },
+                "recommendations.body_limit",
+            ),
+        ];
+        for (config, field) in cases {
+            let message = RecommendationClient::new(config).unwrap_err().to_string();
+            assert!(
+                message.starts_with(&format!("invalid {field}:")),
+                "{message}"
+            );
+        }
+        let mut config = ClientConfig::default();
+        config.breaker.failure_threshold = 0;
+        assert!(RecommendationClient::new(config).is_err());
+        let mut config = ClientConfig::default();
+        config.hedge.enabled = true;
+        config.hedge.delay = Duration::ZERO;
+        assert!(RecommendationClient::new(config).is_err());
+    }
+
+    #[test]
+    fn recommendations_ignore_unknown_fields_and_serialise_back() {
+        let item: Recommendation =
+            serde_json::from_str(r#"{"product_id": 42, "score": 0.5, "reason": "because"}"#)
+                .unwrap();
+        assert_eq!(
+            item,
+            Recommendation {
+                product_id: 42,
+                score: 0.5
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&item).unwrap(),
+            r#"{"product_id":42,"score":0.5}"#
+        );
+        assert!(
+            serde_json::from_str::<Recommendation>(r#"{"product_id": "42", "score": 1}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn error_counts_list_every_kind() {
+        let mut counts = ErrorCounts::default();
+        counts.0[ErrorKind::Decode.index()] = 3;
+        counts.0[ErrorKind::Timeout.index()] = 2;
+        assert_eq!(counts.get(ErrorKind::Decode), 3);
+        assert_eq!(counts.total(), 5);
+        assert_eq!(counts.iter().count(), ErrorKind::ALL.len());
+        assert_eq!(counts.iter().next(), Some((ErrorKind::Timeout, 2)));
+    }
+}

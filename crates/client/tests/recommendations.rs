@@ -1,0 +1,521 @@
+//! Integration tests of the recommendation client against real HTTP servers on loopback: the
+//! `upstream` stand-in, started in-process on an ephemeral port, with its faults forced per
+//! request so every case is deterministic.
+//!
+//! Tests about time run on tokio's paused clock. Client and server share the test's runtime, so
+//! the server's delays and hangs are virtual too; loopback I/O completes within the kernel before
+//! the runtime goes idle, so the clock only jumps when every task is genuinely waiting on a timer.
+
+#![allow(clippy::unwrap_used)]
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use client::{
+    BreakerState, ClientConfig, ErrorKind, Recommendation, RecommendationClient,
+    RecommendationError,
+};
+use http::StatusCode;
+use tokio::time::Instant;
+use upstream::{Config, Fault, Reply, Server};
+
+async fn serve(config: Config) -> Server {
+    Server::start(config).await.unwrap()
+}
+
+fn client_for(server: &Server, tweak: impl FnOnce(&mut ClientConfig)) -> RecommendationClient {
+    let mut config = ClientConfig {
+        base_url: server.base_url(),
+        ..ClientConfig::default()
+    };
+    tweak(&mut config);
+    RecommendationClient::new(config).unwrap()
+}
+
+fn expected_items(server: &Server, user_id: i64) -> Vec<Recommendation> {
+    server
+        .config()
+        .items_for(user_id)
+        .into_iter()
+        .map(|item| Recommendation {
+            product_id: item.product_id,
+            score: item.score,
+        })
+        .collect()
+}
+
+/// Checks the kind and that the message is one line, and returns the message.
+fn message_of(error: &RecommendationError, kind: ErrorKind) -> String {
+    assert_eq!(error.kind(), kind, "{error:?}");
+    let message = error.to_string();
+    assert!(!message.contains('\n'), "{message:?}");
+    assert!(message.starts_with("recommendation service "), "{message}");
+    message
+}
+
+/// Waits (boundedly) until the server has seen its connections close down to `open`.
+async fn until_open_connections(server: &Server, open: u64) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while server.stats().open_connections != open {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("open connections stuck at {:?}", server.stats()));
+}
+
+/// A loopback port with nothing listening on it.
+async fn closed_port_url() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn fetches_and_decodes_the_items_ignoring_unknown_fields() {
+    let server = serve(Config::default()).await;
+    // A trailing slash in the base URL is tolerated.
+    let client = client_for(&server, |c| c.base_url.push('/'));
+
+    let items = client.recommendations(7).await.unwrap();
+    // The server also sends a `reason` per item and a top-level `user_id`; both are ignored.
+    assert_eq!(items, expected_items(&server, 7));
+    assert_eq!(
+        client.recommendations(-4).await.unwrap(),
+        expected_items(&server, -4)
+    );
+
+    let stats = client.stats();
+    assert_eq!(
+        (stats.calls, stats.successes, stats.errors.total()),
+        (2, 2, 0)
+    );
+    assert_eq!(stats.requests_sent, 2);
+    assert_eq!(stats.in_flight, 0);
+    assert_eq!(stats.breaker.state, BreakerState::Closed);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_non_200_answer_is_a_status_error_with_the_start_of_the_body() {
+    let server = serve(Config::default()).await;
+    let client = client_for(&server, |_| {});
+    server.script([Reply::fault(Fault::Status(StatusCode::SERVICE_UNAVAILABLE))]);
+
+    let error = client.recommendations(7).await.unwrap_err();
+    let message = message_of(&error, ErrorKind::Status);
+    assert_eq!(
+        message,
+        r#"recommendation service answered 503 Service Unavailable: {"error":"injected failure"}"#
+    );
+    assert!(matches!(
+        error,
+        RecommendationError::Status { status, .. } if status == StatusCode::SERVICE_UNAVAILABLE
+    ));
+    assert_eq!(client.stats().errors.get(ErrorKind::Status), 1);
+    assert_eq!(client.stats().breaker.consecutive_failures, 1);
+
+    // A 4xx is about the request, not the service's health: the breaker does not count it.
+    server.script([Reply::fault(Fault::Status(StatusCode::NOT_FOUND))]);
+    let error = client.recommendations(7).await.unwrap_err();
+    assert!(message_of(&error, ErrorKind::Status).contains("404 Not Found"));
+    assert_eq!(client.stats().breaker.consecutive_failures, 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_json_and_a_missing_items_list_are_decode_errors() {
+    let server = serve(Config::default()).await;
+    let client = client_for(&server, |_| {});
+    server.script([
+        Reply::fault(Fault::Malformed),
+        Reply::fault(Fault::MissingItems),
+    ]);
+
+    let error = client.recommendations(7).await.unwrap_err();
+    let message = message_of(&error, ErrorKind::Decode);
+    assert!(
+        message.starts_with("recommendation service sent an invalid response: EOF while parsing"),
+        "{message}"
+    );
+    assert!(error.source().is_some());
+
+    let error = client.recommendations(7).await.unwrap_err();
+    let message = message_of(&error, ErrorKind::Decode);
+    assert!(message.contains("missing field `items`"), "{message}");
+    assert_eq!(client.stats().errors.get(ErrorKind::Decode), 2);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_refused_announced_or_streamed() {
+    let limit = 4096;
+    for (declared, name) in [(true, "Content-Length"), (false, "chunked")] {
+        let fault = Reply::fault(Fault::Oversized { declared });
+        for (size, accepted) in [(limit, true), (limit + 1, false), (4 << 20, false)] {
+            let server = serve(Config {
+                oversized_bytes: size,
+                ..Config::default()
+            })
+            .await;
+            let client = client_for(&server, |c| c.body_limit = limit);
+            server.script([fault]);
+            let result = client.recommendations(7).await;
+            if accepted {
+                // The padded document has an empty item list.
+                assert_eq!(result.unwrap(), Vec::new(), "{name}, {size} bytes");
+            } else {
+                let error = result.unwrap_err();
+                assert_eq!(
+                    message_of(&error, ErrorKind::TooLarge),
+                    "recommendation service sent a response larger than the 4096-byte limit",
+                    "{name}, {size} bytes"
+                );
+            }
+            server.shutdown().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reset_or_refused_connection_is_unavailable() {
+    let server = serve(Config::default()).await;
+    let client = client_for(&server, |_| {});
+    server.script([Reply::fault(Fault::Reset)]);
+    let error = client.recommendations(7).await.unwrap_err();
+    assert_eq!(
+        message_of(&error, ErrorKind::Unavailable),
+        "recommendation service unavailable: connection reset"
+    );
+    // The pool recovers: the next call opens a fresh connection and succeeds.
+    assert_eq!(
+        client.recommendations(7).await.unwrap(),
+        expected_items(&server, 7)
+    );
+    server.shutdown().await;
+
+    let client = RecommendationClient::new(ClientConfig {
+        base_url: closed_port_url().await,
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let error = client.recommendations(7).await.unwrap_err();
+    assert_eq!(
+        message_of(&error, ErrorKind::Unavailable),
+        "recommendation service unavailable: connection refused"
+    );
+    assert_eq!(client.stats().errors.get(ErrorKind::Unavailable), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn connect_failures_are_retried_with_backoff_when_configured() {
+    let client = RecommendationClient::new(ClientConfig {
+        base_url: closed_port_url().await,
+        connect_retries: 2,
+        connect_retry_backoff: Duration::from_millis(50),
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let started = Instant::now();
+    let error = client.recommendations(7).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unavailable);
+    // 50 ms before the first retry, 100 ms before the second.
+    assert_eq!(started.elapsed(), Duration::from_millis(150));
+    let stats = client.stats();
+    assert_eq!((stats.requests_sent, stats.connect_retries), (3, 2));
+    // One failed call, however many connects it tried.
+    assert_eq!(stats.breaker.consecutive_failures, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_never_answers_times_out_after_the_configured_timeout() {
+    let server = serve(Config {
+        hang_rate: 1.0,
+        ..Config::default()
+    })
+    .await;
+    let client = client_for(&server, |_| {});
+
+    let started = Instant::now();
+    let error = client.recommendations(7).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+    assert_eq!(
+        message_of(&error, ErrorKind::Timeout),
+        "recommendation service did not answer within 5s"
+    );
+    assert!(
+        matches!(error, RecommendationError::Timeout { after } if after == Duration::from_secs(5))
+    );
+    // Giving up closes the connection, which frees the server's side of it too.
+    until_open_connections(&server, 0).await;
+    assert_eq!(client.stats().in_flight, 0);
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_deadline_shortens_the_budget_and_a_past_one_sends_nothing() {
+    let server = serve(Config {
+        delay: Duration::from_secs(1),
+        ..Config::default()
+    })
+    .await;
+    let client = client_for(&server, |_| {});
+
+    let started = Instant::now();
+    let error = client
+        .recommendations_with_deadline(7, started + Duration::from_millis(250))
+        .await
+        .unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_millis(250));
+    assert_eq!(
+        message_of(&error, ErrorKind::Timeout),
+        "recommendation service did not answer within 250ms"
+    );
+
+    // A deadline later than the configured timeout does not extend it.
+    let client = client_for(&server, |c| c.timeout = Duration::from_millis(400));
+    let started = Instant::now();
+    let error = client
+        .recommendations_with_deadline(7, started + Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_millis(400));
+    assert_eq!(error.kind(), ErrorKind::Timeout);
+
+    // A budget that is already spent fails at once, without a request or a breaker failure.
+    let requests = server.stats().requests;
+    let error = client
+        .recommendations_with_deadline(7, Instant::now())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Timeout);
+    assert_eq!(server.stats().requests, requests);
+    assert_eq!(client.stats().breaker.consecutive_failures, 1);
+
+    // And a deadline with enough room lets the call succeed.
+    let items = client
+        .recommendations_with_deadline(7, Instant::now() + Duration::from_secs(2))
+        .await;
+    assert!(
+        items.is_err(),
+        "the configured 400 ms still caps a 1 s answer"
+    );
+    let client = client_for(&server, |_| {});
+    let items = client
+        .recommendations_with_deadline(7, Instant::now() + Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(items, expected_items(&server, 7));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sequential_calls_reuse_one_keep_alive_connection() {
+    let server = serve(Config::default()).await;
+    let client = client_for(&server, |_| {});
+    for user_id in 0..100 {
+        assert_eq!(
+            client.recommendations(user_id).await.unwrap(),
+            expected_items(&server, user_id)
+        );
+    }
+    let stats = server.stats();
+    assert_eq!(stats.requests, 100);
+    assert_eq!(stats.connections, 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let server = serve(Config::default()).await;
+    let client = client_for(&server, |c| c.idle_timeout = Duration::from_secs(1));
+    client.recommendations(1).await.unwrap();
+    assert_eq!(server.stats().open_connections, 1);
+
+    // The pool checks on an interval of the idle timeout, so allow two of them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    until_open_connections(&server, 0).await;
+    client.recommendations(1).await.unwrap();
+    assert_eq!(server.stats().connections, 2);
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_in_flight_are_capped_and_the_rest_wait_their_turn() {
+    let server = serve(Config {
+        delay: Duration::from_millis(100),
+        ..Config::default()
+    })
+    .await;
+    let client = client_for(&server, |c| c.max_in_flight = 2);
+
+    let started = Instant::now();
+    let calls: Vec<_> = (0..10)
+        .map(|user_id| {
+            let client = client.clone();
+            tokio::spawn(async move { client.recommendations(user_id).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    // Ten 100 ms answers, two at a time.
+    assert_eq!(started.elapsed(), Duration::from_millis(500));
+    assert_eq!(server.stats().connections, 2);
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_breaker_opens_fails_fast_and_closes_after_a_successful_probe() {
+    let server = serve(Config::default()).await;
+    let client = client_for(&server, |c| {
+        c.breaker.failure_threshold = 3;
+        c.breaker.cooldown = Duration::from_secs(10);
+    });
+    let failure = Reply::fault(Fault::Status(StatusCode::INTERNAL_SERVER_ERROR));
+    server.script([failure; 3]);
+    for _ in 0..3 {
+        let error = client.recommendations(7).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Status);
+    }
+    let breaker = client.stats().breaker;
+    assert_eq!(breaker.state, BreakerState::Open);
+    assert_eq!(breaker.opened_total, 1);
+
+    // Open: calls fail at once, and the server hears nothing.
+    tokio::time::advance(Duration::from_secs(4)).await;
+    let started = Instant::now();
+    let error = client.recommendations(7).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(
+        message_of(&error, ErrorKind::CircuitOpen),
+        "recommendation service temporarily skipped after repeated failures"
+    );
+    assert!(matches!(
+        error,
+        RecommendationError::CircuitOpen { retry_in } if retry_in == Duration::from_secs(6)
+    ));
+    assert_eq!(server.stats().requests, 3);
+
+    // After the cool-down one probe goes through; its success closes the circuit.
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert_eq!(
+        client.recommendations(7).await.unwrap(),
+        expected_items(&server, 7)
+    );
+    let stats = client.stats();
+    assert_eq!(stats.breaker.state, BreakerState::Closed);
+    assert_eq!(stats.breaker.consecutive_failures, 0);
+    assert_eq!(stats.breaker.probes_total, 1);
+    assert_eq!(stats.breaker.rejected_total, 1);
+    assert_eq!(stats.errors.get(ErrorKind::CircuitOpen), 1);
+    client.recommendations(8).await.unwrap();
+    assert_eq!(server.stats().requests, 5);
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_probe_reopens_and_other_calls_fail_fast_while_it_runs() {
+    let server = serve(Config::default()).await;
+    let client = client_for(&server, |c| {
+        c.breaker.failure_threshold = 1;
+        c.breaker.cooldown = Duration::from_secs(10);
+    });
+    server.script([
+        Reply::fault(Fault::Status(StatusCode::BAD_GATEWAY)),
+        // The probe: slow, then failing.
+        Reply::fault(Fault::Status(StatusCode::BAD_GATEWAY)).after(Duration::from_secs(1)),
+    ]);
+    client.recommendations(7).await.unwrap_err();
+    tokio::time::advance(Duration::from_secs(10)).await;
+
+    let probe = tokio::spawn({
+        let client = client.clone();
+        async move { client.recommendations(7).await }
+    });
+    while server.stats().requests < 2 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(client.stats().breaker.state, BreakerState::HalfOpen);
+    let error = client.recommendations(8).await.unwrap_err();
+    assert!(matches!(error, RecommendationError::CircuitOpen { retry_in } if retry_in.is_zero()));
+
+    assert_eq!(probe.await.unwrap().unwrap_err().kind(), ErrorKind::Status);
+    let breaker = client.stats().breaker;
+    assert_eq!(breaker.state, BreakerState::Open);
+    assert_eq!(breaker.opened_total, 2);
+    assert_eq!(server.stats().requests, 2);
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_takes_the_faster_answer_and_cancels_the_slow_one() {
+    let server = serve(Config::default()).await;
+    let client = client_for(&server, |c| {
+        c.hedge.enabled = true;
+        c.hedge.delay = Duration::from_millis(50);
+    });
+    // The first request would fail after a second; the hedge, sent at 50 ms, answers at once.
+    server.script([
+        Reply::fault(Fault::Status(StatusCode::INTERNAL_SERVER_ERROR))
+            .after(Duration::from_secs(1)),
+    ]);
+
+    let started = Instant::now();
+    let items = client.recommendations(7).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_millis(50));
+    assert_eq!(items, expected_items(&server, 7));
+    let stats = client.stats();
+    assert_eq!(
+        (stats.requests_sent, stats.hedges, stats.hedge_wins),
+        (2, 1, 1)
+    );
+    assert_eq!(stats.breaker.consecutive_failures, 0);
+    assert_eq!(server.stats().requests, 2);
+
+    // The slow request was abandoned: its connection closes and only the hedge's stays pooled.
+    until_open_connections(&server, 1).await;
+    assert_eq!(server.stats().connections, 2);
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_hedge_is_sent_when_the_answer_comes_before_the_hedge_delay() {
+    let server = serve(Config {
+        delay: Duration::from_millis(20),
+        ..Config::default()
+    })
+    .await;
+    let client = client_for(&server, |c| {
+        c.hedge.enabled = true;
+        c.hedge.delay = Duration::from_millis(50);
+    });
+    for user_id in 0..10 {
+        client.recommendations(user_id).await.unwrap();
+    }
+    let stats = client.stats();
+    assert_eq!((stats.requests_sent, stats.hedges), (10, 0));
+    assert_eq!(server.stats().requests, 10);
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_hedge_leaves_the_first_request_to_answer() {
+    let server = serve(Config::default()).await;
+    let client = client_for(&server, |c| {
+        c.hedge.enabled = true;
+        c.hedge.delay = Duration::from_millis(50);
+    });
+    server.script([
+        Reply::ok().after(Duration::from_millis(200)),
+        Reply::fault(Fault::Status(StatusCode::SERVICE_UNAVAILABLE)),
+    ]);
+    let started = Instant::now();
+    let items = client.recommendations(7).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_millis(200));
+    assert_eq!(items, expected_items(&server, 7));
+    let stats = client.stats();
+    assert_eq!((stats.hedges, stats.hedge_wins), (1, 0));
+    server.shutdown().await;
+}
