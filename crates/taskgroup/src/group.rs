@@ -342,6 +342,16 @@ impl<E: Send + 'static> Shared<E> {
     }
 }
 
+fn cut_by_deadline<E>(child: &ChildReport<E>) -> bool {
+    matches!(
+        child.outcome,
+        Outcome::TimedOut(Timeout {
+            limit: Limit::Group,
+            ..
+        })
+    )
+}
+
 fn stop_reason(stop: &Stop) -> CancelReason {
     match stop {
         Stop::Failed { name } => CancelReason::SiblingFailed { name: name.clone() },
@@ -712,7 +722,7 @@ impl<E: Send + 'static> TaskGroup<E> {
     /// A [`GroupError`] whose [`kind`](GroupError::kind) says why, in this order of precedence:
     /// a child failed fatally ([`GroupErrorKind::ChildFailed`], with that first failure as the
     /// cause; errors win over deadlines and outside cancellation, as in asyncio), the deadline
-    /// passed while children were still running ([`GroupErrorKind::DeadlineExceeded`]), or the
+    /// cut off at least one child ([`GroupErrorKind::DeadlineExceeded`]), or the
     /// group was cancelled ([`GroupErrorKind::Cancelled`]). Every variant carries the full
     /// [`Report`], so outcomes stay readable.
     pub async fn join(mut self) -> Result<Report<E>, GroupError<E>> {
@@ -758,6 +768,10 @@ impl<E: Send + 'static> TaskGroup<E> {
         } else {
             match self.shared.stop.get() {
                 None => return Ok(report),
+                // A deadline that passed when nothing was left to cut off is no failure.
+                Some(Stop::Deadline) if !report.iter().any(cut_by_deadline) => {
+                    return Ok(report);
+                }
                 Some(Stop::Deadline) => GroupErrorKind::DeadlineExceeded,
                 Some(stop) => GroupErrorKind::Cancelled(stop_reason(stop)),
             }
