@@ -160,7 +160,7 @@ mod tests {
             assert_eq!(items.len(), 10);
             let ids: HashSet<i64> = items.iter().map(|item| item.product_id).collect();
             assert_eq!(ids.len(), 10, "duplicates for user {user_id}: {items:?}");
-            assert!(ids.iter().all(|id| (1..=10_000).contains(id)));
+            assert!(ids.iter().all(|id| (1..=20_000).contains(id)));
             assert!(items.windows(2).all(|w| w[0].score > w[1].score));
             assert!(items.iter().all(|i| i.score > 0.0 && i.score < 1.0));
         }

@@ -60,7 +60,8 @@ pub struct Config {
     pub reset_rate: f64,
     /// Items in each answer (default 10).
     pub items_per_user: usize,
-    /// Product ids are drawn from `1..=catalog_size` (default 10 000).
+    /// Product ids are drawn from `1..=catalog_size` (default 20 000, the id range of the seeded
+    /// reviews).
     pub catalog_size: u32,
     /// Seed of the fault and latency draws.
     pub seed: u64,
@@ -82,7 +83,7 @@ impl Default for Config {
             oversized_bytes: 2 << 20,
             reset_rate: 0.0,
             items_per_user: 10,
-            catalog_size: 10_000,
+            catalog_size: 20_000,
             seed: 0x5eed,
         }
     }

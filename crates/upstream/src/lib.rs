@@ -44,6 +44,10 @@ pub use config::{
 };
 pub use server::{DELAY_HEADER, FAULT_HEADER, Server, Stats};
 
+/// The status code type of [`Config::error_status`] and [`Fault::Status`], re-exported so that
+/// users need not depend on `http` themselves.
+pub use http::StatusCode;
+
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
