@@ -9,6 +9,7 @@ mod migrate;
 mod pg;
 mod seed;
 mod test;
+mod upstream;
 
 use std::process::ExitCode;
 
@@ -33,6 +34,8 @@ enum Command {
     Seed(seed::SeedArgs),
     /// Run every test against a throwaway PostgreSQL cluster (the project's test command).
     Test(test::TestArgs),
+    /// Serve the stand-in recommendation service (with optional latency and faults) until Ctrl-C.
+    Upstream(upstream::UpstreamArgs),
 }
 
 #[tokio::main]
@@ -60,5 +63,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => migrate::run(args).await,
         Command::Seed(args) => seed::run(args).await,
         Command::Test(args) => test::run(args).await,
+        Command::Upstream(args) => upstream::run(args).await,
     }
 }
