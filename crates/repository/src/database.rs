@@ -5,6 +5,7 @@
 //! on one connection takes a [`Conn`]: its methods borrow it shared, so polling them concurrently
 //! pipelines the statements on the one socket (tokio-postgres sends each as soon as it is polled).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{
@@ -129,8 +130,9 @@ impl Database {
             .await
             .map_err(|e| Error::from_pool(e, self.limits.wait))?;
         Ok(Conn {
-            client,
+            client: Some(client),
             limits: self.limits,
+            broken: AtomicBool::new(false),
         })
     }
 
@@ -141,7 +143,7 @@ impl Database {
     /// As [`Database::conn`], or any error of the query.
     pub async fn ping(&self) -> Result<(), Error> {
         let conn = self.conn().await?;
-        conn.client.simple_query("SELECT 1").await?;
+        conn.track(conn.client().simple_query("SELECT 1").await)?;
         Ok(())
     }
 
@@ -211,9 +213,26 @@ impl Database {
 ///
 /// Methods take `&self`, so several reads polled at once share the connection: tokio-postgres
 /// pipelines them, sending each statement without waiting for the previous answer.
+///
+/// A connection on which a statement failed because the connection itself failed is not returned
+/// to the pool but closed: the driver may not have noticed the dead socket yet, and the pool's
+/// cheap recycling check would hand it to the next caller.
 pub struct Conn {
-    client: Object,
+    /// Always `Some` until dropped.
+    client: Option<Object>,
     limits: Limits,
+    broken: AtomicBool,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.broken.load(Ordering::Relaxed) {
+            if let Some(object) = self.client.take() {
+                // Detached from the pool: the slot frees up and the connection closes.
+                drop(Object::take(object));
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -230,8 +249,8 @@ impl Conn {
     /// Any [`Error`] of the query.
     #[instrument(level = "debug", skip(self))]
     pub async fn profile(&self, user_id: i64) -> Result<Option<Profile>, Error> {
-        let statement = self.client.prepare_cached(PROFILE).await?;
-        let row = self.client.query_opt(&statement, &[&user_id]).await?;
+        let statement = self.track(self.object().prepare_cached(PROFILE).await)?;
+        let row = self.track(self.object().query_opt(&statement, &[&user_id]).await)?;
         row.map(|row| profile_from(&row, 0)).transpose()
     }
 
@@ -242,11 +261,12 @@ impl Conn {
     /// Any [`Error`] of the query.
     #[instrument(level = "debug", skip(self))]
     pub async fn orders(&self, user_id: i64) -> Result<Vec<Order>, Error> {
-        let statement = self.client.prepare_cached(ORDERS).await?;
-        let rows = self
-            .client
-            .query(&statement, &[&user_id, &self.limits.orders])
-            .await?;
+        let statement = self.track(self.object().prepare_cached(ORDERS).await)?;
+        let rows = self.track(
+            self.object()
+                .query(&statement, &[&user_id, &self.limits.orders])
+                .await,
+        )?;
         rows.iter()
             .map(|row| {
                 Ok(Order {
@@ -266,11 +286,12 @@ impl Conn {
     /// Any [`Error`] of the query.
     #[instrument(level = "debug", skip(self))]
     pub async fn reviews(&self, user_id: i64) -> Result<Vec<Review>, Error> {
-        let statement = self.client.prepare_cached(REVIEWS).await?;
-        let rows = self
-            .client
-            .query(&statement, &[&user_id, &self.limits.reviews])
-            .await?;
+        let statement = self.track(self.object().prepare_cached(REVIEWS).await)?;
+        let rows = self.track(
+            self.object()
+                .query(&statement, &[&user_id, &self.limits.reviews])
+                .await,
+        )?;
         rows.iter()
             .map(|row| {
                 Ok(Review {
@@ -291,8 +312,8 @@ impl Conn {
     /// Any [`Error`] of the query.
     #[instrument(level = "debug", skip(self))]
     pub async fn order_summary(&self, user_id: i64) -> Result<OrderSummary, Error> {
-        let statement = self.client.prepare_cached(ORDER_SUMMARY).await?;
-        let row = self.client.query_one(&statement, &[&user_id]).await?;
+        let statement = self.track(self.object().prepare_cached(ORDER_SUMMARY).await)?;
+        let row = self.track(self.object().query_one(&statement, &[&user_id]).await)?;
         Ok(OrderSummary {
             order_count: get(&row, 0)?,
             total_amount: get::<Decimal>(&row, 1)?,
@@ -308,8 +329,8 @@ impl Conn {
     /// Any [`Error`] of the query.
     #[instrument(level = "debug", skip(self, user_ids), fields(ids = user_ids.len()))]
     pub async fn user_summaries(&self, user_ids: &[i64]) -> Result<Vec<UserSummary>, Error> {
-        let statement = self.client.prepare_cached(USER_SUMMARIES).await?;
-        let rows = self.client.query(&statement, &[&user_ids]).await?;
+        let statement = self.track(self.object().prepare_cached(USER_SUMMARIES).await)?;
+        let rows = self.track(self.object().query(&statement, &[&user_ids]).await)?;
         rows.iter()
             .map(|row| {
                 Ok(UserSummary {
@@ -329,17 +350,44 @@ impl Conn {
     ///
     /// Any [`Error`] from `BEGIN`.
     pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
-        Ok(self.client.transaction().await?)
+        let result = self.client.as_mut().map(|c| c.transaction());
+        match result {
+            Some(begin) => Ok(begin.await?),
+            None => Err(Error::Closed),
+        }
     }
 
     /// The underlying driver client, for statements this crate does not wrap.
     pub fn client(&self) -> &tokio_postgres::Client {
-        &self.client
+        self.object()
     }
 
     /// A token that asks the server to cancel whatever this connection is running.
     pub fn cancel_token(&self) -> tokio_postgres::CancelToken {
-        self.client.cancel_token()
+        self.object().cancel_token()
+    }
+
+    /// Marks the connection as not to be reused.
+    pub fn discard(&self) {
+        self.broken.store(true, Ordering::Relaxed);
+    }
+
+    fn object(&self) -> &Object {
+        // Only `Drop` takes the object out.
+        self.client
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("Conn used after drop"))
+    }
+
+    /// Converts a driver result, marking the connection broken when the connection failed.
+    fn track<T>(&self, result: Result<T, tokio_postgres::Error>) -> Result<T, Error> {
+        result.map_err(|e| {
+            let error = Error::from(e);
+            if matches!(error, Error::Unavailable(_)) {
+                self.discard();
+            }
+            error
+        })
     }
 }
 
