@@ -1,0 +1,953 @@
+//! The report of a run: every figure and the parameters that produced them, the plain-text
+//! summary printed at the end, and the JSON file.
+//!
+//! Latencies are in milliseconds (fractional, so microseconds survive), rates in requests per
+//! second, durations in seconds. The JSON is [`Report`] serialized as is; `--compare` reads it
+//! back, so its fields only grow.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Config, Error, Scenario,
+    check::CheckOutcome,
+    format,
+    stats::{PhaseStats, TransportError, WorkerStats, is_success},
+};
+
+/// The JSON format's version; bumped when a field changes meaning.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Send lag above this (p99) means the generator was short of CPU, not just at its timer's
+/// millisecond granularity.
+const LAG_WARNING_MS: f64 = 5.0;
+
+/// A run sending less than this share of its schedule did not keep up.
+const KEPT_UP_RATIO: f64 = 0.99;
+
+/// Everything a run measured, with its parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// [`FORMAT_VERSION`] of the writer.
+    pub format: u32,
+    /// The generator and its version.
+    pub tool: String,
+    /// When the run started, in seconds since the Unix epoch.
+    pub started_unix_s: u64,
+    /// How the run was configured.
+    pub parameters: Parameters,
+    /// Where it ran.
+    pub machine: Machine,
+    /// The measured window: every headline figure.
+    pub measured: Window,
+    /// The warm-up window, excluded from [`Report::measured`].
+    pub warmup: Warmup,
+    /// Open loop only: requested against achieved rate, and the generator's own lag.
+    pub open_loop: Option<OpenLoop>,
+    /// Requests still in flight when the drain deadline ended the run; not in any other figure.
+    pub unfinished: u64,
+    /// Throughput and latency over time, warm-up and drain included.
+    pub timeline: Vec<TimelinePoint>,
+    /// Results of `--check`, when given.
+    #[serde(default)]
+    pub checks: Vec<CheckOutcome>,
+}
+
+/// How a run was configured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Parameters {
+    /// Base URL.
+    pub url: String,
+    /// What was requested.
+    pub scenario: Scenario,
+    /// The mix, for the `mixed` scenario.
+    pub mix: Option<String>,
+    /// `closed` or `open`.
+    pub load_model: String,
+    /// Connections.
+    pub connections: usize,
+    /// Worker threads.
+    pub threads: usize,
+    /// `current-thread` or `multi-thread`.
+    pub runtime: String,
+    /// Requested rate (open loop).
+    pub rate_rps: Option<f64>,
+    /// Measured window length.
+    pub duration_s: f64,
+    /// Warm-up length.
+    pub warmup_s: f64,
+    /// Per-request timeout.
+    pub timeout_s: f64,
+    /// Ids drawn from `1..=users`.
+    pub users: u64,
+    /// Ids per batch request.
+    pub batch_size: usize,
+    /// `uniform` or `zipf:S`.
+    pub distribution: String,
+    /// Seed of the draws.
+    pub seed: u64,
+}
+
+/// Where a run ran, and what the generator cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    /// Logical CPUs available to the generator.
+    pub cores: usize,
+    /// The generator process's CPU time over the run, as a percentage of one core (Linux only).
+    pub generator_cpu_percent: Option<f64>,
+}
+
+/// Latency figures of one histogram, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    /// Samples.
+    pub count: u64,
+    /// Smallest.
+    pub min_ms: f64,
+    /// Mean.
+    pub mean_ms: f64,
+    /// Standard deviation.
+    pub stdev_ms: f64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 75th percentile.
+    pub p75_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 95th percentile.
+    pub p95_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p99_9_ms: f64,
+    /// 99.99th percentile.
+    pub p99_99_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+}
+
+/// One point of a latency-by-percentile curve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// Percentile, 0 to 100.
+    pub percentile: f64,
+    /// Latency at it.
+    pub latency_ms: f64,
+}
+
+/// Per-source errors of one (source, kind) pair inside dashboard answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceErrorCount {
+    /// The source, e.g. `recommendations`.
+    pub source: String,
+    /// The kind, or the error text when the answer gave no kind.
+    pub kind: String,
+    /// How many.
+    pub count: u64,
+}
+
+/// Per-id errors inside batch answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchIdErrors {
+    /// All of them.
+    pub total: u64,
+    /// By error text (the first 32 distinct texts, the rest under `(other)`).
+    pub by_error: BTreeMap<String, u64>,
+}
+
+/// The measured window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    /// Its length.
+    pub duration_s: f64,
+    /// Requests sent in it.
+    pub requests: u64,
+    /// Of which answered over HTTP.
+    pub responses: u64,
+    /// Of which with a 2xx or 3xx status.
+    pub successes: u64,
+    /// Requests without a successful answer: transport errors plus 4xx and 5xx.
+    pub errors: u64,
+    /// `errors / requests`.
+    pub error_rate: f64,
+    /// `requests / duration`.
+    pub throughput_rps: f64,
+    /// `successes / duration`.
+    pub success_rps: f64,
+    /// Body bytes received.
+    pub bytes_received: u64,
+    /// Latency of answered requests; in open loop from their scheduled send.
+    pub latency: Latency,
+    /// The same as a curve, for plotting and comparing.
+    pub latency_curve: Vec<CurvePoint>,
+    /// Answers by status code.
+    pub statuses: BTreeMap<String, u64>,
+    /// Requests without an answer, by kind.
+    pub transport_errors: BTreeMap<String, u64>,
+    /// Error answers by status and body `error.code`, e.g. `404 not_found`.
+    pub error_codes: BTreeMap<String, u64>,
+    /// Dashboard answers that lacked at least one source.
+    pub partial_answers: u64,
+    /// Per-source errors inside dashboard answers.
+    pub source_errors: Vec<SourceErrorCount>,
+    /// Per-id errors inside batch answers.
+    pub batch_id_errors: BatchIdErrors,
+    /// Successful answers whose body was not the expected JSON.
+    pub undecodable_bodies: u64,
+}
+
+impl Window {
+    /// The sum of all per-source errors.
+    #[must_use]
+    pub fn source_error_total(&self) -> u64 {
+        self.source_errors.iter().map(|e| e.count).sum()
+    }
+
+    /// The sum of all transport errors.
+    #[must_use]
+    pub fn transport_error_total(&self) -> u64 {
+        self.transport_errors.values().sum()
+    }
+}
+
+/// The warm-up window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Warmup {
+    /// Its length.
+    pub duration_s: f64,
+    /// Requests sent in it.
+    pub requests: u64,
+    /// Of which errors.
+    pub errors: u64,
+    /// Their latency.
+    pub latency: Latency,
+}
+
+/// Open-loop figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenLoop {
+    /// The requested arrival rate.
+    pub requested_rps: f64,
+    /// Sends due in the measured window.
+    pub scheduled: u64,
+    /// Of which sent.
+    pub sent: u64,
+    /// Of which never sent (still queued behind slow answers when the run ended).
+    pub missed: u64,
+    /// `sent / duration`.
+    pub achieved_rps: f64,
+    /// `sent / scheduled`.
+    pub achieved_ratio: f64,
+    /// Whether the generator sent (almost) everything on time.
+    pub kept_up: bool,
+    /// Latency from the actual send, which hides queueing behind slow answers; for contrast.
+    pub service_time: Latency,
+    /// The same as a curve.
+    pub service_curve: Vec<CurvePoint>,
+    /// The generator's own delay in sending, excluded from the latency figures.
+    pub send_lag: Latency,
+    /// What the figures above mean, in a sentence or two.
+    pub statement: String,
+}
+
+/// Which part of the run a timeline point falls in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimelinePhase {
+    /// Before measuring.
+    Warmup,
+    /// Measured.
+    Measured,
+    /// After the last send, while answers drain.
+    Drain,
+}
+
+/// Throughput and latency over one sampling interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimelinePoint {
+    /// End of the interval, seconds since the start.
+    pub t_s: f64,
+    /// Requests finished per second.
+    pub rps: f64,
+    /// Of which errors per second.
+    pub errors_per_s: f64,
+    /// Median latency of the answers in the interval (0 when none).
+    pub p50_ms: f64,
+    /// 99th percentile of the same.
+    pub p99_ms: f64,
+    /// Which part of the run.
+    pub phase: TimelinePhase,
+}
+
+/// Milliseconds of a nanosecond histogram value.
+#[allow(clippy::cast_precision_loss)]
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+impl Latency {
+    pub(crate) fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        let q = |q: f64| ms(h.value_at_quantile(q));
+        Self {
+            count: h.len(),
+            min_ms: ms(h.min()),
+            mean_ms: h.mean() / 1e6,
+            stdev_ms: h.stdev() / 1e6,
+            p50_ms: q(0.50),
+            p75_ms: q(0.75),
+            p90_ms: q(0.90),
+            p95_ms: q(0.95),
+            p99_ms: q(0.99),
+            p99_9_ms: q(0.999),
+            p99_99_ms: q(0.9999),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+/// The latency at percentiles `1 - 10^(-i/10)` for `i` in 0..=50 (0% to 99.999%) and 100%,
+/// evenly spaced on the usual "nines" axis.
+pub(crate) fn curve(h: &Histogram<u64>) -> Vec<CurvePoint> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let mut points: Vec<CurvePoint> = (0..=50)
+        .map(|i| {
+            let quantile = 1.0 - 10f64.powf(-f64::from(i) / 10.0);
+            CurvePoint {
+                percentile: quantile * 100.0,
+                latency_ms: ms(h.value_at_quantile(quantile)),
+            }
+        })
+        .collect();
+    points.push(CurvePoint {
+        percentile: 100.0,
+        latency_ms: ms(h.max()),
+    });
+    points
+}
+
+/// What [`build`] needs besides the merged counts.
+pub(crate) struct Inputs<'a> {
+    pub config: &'a Config,
+    pub threads: usize,
+    pub started_unix_s: u64,
+    pub generator_cpu: Option<Duration>,
+    pub wall: Duration,
+    pub timeline: Vec<TimelinePoint>,
+}
+
+/// Turns the merged counts into a report.
+pub(crate) fn build(inputs: Inputs<'_>, stats: &WorkerStats) -> Report {
+    let config = inputs.config;
+    let m = &stats.measured;
+    let duration_s = config.duration.as_secs_f64();
+    let open_loop = config.rate.map(|rate| open_loop(config, rate, m));
+    #[allow(clippy::cast_precision_loss)]
+    let generator_cpu_percent = inputs
+        .generator_cpu
+        .filter(|_| !inputs.wall.is_zero())
+        .map(|cpu| 100.0 * cpu.as_secs_f64() / inputs.wall.as_secs_f64());
+    Report {
+        format: FORMAT_VERSION,
+        tool: format!("loadtest {}", env!("CARGO_PKG_VERSION")),
+        started_unix_s: inputs.started_unix_s,
+        parameters: Parameters {
+            url: config.url.clone(),
+            scenario: config.scenario,
+            mix: (config.scenario == Scenario::Mixed).then(|| config.mix.to_string()),
+            load_model: if config.rate.is_some() {
+                "open"
+            } else {
+                "closed"
+            }
+            .to_owned(),
+            connections: config.connections,
+            threads: inputs.threads,
+            runtime: config.runtime.to_string(),
+            rate_rps: config.rate,
+            duration_s,
+            warmup_s: config.warmup.as_secs_f64(),
+            timeout_s: config.timeout.as_secs_f64(),
+            users: config.users,
+            batch_size: config.batch_size,
+            distribution: config.distribution.to_string(),
+            seed: config.seed,
+        },
+        machine: Machine {
+            cores: std::thread::available_parallelism().map_or(1, usize::from),
+            generator_cpu_percent,
+        },
+        measured: window(m, duration_s),
+        warmup: Warmup {
+            duration_s: config.warmup.as_secs_f64(),
+            requests: stats.warmup.requests,
+            errors: stats.warmup.errors(),
+            latency: Latency::of(&stats.warmup.latency),
+        },
+        open_loop,
+        unfinished: stats.unfinished,
+        timeline: inputs.timeline,
+        checks: Vec::new(),
+    }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn window(m: &PhaseStats, duration_s: f64) -> Window {
+    let successes: u64 = m
+        .statuses
+        .iter()
+        .filter(|(status, _)| is_success(**status))
+        .map(|(_, n)| n)
+        .sum();
+    let errors = m.errors();
+    let mut source_errors: Vec<SourceErrorCount> = m
+        .source_errors
+        .iter()
+        .flat_map(|(source, kinds)| {
+            kinds.iter().map(|(kind, count)| SourceErrorCount {
+                source: source.clone(),
+                kind: kind.clone(),
+                count: *count,
+            })
+        })
+        .collect();
+    source_errors.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.source.cmp(&b.source)));
+    Window {
+        duration_s,
+        requests: m.requests,
+        responses: m.responses,
+        successes,
+        errors,
+        error_rate: ratio(errors, m.requests),
+        throughput_rps: m.requests as f64 / duration_s,
+        success_rps: successes as f64 / duration_s,
+        bytes_received: m.bytes,
+        latency: Latency::of(&m.latency),
+        latency_curve: curve(&m.latency),
+        statuses: m
+            .statuses
+            .iter()
+            .map(|(status, n)| (status.to_string(), *n))
+            .collect(),
+        transport_errors: TransportError::ALL
+            .iter()
+            .filter(|kind| m.transport_count(**kind) > 0)
+            .map(|kind| (kind.as_str().to_owned(), m.transport_count(*kind)))
+            .collect(),
+        error_codes: m
+            .error_codes
+            .iter()
+            .flat_map(|(status, codes)| {
+                codes
+                    .iter()
+                    .map(move |(code, n)| (format!("{status} {code}"), *n))
+            })
+            .collect(),
+        partial_answers: m.partial_answers,
+        source_errors,
+        batch_id_errors: BatchIdErrors {
+            total: m.batch_id_errors,
+            by_error: m.batch_id_error_texts.clone(),
+        },
+        undecodable_bodies: m.undecodable,
+    }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn open_loop(config: &Config, rate: f64, m: &PhaseStats) -> OpenLoop {
+    let duration_s = config.duration.as_secs_f64();
+    let scheduled = m.requests + m.missed;
+    let sent = m.requests;
+    let achieved_rps = sent as f64 / duration_s;
+    let achieved_ratio = if scheduled == 0 {
+        1.0
+    } else {
+        ratio(sent, scheduled)
+    };
+    let service_time = Latency::of(&m.service);
+    let send_lag = Latency::of(&m.send_lag);
+    let sent_all = achieved_ratio >= KEPT_UP_RATIO;
+    let on_time = send_lag.p99_ms <= LAG_WARNING_MS;
+    let kept_up = sent_all && on_time;
+    let figures = format!(
+        "sent {} req/s of the {} requested ({})",
+        format::rate(achieved_rps),
+        format::rate(rate),
+        format::percent(achieved_ratio),
+    );
+    let lag = format!(
+        "send lag p99 {}, max {}",
+        format::latency(send_lag.p99_ms),
+        format::latency(send_lag.max_ms)
+    );
+    let statement = if !sent_all {
+        // Each connection carries one request at a time, so the connections can carry at most
+        // connections / mean service time requests per second.
+        let capacity = if service_time.mean_ms > 0.0 {
+            config.connections as f64 / (service_time.mean_ms / 1000.0)
+        } else {
+            f64::INFINITY
+        };
+        if capacity < rate * 1.05 {
+            format!(
+                "The generator could not keep up with the requested rate: it {figures}. Every \
+                 connection was busy: with one request in flight on each of {} connections and a \
+                 mean service time of {}, they carry at most about {} req/s. Use more \
+                 --connections or a lower --rate.",
+                config.connections,
+                format::latency(service_time.mean_ms),
+                format::rate(capacity),
+            )
+        } else {
+            format!(
+                "The generator could not keep up with the requested rate: it {figures}, and its \
+                 {lag}. It was short of CPU: give it more --threads, or lower the --rate."
+            )
+        }
+    } else if !on_time {
+        format!(
+            "The generator kept the rate on average ({figures}) but was late sending: its {lag}, \
+             beyond timer granularity. It was short of CPU; the latencies exclude that lag, but \
+             the server saw bursts rather than an even rate."
+        )
+    } else {
+        format!(
+            "The generator kept up: it {figures}; its {lag} (timer granularity), excluded from \
+             the latencies."
+        )
+    };
+    OpenLoop {
+        requested_rps: rate,
+        scheduled,
+        sent,
+        missed: m.missed,
+        achieved_rps,
+        achieved_ratio,
+        kept_up,
+        service_time,
+        service_curve: curve(&m.service),
+        send_lag,
+        statement,
+    }
+}
+
+impl Report {
+    /// The plain-text summary printed at the end of a run, written to read well in a CI log.
+    #[must_use]
+    pub fn summary(&self) -> String {
+        let p = &self.parameters;
+        let m = &self.measured;
+        let mut out = String::new();
+        let model = match p.rate_rps {
+            Some(rate) => format!("open loop at {} req/s", format::rate(rate)),
+            None => "closed loop".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "loadtest {}: {model}, {} connections, {} {} threads, {} measured after {} of warm-up",
+            p.scenario,
+            p.connections,
+            p.threads,
+            p.runtime,
+            format::seconds(p.duration_s),
+            format::seconds(p.warmup_s),
+        );
+        let mix = p
+            .mix
+            .as_deref()
+            .map(|m| format!(", mix {m}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  target     {} (ids 1..={} {}, seed {}{mix})",
+            p.url,
+            format::count(p.users),
+            p.distribution,
+            p.seed
+        );
+        let _ = writeln!(
+            out,
+            "  requests   {} in {}: {} req/s, {} req/s successful; errors {} ({})",
+            format::count(m.requests),
+            format::seconds(m.duration_s),
+            format::rate(m.throughput_rps),
+            format::rate(m.success_rps),
+            format::count(m.errors),
+            format::percent(m.error_rate),
+        );
+        write_latency_table(&mut out, "latency", &m.latency);
+        if let Some(open) = &self.open_loop {
+            write_latency_table(&mut out, "service", &open.service_time);
+            let _ = writeln!(
+                out,
+                "  (latency counts from each request's scheduled send, so queueing behind a slow \
+                 answer is included; service time counts from the actual send)"
+            );
+        }
+        let _ = writeln!(out, "  status     {}", counts(&m.statuses, "no answers"));
+        if !m.transport_errors.is_empty() {
+            let _ = writeln!(out, "  transport  {}", counts(&m.transport_errors, ""));
+        }
+        if !m.error_codes.is_empty() {
+            let _ = writeln!(out, "  error body {}", counts(&m.error_codes, ""));
+        }
+        if p.scenario == Scenario::Dashboard || p.scenario == Scenario::Mixed {
+            let sources = if m.source_errors.is_empty() {
+                "none".to_owned()
+            } else {
+                m.source_errors
+                    .iter()
+                    .map(|e| format!("{}: {} ×{}", e.source, e.kind, format::count(e.count)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let _ = writeln!(
+                out,
+                "  sources    {sources} ({} partial dashboards)",
+                format::count(m.partial_answers)
+            );
+        }
+        if p.scenario == Scenario::Batch || p.scenario == Scenario::Mixed {
+            let _ = writeln!(
+                out,
+                "  batch ids  {} per-id errors{}",
+                format::count(m.batch_id_errors.total),
+                if m.batch_id_errors.by_error.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", counts(&m.batch_id_errors.by_error, ""))
+                }
+            );
+        }
+        if m.undecodable_bodies > 0 {
+            let _ = writeln!(
+                out,
+                "  bodies     {} successful answers were not the expected JSON",
+                format::count(m.undecodable_bodies)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  warm-up    {}: {} requests, {} errors, p99 {}; excluded from every figure above",
+            format::seconds(self.warmup.duration_s),
+            format::count(self.warmup.requests),
+            format::count(self.warmup.errors),
+            format::latency(self.warmup.latency.p99_ms),
+        );
+        if let Some(open) = &self.open_loop {
+            let _ = writeln!(out, "  open loop  {}", open.statement);
+        }
+        if self.unfinished > 0 {
+            let _ = writeln!(
+                out,
+                "  drain      {} requests were still unanswered at the drain deadline and are not \
+                 counted",
+                format::count(self.unfinished)
+            );
+        }
+        let cpu = self
+            .machine
+            .generator_cpu_percent
+            .map(|c| {
+                format!(
+                    "CPU {c:.0}% of one core ({} cores here), ",
+                    self.machine.cores
+                )
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  generator  {cpu}received {}",
+            format::bytes(m.bytes_received)
+        );
+        for check in &self.checks {
+            let _ = writeln!(
+                out,
+                "  check      {} {}: {}",
+                if check.passed { "pass" } else { "FAIL" },
+                check.expression,
+                check.actual
+            );
+        }
+        out
+    }
+}
+
+fn write_latency_table(out: &mut String, label: &str, l: &Latency) {
+    if l.count == 0 {
+        let _ = writeln!(out, "  {label:<10} no answers");
+        return;
+    }
+    let cells = [
+        ("p50", l.p50_ms),
+        ("p90", l.p90_ms),
+        ("p99", l.p99_ms),
+        ("p99.9", l.p99_9_ms),
+        ("max", l.max_ms),
+        ("mean", l.mean_ms),
+    ];
+    let mut head = format!("  {label:<10}");
+    let mut values = format!("  {:<10}", "");
+    for (name, value) in cells {
+        let _ = write!(head, "{name:>9}");
+        let _ = write!(values, "{:>9}", format::latency(value));
+    }
+    let _ = writeln!(out, "{head}\n{values}");
+}
+
+fn counts(map: &BTreeMap<String, u64>, empty: &str) -> String {
+    if map.is_empty() {
+        return empty.to_owned();
+    }
+    map.iter()
+        .map(|(key, n)| format!("{key} ×{}", format::count(*n)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Where [`write()`] put the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The JSON file.
+    pub json: PathBuf,
+    /// The SVG file.
+    pub svg: PathBuf,
+}
+
+/// Writes `{dir}/{name}.json` and `{dir}/{name}.svg`, creating `dir` if needed.
+///
+/// # Errors
+///
+/// [`Error::Write`] when the directory or a file cannot be written, [`Error::Encode`] or
+/// [`Error::Render`] when the report cannot be encoded or drawn.
+pub fn write(report: &Report, dir: &Path, name: &str) -> Result<Written, Error> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let json = dir.join(format!("{name}.json"));
+    let svg = dir.join(format!("{name}.svg"));
+    let text = serde_json::to_string_pretty(report).map_err(Error::Encode)?;
+    std::fs::write(&json, text + "\n").map_err(|source| Error::Write {
+        path: json.clone(),
+        source,
+    })?;
+    let drawing = crate::svg::render(report)?;
+    std::fs::write(&svg, drawing).map_err(|source| Error::Write {
+        path: svg.clone(),
+        source,
+    })?;
+    Ok(Written { json, svg })
+}
+
+/// Reads a JSON report written by [`write()`].
+///
+/// # Errors
+///
+/// [`Error::Read`] when the file cannot be read, [`Error::NotAReport`] when it is not a report.
+pub fn read(path: &Path) -> Result<Report, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| Error::NotAReport {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        body::Findings,
+        stats::{Answer, Outcome, Phase, Timing},
+    };
+
+    /// A report of `n` dashboard answers taking 1..=n ms, one timeout, one 404 and one partial
+    /// dashboard, over a 10s window.
+    pub(crate) fn sample_report(n: u64, rate: Option<f64>) -> Report {
+        let mut stats = WorkerStats::new();
+        let ok = |status| -> Outcome {
+            Ok(Answer {
+                kind: crate::RequestKind::Dashboard,
+                status,
+                body: bytes::Bytes::new(),
+                bytes: 100,
+            })
+        };
+        let timing = |ms| Timing {
+            latency: Duration::from_millis(ms),
+            service: Duration::from_millis(ms / 2),
+            send_lag: rate.map(|_| Duration::from_micros(500)),
+        };
+        for i in 1..=n {
+            stats.record(Phase::Measured, &timing(i), &ok(200), &Findings::Nothing);
+        }
+        let not_found = Findings::ErrorCode("not_found".into());
+        stats.record(Phase::Measured, &timing(1), &ok(404), &not_found);
+        stats.record(
+            Phase::Measured,
+            &timing(1),
+            &Err(TransportError::Timeout),
+            &Findings::Nothing,
+        );
+        let partial = Findings::Sources(vec![crate::body::SourceError {
+            source: "recommendations".into(),
+            kind: Some("timeout".into()),
+            error: None,
+        }]);
+        stats.record(Phase::Measured, &timing(1), &ok(200), &partial);
+        stats.record(Phase::Warmup, &timing(1), &ok(200), &Findings::Nothing);
+        let config = Config {
+            duration: Duration::from_secs(10),
+            rate,
+            ..Config::default()
+        };
+        build(
+            Inputs {
+                config: &config,
+                threads: 2,
+                started_unix_s: 0,
+                generator_cpu: Some(Duration::from_secs(5)),
+                wall: Duration::from_secs(10),
+                timeline: Vec::new(),
+            },
+            &stats,
+        )
+    }
+
+    #[test]
+    fn figures_add_up() {
+        let r = sample_report(1000, None);
+        let m = &r.measured;
+        assert_eq!(m.requests, 1003);
+        assert_eq!(m.responses, 1002);
+        assert_eq!(m.successes, 1001);
+        assert_eq!(m.errors, 2);
+        assert!((m.throughput_rps - 100.3).abs() < 1e-9);
+        assert_eq!(m.statuses["200"], 1001);
+        assert_eq!(m.transport_errors["timeout"], 1);
+        assert_eq!(m.error_codes["404 not_found"], 1);
+        assert_eq!(m.source_errors[0].kind, "timeout");
+        assert_eq!(r.warmup.requests, 1);
+        // 1002 answers: three of 1ms, then 2..=1000ms; the 501st is 499ms.
+        assert!(
+            (m.latency.p50_ms - 499.0).abs() < 0.5,
+            "{}",
+            m.latency.p50_ms
+        );
+        assert!((m.latency.max_ms - 1000.0).abs() < 1.0);
+        assert_eq!(r.machine.generator_cpu_percent, Some(50.0));
+        assert!(r.open_loop.is_none());
+        // The curve rises monotonically from min to max.
+        let curve = &m.latency_curve;
+        assert_eq!(curve.len(), 52);
+        assert!(curve.windows(2).all(|w| w[0].latency_ms <= w[1].latency_ms));
+        assert_eq!(curve.last().map(|p| p.percentile), Some(100.0));
+    }
+
+    #[test]
+    fn summary_names_every_figure() {
+        let text = sample_report(1000, None).summary();
+        for needle in [
+            "loadtest dashboard: closed loop, 64 connections",
+            "1,003 in 10s: 100.3 req/s",
+            "p99.9",
+            "200 ×1,001, 404 ×1",
+            "timeout ×1",
+            "404 not_found ×1",
+            "recommendations: timeout ×1",
+            "warm-up    5s: 1 requests",
+            "CPU 50% of one core",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn open_loop_says_whether_it_kept_up() {
+        let r = sample_report(1000, Some(100.0));
+        let open = r.open_loop.as_ref().unwrap();
+        assert_eq!(open.sent, 1003);
+        assert!(open.kept_up, "{}", open.statement);
+        assert!(open.statement.starts_with("The generator kept up"));
+        // Twice the rate that was sent: it could not keep up, and says why.
+        let r = sample_report(1000, Some(200.0));
+        let mut config = Config {
+            duration: Duration::from_secs(10),
+            rate: Some(200.0),
+            connections: 1,
+            ..Config::default()
+        };
+        let mut stats = WorkerStats::new();
+        stats.measured.requests = r.measured.requests;
+        stats.measured.missed = 997;
+        let _ = stats.measured.service.record(100_000_000);
+        let open = open_loop(&config, 200.0, &stats.measured);
+        assert!(!open.kept_up);
+        assert!(
+            open.statement.contains("Every connection was busy"),
+            "{}",
+            open.statement
+        );
+        config.connections = 1000;
+        let open = open_loop(&config, 200.0, &stats.measured);
+        assert!(
+            open.statement.contains("short of CPU"),
+            "{}",
+            open.statement
+        );
+        assert!(r.summary().contains("scheduled send"));
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let r = sample_report(100, Some(50.0));
+        let text = serde_json::to_string(&r).unwrap();
+        let back: Report = serde_json::from_str(&text).unwrap();
+        // Floats may differ in their last bit after a decimal round trip; everything else is
+        // exact.
+        assert_eq!(back.parameters, r.parameters);
+        assert_eq!(back.measured.statuses, r.measured.statuses);
+        assert_eq!(back.measured.requests, r.measured.requests);
+        assert_eq!(back.open_loop.as_ref().map(|o| o.sent), Some(103));
+        assert!((back.measured.error_rate - r.measured.error_rate).abs() < 1e-15);
+        assert_eq!(
+            back.measured.latency_curve.len(),
+            r.measured.latency_curve.len()
+        );
+        let dir = std::env::temp_dir().join(format!("loadtest-report-{}", std::process::id()));
+        let written = write(&r, &dir, "run").unwrap();
+        assert_eq!(read(&written.json).unwrap(), back);
+        let not_json = dir.join("run.svg");
+        assert!(matches!(read(&not_json), Err(Error::NotAReport { .. })));
+        assert!(matches!(
+            read(&dir.join("missing.json")),
+            Err(Error::Read { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
