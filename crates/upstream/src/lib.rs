@@ -36,6 +36,7 @@
 mod body;
 mod catalog;
 mod config;
+mod reset;
 mod server;
 
 pub use catalog::Item;

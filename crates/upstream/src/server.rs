@@ -29,6 +29,7 @@ use crate::Error;
 use crate::body::ResponseBody;
 use crate::catalog::Envelope;
 use crate::config::{Config, Fault, MAX_DELAY, Reply};
+use crate::reset::{ResetSwitch, ResettableStream};
 
 /// Header that forces a fault on one request, e.g. `x-upstream-fault: hang` (see [`Fault`] for the
 /// names). Handy with curl; tests that go through a real client use [`Server::script`] or
@@ -282,10 +283,10 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
     if let Err(error) = stream.set_nodelay(true) {
         debug!(%error, "could not set TCP_NODELAY");
     }
-    let socket = Arc::new(ResetHandle::new(&stream));
+    let (stream, reset) = ResettableStream::new(stream);
     let service = {
         let shared = shared.clone();
-        service_fn(move |request| handle(shared.clone(), socket.clone(), request))
+        service_fn(move |request| handle(shared.clone(), reset.clone(), request))
     };
     let connection = shared.http.serve_connection(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
@@ -300,46 +301,6 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
     };
     if let Err(error) = result {
         debug!(%error, "upstream connection closed with an error");
-    }
-}
-
-/// A second handle on the connection's socket, used to make the final close abortive (RST).
-///
-/// hyper owns the stream, so the reset fault cannot reach it; a duplicated descriptor can. Setting
-/// `SO_LINGER` to zero on it and then letting both descriptors close makes the kernel send RST
-/// instead of FIN.
-#[derive(Debug)]
-struct ResetHandle {
-    #[cfg(unix)]
-    fd: Option<std::os::fd::OwnedFd>,
-}
-
-impl ResetHandle {
-    fn new(stream: &TcpStream) -> Self {
-        #[cfg(unix)]
-        {
-            use std::os::fd::AsFd;
-            let fd = stream.as_fd().try_clone_to_owned();
-            if let Err(error) = &fd {
-                debug!(%error, "could not duplicate the socket; resets will be plain closes");
-            }
-            Self { fd: fd.ok() }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = stream;
-            Self {}
-        }
-    }
-
-    /// Arms the reset: the connection's close, which follows immediately, sends RST.
-    fn arm(&self) {
-        #[cfg(unix)]
-        if let Some(fd) = &self.fd {
-            if let Err(error) = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO)) {
-                debug!(%error, "could not set SO_LINGER; the reset will be a plain close");
-            }
-        }
     }
 }
 
@@ -496,7 +457,7 @@ impl Rejection {
 
 async fn handle(
     shared: Arc<Shared>,
-    socket: Arc<ResetHandle>,
+    reset: ResetSwitch,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Abort> {
     shared.counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -537,7 +498,7 @@ async fn handle(
             ResponseBody::oversized(config.oversized_bytes, declared),
         ),
         Some(Fault::Reset) => {
-            socket.arm();
+            reset.arm();
             return Err(Abort::Reset);
         }
     };
