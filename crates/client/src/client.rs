@@ -531,6 +531,14 @@ mod tests {
     }
 
     #[test]
+    fn the_default_configuration_builds_without_a_runtime() {
+        // The API builds its client while reading its settings, before serving anything.
+        let client = RecommendationClient::new(ClientConfig::default()).unwrap();
+        assert_eq!(client.config(), &ClientConfig::default());
+        assert_eq!(client.stats().calls, 0);
+    }
+
+    #[test]
     fn zero_limits_are_refused_with_the_field_name() {
         let cases = [
             (

@@ -51,7 +51,9 @@ pub struct ClientConfig {
     /// The most idle keep-alive connections kept for reuse. Set it near `max_in_flight` so that a
     /// steady load does not keep closing and reopening connections.
     pub max_idle_per_host: usize,
-    /// How long an idle keep-alive connection is kept before it is closed.
+    /// How long an idle keep-alive connection is kept before it is closed. Keep it below the
+    /// service's own keep-alive timeout, so that the client closes idle connections rather than
+    /// racing the server's close with a new request.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// The largest response body accepted, in bytes (default 1 MiB). A response announcing more
