@@ -1,0 +1,469 @@
+//! End-to-end runs of the generator against real HTTP servers on loopback.
+//!
+//! The test server speaks the service's API shapes (dashboard, batch, recommendations) with
+//! answers that depend only on the requested id, and counts what it sent; every test checks that
+//! the generator's report counts the same. Nothing here asserts on speed: only on counts, and on
+//! runs ending even when the server never answers.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use loadtest::{Config, Progress, Report, RuntimeFlavor, Scenario};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+const USERS: u64 = 1000;
+
+/// What the test server sent.
+#[derive(Default)]
+struct Counts {
+    requests: AtomicU64,
+    ok: AtomicU64,
+    not_found: AtomicU64,
+    bad: AtomicU64,
+    partial: AtomicU64,
+    recommendation_timeouts: AtomicU64,
+    review_errors: AtomicU64,
+    batches: AtomicU64,
+    batch_id_errors: AtomicU64,
+    recommendations: AtomicU64,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Behaviour {
+    /// Answer every request with `Connection: close`.
+    close: bool,
+    /// Answer dashboards with a body that is not JSON.
+    garbage: bool,
+}
+
+struct Server {
+    url: String,
+    counts: Arc<Counts>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn json(status: u16, body: String, close: bool) -> Response<Full<Bytes>> {
+    let mut response = Response::builder()
+        .status(status)
+        .header("content-type", "application/json");
+    if close {
+        response = response.header("connection", "close");
+    }
+    response.body(Full::new(Bytes::from(body))).unwrap()
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    counts: Arc<Counts>,
+    behaviour: Behaviour,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    counts.requests.fetch_add(1, Relaxed);
+    let path = request.uri().path().to_owned();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let id = |text: &str| {
+        text.parse::<u64>()
+            .ok()
+            .filter(|id| (1..=USERS).contains(id))
+    };
+    let close = behaviour.close;
+    let response = match parts.as_slice() {
+        ["api", "users", "batch"] => {
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let ids: Vec<u64> = value["user_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            if ids.iter().any(|i| id(&i.to_string()).is_none()) {
+                counts.bad.fetch_add(1, Relaxed);
+                return Ok(json(400, r#"{"status":"error","error":{"code":"bad_request","message":"id out of range"}}"#.into(), close));
+            }
+            let errors: Vec<String> = ids
+                .iter()
+                .filter(|i| *i % 4 == 0)
+                .map(|i| format!(r#"{{"user_id":{i},"error":"user not found"}}"#))
+                .collect();
+            counts.batches.fetch_add(1, Relaxed);
+            counts.ok.fetch_add(1, Relaxed);
+            counts
+                .batch_id_errors
+                .fetch_add(errors.len() as u64, Relaxed);
+            json(
+                200,
+                format!(
+                    r#"{{"status":"success","data":{{"results":[],"errors":[{}]}}}}"#,
+                    errors.join(",")
+                ),
+                close,
+            )
+        }
+        ["api", "users", user, "dashboard"] => match id(user) {
+            None => {
+                counts.bad.fetch_add(1, Relaxed);
+                json(
+                    400,
+                    r#"{"status":"error","error":{"code":"bad_request","message":"bad id"}}"#
+                        .into(),
+                    close,
+                )
+            }
+            Some(user) if user % 7 == 0 => {
+                counts.not_found.fetch_add(1, Relaxed);
+                json(
+                    404,
+                    format!(
+                        r#"{{"status":"error","error":{{"code":"not_found","message":"no user {user}"}}}}"#
+                    ),
+                    close,
+                )
+            }
+            Some(_) if behaviour.garbage => {
+                counts.ok.fetch_add(1, Relaxed);
+                json(200, "<html>oops</html>".into(), close)
+            }
+            Some(user) => {
+                let mut errors = Vec::new();
+                if user % 3 == 0 {
+                    counts.recommendation_timeouts.fetch_add(1, Relaxed);
+                    errors.push(r#"{"source":"recommendations","kind":"timeout","error":"timed out after 250ms"}"#);
+                }
+                if user % 5 == 0 {
+                    counts.review_errors.fetch_add(1, Relaxed);
+                    errors.push(r#"{"source":"reviews","error":"pool exhausted"}"#);
+                }
+                if !errors.is_empty() {
+                    counts.partial.fetch_add(1, Relaxed);
+                }
+                counts.ok.fetch_add(1, Relaxed);
+                json(
+                    200,
+                    format!(
+                        r#"{{"status":"success","data":{{"profile":{{"id":{user},"name":"user \"{user}\""}},"orders":[{{"id":1}}],"reviews":[],"recommendations":[],"errors":[{}]}}}}"#,
+                        errors.join(",")
+                    ),
+                    close,
+                )
+            }
+        },
+        ["users", user, "recommendations"] if id(user).is_some() => {
+            counts.recommendations.fetch_add(1, Relaxed);
+            counts.ok.fetch_add(1, Relaxed);
+            json(
+                200,
+                r#"[{"id":1,"score":0.9},{"id":2,"score":0.8}]"#.into(),
+                close,
+            )
+        }
+        _ => {
+            counts.bad.fetch_add(1, Relaxed);
+            json(
+                404,
+                r#"{"status":"error","error":{"code":"no_route","message":"no route"}}"#.into(),
+                close,
+            )
+        }
+    };
+    Ok(response)
+}
+
+async fn serve(behaviour: Behaviour) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let counts = Arc::new(Counts::default());
+    let shared = Arc::clone(&counts);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let counts = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let service =
+                    service_fn(move |request| answer(request, Arc::clone(&counts), behaviour));
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Server { url, counts, task }
+}
+
+fn config(url: &str, scenario: Scenario) -> Config {
+    Config {
+        url: url.to_owned(),
+        scenario,
+        duration: Duration::from_millis(400),
+        warmup: Duration::ZERO,
+        connections: 8,
+        threads: 2,
+        users: USERS,
+        batch_size: 10,
+        timeout: Duration::from_secs(30),
+        ..Config::default()
+    }
+}
+
+/// Runs the generator, bounded so that a hang fails the test instead of stalling it.
+async fn run(config: &Config) -> Report {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        loadtest::run(config, Progress::Off),
+    )
+    .await
+    .expect("the run ended")
+    .unwrap()
+}
+
+fn status(report: &Report, code: &str) -> u64 {
+    report.measured.statuses.get(code).copied().unwrap_or(0)
+}
+
+fn source_errors(report: &Report, source: &str, kind: &str) -> u64 {
+    report
+        .measured
+        .source_errors
+        .iter()
+        .filter(|e| e.source == source && e.kind == kind)
+        .map(|e| e.count)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_counts_match_what_the_server_sent() {
+    let server = serve(Behaviour::default()).await;
+    let report = run(&config(&server.url, Scenario::Dashboard)).await;
+    let c = &server.counts;
+    let m = &report.measured;
+    assert!(m.requests > 0);
+    assert_eq!(m.requests, c.requests.load(Relaxed));
+    assert_eq!(c.bad.load(Relaxed), 0, "every id was in 1..=users");
+    assert_eq!(status(&report, "200"), c.ok.load(Relaxed));
+    assert_eq!(status(&report, "404"), c.not_found.load(Relaxed));
+    assert_eq!(
+        m.error_codes.get("404 not_found").copied().unwrap_or(0),
+        c.not_found.load(Relaxed)
+    );
+    assert_eq!(m.errors, c.not_found.load(Relaxed));
+    assert_eq!(
+        source_errors(&report, "recommendations", "timeout"),
+        c.recommendation_timeouts.load(Relaxed)
+    );
+    // The reviews errors carry no kind: they are counted under their error text.
+    assert_eq!(
+        source_errors(&report, "reviews", "pool exhausted"),
+        c.review_errors.load(Relaxed)
+    );
+    assert_eq!(m.partial_answers, c.partial.load(Relaxed));
+    assert_eq!(m.undecodable_bodies, 0);
+    assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
+    assert_eq!(m.latency.count, m.responses);
+    assert_eq!(report.unfinished, 0);
+    assert_eq!(report.warmup.requests, 0);
+    assert!(report.summary().contains("recommendations: timeout"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_per_id_errors_are_counted() {
+    let server = serve(Behaviour::default()).await;
+    let report = run(&config(&server.url, Scenario::Batch)).await;
+    let c = &server.counts;
+    let m = &report.measured;
+    assert!(m.requests > 0);
+    assert_eq!(c.bad.load(Relaxed), 0);
+    assert_eq!(status(&report, "200"), c.batches.load(Relaxed));
+    assert_eq!(m.batch_id_errors.total, c.batch_id_errors.load(Relaxed));
+    assert_eq!(
+        m.batch_id_errors
+            .by_error
+            .get("user not found")
+            .copied()
+            .unwrap_or(0),
+        c.batch_id_errors.load(Relaxed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_runs_send_both_kinds() {
+    let server = serve(Behaviour::default()).await;
+    let mut config = config(&server.url, Scenario::Mixed);
+    config.mix = "dashboard=1,batch=1".parse().unwrap();
+    let report = run(&config).await;
+    let c = &server.counts;
+    assert!(c.batches.load(Relaxed) > 0);
+    assert!(
+        c.ok.load(Relaxed) > c.batches.load(Relaxed),
+        "dashboards too"
+    );
+    assert_eq!(report.measured.requests, c.requests.load(Relaxed));
+    assert_eq!(
+        report.measured.batch_id_errors.total,
+        c.batch_id_errors.load(Relaxed)
+    );
+    assert_eq!(
+        source_errors(&report, "recommendations", "timeout"),
+        c.recommendation_timeouts.load(Relaxed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_sends_its_schedule() {
+    let server = serve(Behaviour::default()).await;
+    let mut config = config(&server.url, Scenario::Recommendations);
+    config.rate = Some(500.0);
+    let report = run(&config).await;
+    let open = report.open_loop.as_ref().unwrap();
+    // 500 req/s for 0.4s is 200 sends, whatever the machine's speed: sent or missed.
+    assert_eq!(open.scheduled, 200);
+    assert_eq!(open.sent + open.missed, 200);
+    assert_eq!(open.sent, server.counts.recommendations.load(Relaxed));
+    assert_eq!(status(&report, "200"), open.sent);
+    assert_eq!(open.send_lag.count, open.sent);
+    assert!(report.measured.bytes_received > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warmup_requests_are_kept_apart() {
+    let server = serve(Behaviour::default()).await;
+    let mut config = config(&server.url, Scenario::Recommendations);
+    config.warmup = Duration::from_millis(200);
+    config.duration = Duration::from_millis(200);
+    let report = run(&config).await;
+    assert!(report.warmup.requests > 0);
+    assert!(report.measured.requests > 0);
+    assert_eq!(
+        report.warmup.requests + report.measured.requests,
+        server.counts.requests.load(Relaxed)
+    );
+    assert_eq!(report.measured.latency.count, report.measured.requests);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_multi_thread_runtime_counts_the_same_way() {
+    let server = serve(Behaviour::default()).await;
+    let mut config = config(&server.url, Scenario::Dashboard);
+    config.runtime = RuntimeFlavor::MultiThread;
+    let report = run(&config).await;
+    let c = &server.counts;
+    assert!(report.measured.requests > 0);
+    assert_eq!(report.measured.requests, c.requests.load(Relaxed));
+    assert_eq!(status(&report, "404"), c.not_found.load(Relaxed));
+    assert_eq!(report.measured.partial_answers, c.partial.load(Relaxed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_by_the_server_are_reopened_without_errors() {
+    let server = serve(Behaviour {
+        close: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let report = run(&config(&server.url, Scenario::Recommendations)).await;
+    let m = &report.measured;
+    assert!(
+        m.requests > 8,
+        "more requests than connections: reconnects happened"
+    );
+    assert_eq!(m.requests, server.counts.requests.load(Relaxed));
+    assert_eq!(status(&report, "200"), m.requests);
+    assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_that_are_not_json_are_counted() {
+    let server = serve(Behaviour {
+        garbage: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let report = run(&config(&server.url, Scenario::Dashboard)).await;
+    assert!(report.measured.undecodable_bodies > 0);
+    assert_eq!(
+        report.measured.undecodable_bodies,
+        server.counts.ok.load(Relaxed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_server_is_cut_by_the_timeout() {
+    // Accepts connections and reads requests, but never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hang = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let mut config = config(&url, Scenario::Dashboard);
+    config.connections = 2;
+    config.duration = Duration::from_millis(500);
+    config.timeout = Duration::from_millis(300);
+    let report = run(&config).await;
+    hang.abort();
+    let m = &report.measured;
+    assert!(m.requests >= 2, "each connection sent at least once");
+    assert_eq!(m.responses, 0);
+    assert_eq!(m.transport_errors.get("timeout").copied(), Some(m.requests));
+    assert_eq!(m.error_rate, 1.0);
+    // The per-request timeout ended every request, not the drain deadline.
+    assert_eq!(report.unfinished, 0);
+    assert!(report.summary().contains("no answers"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_are_counted_by_kind() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let mut config = config(&url, Scenario::Dashboard);
+    config.duration = Duration::from_millis(200);
+    let report = run(&config).await;
+    let m = &report.measured;
+    assert!(m.requests > 0);
+    assert_eq!(
+        m.transport_errors.get("connect_refused").copied(),
+        Some(m.requests)
+    );
+    assert_eq!(m.errors, m.requests);
+}
+
+#[tokio::test]
+async fn bad_configurations_fail_before_any_request() {
+    let mut config = config("https://127.0.0.1:1", Scenario::Dashboard);
+    let err = loadtest::run(&config, Progress::Off).await.unwrap_err();
+    assert!(err.to_string().contains("https is not supported"), "{err}");
+    config.url = "http://127.0.0.1:1".to_owned();
+    config.threads = 0;
+    let err = loadtest::run(&config, Progress::Off).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            loadtest::Error::Config {
+                field: "threads",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
