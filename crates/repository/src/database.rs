@@ -133,6 +133,7 @@ impl Database {
             client: Some(client),
             limits: self.limits,
             broken: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
         })
     }
 
@@ -217,11 +218,18 @@ impl Database {
 /// A connection on which a statement failed because the connection itself failed is not returned
 /// to the pool but closed: the driver may not have noticed the dead socket yet, and the pool's
 /// cheap recycling check would hand it to the next caller.
+///
+/// A statement whose future is dropped before it finished (its task group was cancelled, or the
+/// client of the HTTP request went away) would keep running on the server, and the connection
+/// would come back to the pool with an answer still on its way. So the connection is not reused:
+/// a cancel request is sent for the running statement and the connection is closed. Because the
+/// connection is never handed out again, the cancel request cannot hit somebody else's statement.
 pub struct Conn {
     /// Always `Some` until dropped.
     client: Option<Object>,
     limits: Limits,
     broken: AtomicBool,
+    abandoned: AtomicBool,
 }
 
 impl Drop for Conn {
@@ -249,9 +257,8 @@ impl Conn {
     /// Any [`Error`] of the query.
     #[instrument(level = "debug", skip(self))]
     pub async fn profile(&self, user_id: i64) -> Result<Option<Profile>, Error> {
-        let statement = self.track(self.object().prepare_cached(PROFILE).await)?;
-        let row = self.track(self.object().query_opt(&statement, &[&user_id]).await)?;
-        row.map(|row| profile_from(&row, 0)).transpose()
+        let rows = self.statement(PROFILE, &[&user_id]).await?;
+        rows.first().map(|row| profile_from(row, 0)).transpose()
     }
 
     /// A user's orders, newest first, at most `orders_limit` of them.
@@ -261,12 +268,9 @@ impl Conn {
     /// Any [`Error`] of the query.
     #[instrument(level = "debug", skip(self))]
     pub async fn orders(&self, user_id: i64) -> Result<Vec<Order>, Error> {
-        let statement = self.track(self.object().prepare_cached(ORDERS).await)?;
-        let rows = self.track(
-            self.object()
-                .query(&statement, &[&user_id, &self.limits.orders])
-                .await,
-        )?;
+        let rows = self
+            .statement(ORDERS, &[&user_id, &self.limits.orders])
+            .await?;
         rows.iter()
             .map(|row| {
                 Ok(Order {
@@ -286,12 +290,9 @@ impl Conn {
     /// Any [`Error`] of the query.
     #[instrument(level = "debug", skip(self))]
     pub async fn reviews(&self, user_id: i64) -> Result<Vec<Review>, Error> {
-        let statement = self.track(self.object().prepare_cached(REVIEWS).await)?;
-        let rows = self.track(
-            self.object()
-                .query(&statement, &[&user_id, &self.limits.reviews])
-                .await,
-        )?;
+        let rows = self
+            .statement(REVIEWS, &[&user_id, &self.limits.reviews])
+            .await?;
         rows.iter()
             .map(|row| {
                 Ok(Review {
@@ -312,11 +313,14 @@ impl Conn {
     /// Any [`Error`] of the query.
     #[instrument(level = "debug", skip(self))]
     pub async fn order_summary(&self, user_id: i64) -> Result<OrderSummary, Error> {
-        let statement = self.track(self.object().prepare_cached(ORDER_SUMMARY).await)?;
-        let row = self.track(self.object().query_one(&statement, &[&user_id]).await)?;
+        let rows = self.statement(ORDER_SUMMARY, &[&user_id]).await?;
+        let row = rows.first().ok_or_else(|| Error::Query {
+            code: "XX000".to_owned(),
+            message: "an aggregate returned no row".to_owned(),
+        })?;
         Ok(OrderSummary {
-            order_count: get(&row, 0)?,
-            total_amount: get::<Decimal>(&row, 1)?,
+            order_count: get(row, 0)?,
+            total_amount: get::<Decimal>(row, 1)?,
         })
     }
 
@@ -329,8 +333,7 @@ impl Conn {
     /// Any [`Error`] of the query.
     #[instrument(level = "debug", skip(self, user_ids), fields(ids = user_ids.len()))]
     pub async fn user_summaries(&self, user_ids: &[i64]) -> Result<Vec<UserSummary>, Error> {
-        let statement = self.track(self.object().prepare_cached(USER_SUMMARIES).await)?;
-        let rows = self.track(self.object().query(&statement, &[&user_ids]).await)?;
+        let rows = self.statement(USER_SUMMARIES, &[&user_ids]).await?;
         rows.iter()
             .map(|row| {
                 Ok(UserSummary {
@@ -367,9 +370,56 @@ impl Conn {
         self.object().cancel_token()
     }
 
+    /// Runs a cached prepared statement, watching it for abandonment and connection failure.
+    async fn statement(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        let flight = self.in_flight();
+        let result = async {
+            let statement = self.track(self.object().prepare_cached(sql).await)?;
+            self.track(self.object().query(&statement, params).await)
+        }
+        .await;
+        flight.finish(result)
+    }
+
     /// Marks the connection as not to be reused.
     pub fn discard(&self) {
         self.broken.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a statement on this connection was abandoned mid-flight (and cancelled).
+    pub fn was_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+
+    /// Starts watching one statement; see [`InFlight`].
+    fn in_flight(&self) -> InFlight<'_> {
+        InFlight {
+            conn: self,
+            finished: false,
+        }
+    }
+
+    /// Called when a statement's future was dropped before it finished.
+    fn abandon(&self) {
+        self.discard();
+        if self.abandoned.swap(true, Ordering::Relaxed) {
+            // Pipelined siblings share the connection: one cancel request covers them all.
+            return;
+        }
+        let token = self.cancel_token();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                // Bounded: a server that does not answer must not keep this task alive.
+                let sent = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    tracing::debug!("could not send a cancel request for an abandoned statement");
+                }
+            });
+        }
     }
 
     fn object(&self) -> &Object {
@@ -388,6 +438,30 @@ impl Conn {
             }
             error
         })
+    }
+}
+
+/// How long sending a cancel request for an abandoned statement may take.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Guards one statement: dropped before [`InFlight::finish`], it abandons the statement.
+struct InFlight<'a> {
+    conn: &'a Conn,
+    finished: bool,
+}
+
+impl InFlight<'_> {
+    fn finish<T>(mut self, value: T) -> T {
+        self.finished = true;
+        value
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.abandon();
+        }
     }
 }
 

@@ -360,3 +360,53 @@ async fn a_query_error_carries_its_sqlstate_and_no_sql() {
     }
     assert!(!err.to_string().contains("SELECT"), "{err}");
 }
+
+#[tokio::test]
+async fn an_abandoned_statement_is_cancelled_on_the_server_and_its_connection_closed() {
+    let db = TestDb::create().await;
+    fixtures(&db).await;
+    let config = DbConfig {
+        application_name: "abandon-test".into(),
+        ..db.config()
+    };
+    let database = Database::connect_lazy(&config).unwrap();
+
+    // Another session holds a lock that makes the profile read wait on the server.
+    let mut locker = repository::connect(&db.config()).await.unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    let conn = database.conn().await.unwrap();
+    let abandoned = tokio::time::timeout(Duration::from_millis(200), conn.profile(1)).await;
+    assert!(abandoned.is_err(), "the read should still be waiting");
+    assert!(conn.was_abandoned());
+    drop(conn);
+
+    // The server stops the statement: nothing of ours stays active. Poll for the effect, with a
+    // bound, instead of asserting how fast it happens.
+    let admin = repository::connect(&db.admin_config()).await.unwrap();
+    let mut active: i64 = -1;
+    for _ in 0..100 {
+        active = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = 'abandon-test' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if active == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(active, 0, "the abandoned statement is still running");
+    // The connection was closed, not returned to the pool.
+    assert_eq!(database.status().size, 0);
+
+    lock.rollback().await.unwrap();
+    assert_eq!(database.profile(1).await.unwrap().unwrap().id, 1);
+}
