@@ -5,6 +5,7 @@
 //! throwaway cluster, serving the stand-in recommendation service, load tests and benchmarks.
 
 mod db;
+mod loadtest;
 mod migrate;
 mod pg;
 mod seed;
@@ -36,6 +37,8 @@ enum Command {
     Test(test::TestArgs),
     /// Serve the stand-in recommendation service (with optional latency and faults) until Ctrl-C.
     Upstream(upstream::UpstreamArgs),
+    /// Load the service (or the stand-in upstream) and report latency, throughput and errors.
+    Loadtest(loadtest::Args),
 }
 
 #[tokio::main]
@@ -64,5 +67,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Seed(args) => seed::run(args).await,
         Command::Test(args) => test::run(args).await,
         Command::Upstream(args) => upstream::run(args).await,
+        Command::Loadtest(args) => loadtest::run(args).await,
     }
 }
