@@ -1,0 +1,210 @@
+//! Batch summaries: profile and order summary for many users, with a concurrency limit.
+//!
+//! The seed's `BatchProcessor` (section 七) runs two queries per id, twenty ids at a time. Here
+//! the ids are first de-duplicated (each is computed once), then cut into chunks that one
+//! statement each summarises (`id = ANY($1)`): a thousand ids are twenty statements, not two
+//! thousand. The chunks go through the task group's ordered map with the configured limit, so
+//! results come back in input order. A failure that concerns one chunk (a slow statement, a busy
+//! database) becomes an error entry for each of its ids and the batch goes on; a failure that
+//! dooms every chunk (the pool is closed, the server is down) cancels the rest at once.
+
+use std::collections::{HashMap, HashSet};
+
+use repository::{Profile, UserSummary};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use taskgroup::{GroupErrorKind, Outcome, Policy, TaskGroup};
+use tokio::time::Instant;
+
+use crate::{Service, SourceError};
+
+/// The summaries of a batch, in the order the ids were given (each id once).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BatchSummary {
+    /// Users that were summarised.
+    pub results: Vec<UserSummaryEntry>,
+    /// Users that could not be: unknown, or their chunk failed.
+    pub errors: Vec<BatchFailure>,
+}
+
+/// One user's summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserSummaryEntry {
+    /// The user's id.
+    pub user_id: i64,
+    /// The user's profile.
+    pub profile: Profile,
+    /// How many orders the user has placed.
+    pub order_count: i64,
+    /// What they add up to, exactly.
+    pub total_amount: Decimal,
+}
+
+/// Why one user has no summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BatchFailure {
+    /// The user's id.
+    pub user_id: i64,
+    /// A short, stable label: `not_found`, `timeout`, `busy`, ...
+    pub kind: &'static str,
+    /// What happened, in one line.
+    pub error: String,
+}
+
+/// Why a whole batch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The request itself is unusable (no ids, too many, an id not positive).
+    #[error("{0}")]
+    Invalid(String),
+    /// The database is out of reach; the remaining chunks were cancelled.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The batch's deadline passed.
+    #[error("the batch deadline passed")]
+    DeadlineExceeded,
+    /// A bug: a chunk panicked, or the task group could not be built.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What one chunk produced: one result per id, in the chunk's order.
+type ChunkResult = Vec<Result<UserSummaryEntry, BatchFailure>>;
+
+impl Service {
+    /// Summarises the users `user_ids`: results in input order, duplicates computed once.
+    ///
+    /// # Errors
+    ///
+    /// [`BatchError`]: the ids are unusable, the database is unavailable, the deadline passed, or
+    /// a bug.
+    pub async fn summaries(&self, user_ids: &[i64]) -> Result<BatchSummary, BatchError> {
+        let config = &self.inner.config.batch;
+        if user_ids.is_empty() {
+            return Err(BatchError::Invalid("user_ids must not be empty".into()));
+        }
+        if user_ids.len() > config.max_ids {
+            return Err(BatchError::Invalid(format!(
+                "user_ids has {} ids; at most {} are allowed",
+                user_ids.len(),
+                config.max_ids
+            )));
+        }
+        if let Some(bad) = user_ids.iter().find(|&&id| id < 1) {
+            return Err(BatchError::Invalid(format!(
+                "user id {bad} is not a positive integer"
+            )));
+        }
+        let mut seen = HashSet::with_capacity(user_ids.len());
+        let unique: Vec<i64> = user_ids
+            .iter()
+            .copied()
+            .filter(|id| seen.insert(*id))
+            .collect();
+
+        let deadline = Instant::now() + config.deadline;
+        let group = TaskGroup::<SourceError>::builder()
+            .name("batch")
+            .policy(Policy::FailFast)
+            .limit(config.concurrency)
+            .deadline(deadline)
+            .build()
+            .map_err(|e| BatchError::Internal(e.to_string()))?;
+        let chunks: Vec<Vec<i64>> = unique
+            .chunks(config.chunk_size)
+            .map(<[i64]>::to_vec)
+            .collect();
+        let outcomes = group
+            .map(chunks, |chunk| {
+                let service = self.clone();
+                async move { service.summarise_chunk(chunk, deadline).await }
+            })
+            .await
+            .map_err(|error| match error.kind() {
+                GroupErrorKind::DeadlineExceeded => BatchError::DeadlineExceeded,
+                _ => match error.cause().map(|cause| &cause.outcome) {
+                    Some(Outcome::Err(cause)) => BatchError::Unavailable(cause.to_string()),
+                    Some(other) => BatchError::Internal(other.to_string()),
+                    None => BatchError::Internal(error.to_string()),
+                },
+            })?;
+
+        let mut summary = BatchSummary::default();
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Ok(results) => {
+                    for result in results {
+                        match result {
+                            Ok(entry) => summary.results.push(entry),
+                            Err(failure) => summary.errors.push(failure),
+                        }
+                    }
+                }
+                // Under fail-fast, a successful map holds only `Ok` outcomes.
+                other => return Err(BatchError::Internal(other.to_string())),
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Summarises one chunk in one statement. Failures that concern this chunk become per-id
+    /// errors; failures that doom the batch are returned as `Err`, which stops the group.
+    async fn summarise_chunk(
+        &self,
+        chunk: Vec<i64>,
+        deadline: Instant,
+    ) -> Result<ChunkResult, SourceError> {
+        let fetched = async {
+            let lease = self
+                .inner
+                .gate
+                .lease(&self.inner.db, Some(deadline))
+                .await?;
+            Ok::<_, SourceError>(lease.conn.user_summaries(&chunk).await?)
+        }
+        .await;
+        let rows = match fetched {
+            Ok(rows) => rows,
+            Err(error) if is_fatal(&error) => return Err(error),
+            Err(error) => {
+                let (kind, message) = (error.kind(), error.to_string());
+                return Ok(chunk
+                    .into_iter()
+                    .map(|user_id| {
+                        Err(BatchFailure {
+                            user_id,
+                            kind,
+                            error: message.clone(),
+                        })
+                    })
+                    .collect());
+            }
+        };
+        let mut by_id: HashMap<i64, UserSummary> =
+            rows.into_iter().map(|row| (row.profile.id, row)).collect();
+        Ok(chunk
+            .into_iter()
+            .map(|user_id| match by_id.remove(&user_id) {
+                Some(row) => Ok(UserSummaryEntry {
+                    user_id,
+                    profile: row.profile,
+                    order_count: row.orders.order_count,
+                    total_amount: row.orders.total_amount,
+                }),
+                None => Err(BatchFailure {
+                    user_id,
+                    kind: "not_found",
+                    error: "user not found".to_owned(),
+                }),
+            })
+            .collect())
+    }
+}
+
+/// Whether an error means every other chunk would fail too.
+fn is_fatal(error: &SourceError) -> bool {
+    matches!(
+        error,
+        SourceError::Database(repository::Error::Closed | repository::Error::Unavailable(_))
+    )
+}

@@ -1,0 +1,264 @@
+//! The dashboard against a real PostgreSQL and a real stand-in recommendation server.
+//!
+//! Time limits here are real (the database cannot run on tokio's paused clock), so each test
+//! asserts what happened (which source failed, how, what was cancelled), never how long it took.
+
+mod support;
+
+use std::time::Duration;
+
+use service::{DashboardError, QueryMode, Source, SourceStatus};
+use support::{test_config, world, world_with};
+use upstream::{Fault, Reply};
+
+fn status_of(timings: &[service::SourceTiming], source: Source) -> SourceStatus {
+    timings
+        .iter()
+        .find(|t| t.source == source)
+        .map(|t| t.status)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_source_arrives_in_one_dashboard() {
+    for mode in [QueryMode::Pipelined, QueryMode::Pooled] {
+        let mut config = test_config();
+        config.query_mode = mode;
+        let w = world(config).await;
+        let dashboard = w.service.dashboard(1).await.unwrap();
+        assert_eq!(dashboard.profile.username, "ada");
+        assert_eq!(
+            dashboard
+                .orders
+                .iter()
+                .map(|o| o.product.as_str())
+                .collect::<Vec<_>>(),
+            vec!["mouse", "keyboard"]
+        );
+        assert_eq!(dashboard.reviews.len(), 1);
+        assert_eq!(dashboard.recommendations.len(), 10);
+        assert!(dashboard.errors.is_empty(), "{:?}", dashboard.errors);
+        assert_eq!(dashboard.timings.len(), 4);
+        assert!(
+            dashboard
+                .timings
+                .iter()
+                .all(|t| t.status == SourceStatus::Ok)
+        );
+
+        let json = serde_json::to_value(&dashboard).unwrap();
+        for key in ["profile", "orders", "reviews", "recommendations", "errors"] {
+            assert!(json.get(key).is_some(), "{key} missing in {json}");
+        }
+        assert!(json.get("timings").is_none());
+        assert_eq!(json["orders"][1]["amount"], "49.99");
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_user_is_not_found_and_cancels_the_other_sources() {
+    let w = world(test_config()).await;
+    // The recommendation call would take a long time: it must be cancelled, not waited for.
+    w.upstream
+        .set_user_reply(404, Reply::ok().after(Duration::from_secs(30)));
+    let err = w.service.dashboard(404).await.unwrap_err();
+    let DashboardError::NotFound { user_id, timings } = &err else {
+        panic!("expected NotFound, got {err:?}");
+    };
+    assert_eq!(*user_id, 404);
+    assert_eq!(
+        status_of(timings, Source::Recommendations),
+        SourceStatus::Cancelled
+    );
+    assert_eq!(support::live_children_settled().await, 0);
+}
+
+#[tokio::test]
+async fn a_hanging_upstream_is_a_recommendations_timeout_in_a_partial_dashboard() {
+    let w = world(test_config()).await;
+    w.upstream.set_user_reply(1, Reply::fault(Fault::Hang));
+    let dashboard = w.service.dashboard(1).await.unwrap();
+    assert_eq!(dashboard.profile.id, 1);
+    assert_eq!(dashboard.orders.len(), 2);
+    assert!(dashboard.recommendations.is_empty());
+    assert_eq!(dashboard.errors.len(), 1);
+    let error = &dashboard.errors[0];
+    assert_eq!(error.source, Source::Recommendations);
+    assert_eq!(error.kind, "timeout");
+    assert_eq!(
+        error.error,
+        "timed out after 300ms (recommendations timeout)"
+    );
+    assert_eq!(
+        status_of(&dashboard.timings, Source::Recommendations),
+        SourceStatus::Timeout
+    );
+}
+
+#[tokio::test]
+async fn upstream_faults_are_captured_per_source() {
+    let w = world(test_config()).await;
+    for (fault, kind) in [
+        (Fault::Status(upstream::StatusCode::BAD_GATEWAY), "status"),
+        (Fault::Malformed, "decode"),
+        (Fault::MissingItems, "decode"),
+        (Fault::Oversized { declared: true }, "too_large"),
+        (Fault::Reset, "unavailable"),
+    ] {
+        w.upstream.set_user_reply(1, Reply::fault(fault));
+        let dashboard = w.service.dashboard(1).await.unwrap();
+        assert_eq!(
+            dashboard.errors.len(),
+            1,
+            "{fault:?}: {:?}",
+            dashboard.errors
+        );
+        assert_eq!(dashboard.errors[0].source, Source::Recommendations);
+        assert_eq!(dashboard.errors[0].kind, kind, "{fault:?}");
+        assert_eq!(dashboard.orders.len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn one_failing_query_gives_a_partial_dashboard() {
+    let w = world(test_config()).await;
+    let admin = repository::connect(&w.db.config()).await.unwrap();
+    admin
+        .batch_execute("ALTER TABLE orders RENAME TO orders_gone")
+        .await
+        .unwrap();
+    let dashboard = w.service.dashboard(1).await.unwrap();
+    assert_eq!(dashboard.profile.id, 1);
+    assert!(dashboard.orders.is_empty());
+    assert_eq!(dashboard.reviews.len(), 1);
+    assert_eq!(dashboard.errors.len(), 1);
+    assert_eq!(dashboard.errors[0].source, Source::Orders);
+    assert_eq!(dashboard.errors[0].kind, "query");
+    assert!(!dashboard.errors[0].error.contains("SELECT"));
+}
+
+#[tokio::test]
+async fn a_database_that_is_down_makes_the_dashboard_unavailable() {
+    for mode in [QueryMode::Pipelined, QueryMode::Pooled] {
+        let mut config = test_config();
+        config.query_mode = mode;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let w = world_with(config, |db| {
+            db.url = format!("postgres://nobody@127.0.0.1:{port}/none");
+        })
+        .await;
+        let err = w.service.dashboard(1).await.unwrap_err();
+        let DashboardError::Unavailable { errors, .. } = &err else {
+            panic!("{mode:?}: expected Unavailable, got {err:?}");
+        };
+        assert_eq!(errors[0].source, Source::Profile);
+        assert_eq!(errors[0].kind, "unavailable");
+        assert_eq!(support::live_children_settled().await, 0);
+    }
+}
+
+#[tokio::test]
+async fn the_deadline_passing_before_the_profile_is_known_is_deadline_exceeded() {
+    let mut config = test_config();
+    config.dashboard.deadline = Duration::from_millis(300);
+    let w = world(config).await;
+    // Another session locks the users table, so the profile read waits on the server.
+    let mut locker = repository::connect(&w.db.config()).await.unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let err = w.service.dashboard(1).await.unwrap_err();
+    let DashboardError::DeadlineExceeded { errors, timings } = &err else {
+        panic!("expected DeadlineExceeded, got {err:?}");
+    };
+    let profile = errors.iter().find(|e| e.source == Source::Profile).unwrap();
+    assert_eq!(profile.kind, "timeout");
+    assert_eq!(profile.error, "timed out after 300ms (dashboard deadline)");
+    assert_eq!(status_of(timings, Source::Profile), SourceStatus::Timeout);
+    lock.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_source_timeout_on_the_profile_is_unavailable() {
+    let mut config = test_config();
+    config.dashboard.profile_timeout = Duration::from_millis(200);
+    let w = world(config).await;
+    let mut locker = repository::connect(&w.db.config()).await.unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let err = w.service.dashboard(1).await.unwrap_err();
+    let DashboardError::Unavailable { errors, .. } = &err else {
+        panic!("expected Unavailable, got {err:?}");
+    };
+    assert_eq!(errors[0].error, "timed out after 200ms (profile timeout)");
+    lock.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn database_slots_are_shared_by_all_requests() {
+    let mut config = test_config();
+    config.db_concurrency = 1;
+    config.db_slot_wait = Duration::from_millis(100);
+    let w = world(config).await;
+    let mut locker = repository::connect(&w.db.config()).await.unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    // The first dashboard takes the only slot and waits on the lock.
+    let first = tokio::spawn({
+        let service = w.service.clone();
+        async move { service.dashboard(1).await }
+    });
+    while w.service.gate_stats().in_use == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The second cannot get a slot and says so instead of queueing without bound.
+    let err = w.service.dashboard(2).await.unwrap_err();
+    let DashboardError::Unavailable { errors, .. } = &err else {
+        panic!("expected Unavailable, got {err:?}");
+    };
+    assert_eq!(errors[0].kind, "busy");
+    assert_eq!(
+        errors[0].error,
+        "database busy: no connection slot free within 100ms"
+    );
+
+    lock.rollback().await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap().profile.id, 1);
+    assert_eq!(w.service.gate_stats().in_use, 0);
+}
+
+#[tokio::test]
+async fn dropping_a_dashboard_mid_flight_leaves_no_child_and_no_statement() {
+    let w = world(test_config()).await;
+    w.upstream
+        .set_user_reply(1, Reply::ok().after(Duration::from_secs(30)));
+    let mut locker = repository::connect(&w.db.config()).await.unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    let before = taskgroup::live_children();
+    let abandoned = tokio::time::timeout(Duration::from_millis(200), w.service.dashboard(1)).await;
+    assert!(abandoned.is_err());
+    // Aborted children are dropped the next time the runtime reaches them.
+    for _ in 0..100 {
+        if taskgroup::live_children() == before {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(taskgroup::live_children(), before);
+    assert_eq!(w.service.gate_stats().in_use, 0);
+    lock.rollback().await.unwrap();
+}

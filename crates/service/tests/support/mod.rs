@@ -1,0 +1,89 @@
+//! Shared set-up for the service's integration tests: a fresh database with fixtures, a real
+//! stand-in recommendation server, and a service over both.
+
+#![allow(dead_code, clippy::unwrap_used)] // Each test file uses a different part of this module.
+
+use std::time::Duration;
+
+use client::{ClientConfig, RecommendationClient};
+use repository::{Database, DbConfig};
+use service::{Service, ServiceConfig};
+use testkit::TestDb;
+
+/// Everything one test needs; dropping it drops the database and stops the server.
+pub struct World {
+    pub db: TestDb,
+    pub upstream: upstream::Server,
+    pub service: Service,
+}
+
+/// Users 1 (two orders, one review), 2 (nothing), 3 (one order); ids above 3 do not exist.
+pub async fn fixtures(db: &TestDb) {
+    let client = repository::connect(&db.config()).await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO users (id, username, email, avatar) VALUES
+                 (1, 'ada', 'ada@example.com', 'https://img/ada.png'),
+                 (2, 'bob', 'bob@example.com', NULL),
+                 (3, 'cy', 'cy@example.com', NULL);
+             INSERT INTO orders (user_id, product, amount, created_at) VALUES
+                 (1, 'keyboard', 49.99, '2025-01-02 10:00:00+00'),
+                 (1, 'mouse', 0.10, '2025-03-04 10:00:00+00'),
+                 (3, 'lamp', 15.00, '2025-05-05 05:05:05+00');
+             INSERT INTO reviews (user_id, product_id, rating, content) VALUES
+                 (1, 501, 5, 'great');",
+        )
+        .await
+        .unwrap();
+}
+
+/// Generous limits for the database (so a loaded machine does not trip them) and a short one
+/// for the recommendation call, which tests make hang on purpose.
+pub fn test_config() -> ServiceConfig {
+    let mut config = ServiceConfig::default();
+    config.dashboard.deadline = Duration::from_secs(10);
+    config.dashboard.profile_timeout = Duration::from_secs(8);
+    config.dashboard.orders_timeout = Duration::from_secs(8);
+    config.dashboard.reviews_timeout = Duration::from_secs(8);
+    config.dashboard.recommendations_timeout = Duration::from_millis(300);
+    config.db_slot_wait = Duration::from_secs(5);
+    config
+}
+
+pub async fn world(config: ServiceConfig) -> World {
+    world_with(config, |_| {}).await
+}
+
+pub async fn world_with(config: ServiceConfig, db_config: impl FnOnce(&mut DbConfig)) -> World {
+    let db = TestDb::create().await;
+    fixtures(&db).await;
+    let upstream = upstream::Server::start(upstream::Config::default())
+        .await
+        .unwrap();
+    let mut settings = db.config();
+    db_config(&mut settings);
+    let database = Database::connect_lazy(&settings).unwrap();
+    let client = RecommendationClient::new(ClientConfig {
+        base_url: upstream.base_url(),
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let service = Service::new(database, client, config).unwrap();
+    World {
+        db,
+        upstream,
+        service,
+    }
+}
+
+/// The live-children gauge once aborted children have been dropped: an aborted task is dropped
+/// the next time the runtime reaches it, so yield (a bounded number of times) until it settles.
+pub async fn live_children_settled() -> usize {
+    for _ in 0..1000 {
+        if taskgroup::live_children() == 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    taskgroup::live_children()
+}
