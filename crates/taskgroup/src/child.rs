@@ -2,12 +2,10 @@
 //! builds the child's future, polls it inside the spawner's span with panics caught, enforces the
 //! child's own timeout, and records the result.
 //!
-//! Its last field is a drop guard. Rust drops struct fields in declaration order, so the guard
-//! runs only after the child's future (and everything it owns) has been dropped; that is what
-//! makes "the live count reached zero" mean "every child has finished and released its
+//! Its drop first drops the child's future, then settles the child's bookkeeping: that ordering is
+//! what makes "the live count reached zero" mean "every child has finished and released its
 //! resources", whether the child completed or was aborted.
 
-use std::borrow::Cow;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
@@ -72,8 +70,37 @@ where
 pub(crate) type Acquire =
     Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
+/// What only some children need: a concurrency slot, their own timeout, a tracing span to run in.
+/// Kept out of line so that an ordinary child's task stays within one 128-byte tokio task cell,
+/// which is what keeps a task group's cost per child level with `JoinSet`'s.
+pub(crate) struct Extras {
+    pub(crate) acquire: Option<Acquire>,
+    pub(crate) permit: Option<OwnedSemaphorePermit>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) sleep: Option<Pin<Box<Sleep>>>,
+    pub(crate) span: tracing::Span,
+    /// Whether the child got past the concurrency limit and started (for the running count).
+    pub(crate) started: bool,
+}
+
 pin_project! {
-    /// The future tokio runs for one child. Field order matters: see the module docs.
+    /// Where a child is in its life. One enum rather than separate fields, so a child's future is
+    /// stored once, not twice, before it starts. `Done` means the result has been recorded.
+    #[project = StageProj]
+    #[project_replace = StageReplace]
+    enum Stage<S, F> {
+        Waiting { starter: S },
+        Running { #[pin] fut: F },
+        Done,
+    }
+}
+
+pin_project! {
+    /// The future tokio runs for one child.
+    ///
+    /// Its drop (below) first drops the child's future, then records a cancellation if the child
+    /// had not finished, and only then tells the group the child is gone: that ordering is what
+    /// makes "no live children" mean "every child's resources are released".
     pub(crate) struct ChildTask<S, E>
     where
         S: Starter<E>,
@@ -81,25 +108,42 @@ pin_project! {
         E: 'static,
     {
         #[pin]
-        fut: Option<S::Fut>,
-        #[pin]
-        sleep: Option<Sleep>,
-        starter: Option<S>,
-        acquire: Option<Acquire>,
-        permit: Option<OwnedSemaphorePermit>,
-        guard: Guard<S::Output, E>,
+        stage: Stage<S, S::Fut>,
+        slot: Arc<Slot<S::Output, E>>,
+        extras: Option<Box<Extras>>,
+    }
+
+    impl<S, E> PinnedDrop for ChildTask<S, E>
+    where
+        S: Starter<E>,
+        E: Send,
+        E: 'static,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            let mut this = this.project();
+            let finished = matches!(this.stage.as_mut().project(), StageProj::Done);
+            this.stage.set(Stage::Done);
+            let shared = this.slot.shared();
+            if !finished {
+                let outcome = shared.cancellation_outcome();
+                complete(this.slot, shared, this.extras.as_deref_mut(), outcome);
+            }
+            *this.extras = None;
+            shared.child_gone();
+        }
     }
 }
 
 impl<S: Starter<E>, E: Send + 'static> ChildTask<S, E> {
-    pub(crate) fn new(starter: S, acquire: Option<Acquire>, guard: Guard<S::Output, E>) -> Self {
+    pub(crate) fn new(
+        starter: S,
+        slot: Arc<Slot<S::Output, E>>,
+        extras: Option<Box<Extras>>,
+    ) -> Self {
         ChildTask {
-            fut: None,
-            sleep: None,
-            starter: Some(starter),
-            acquire,
-            permit: None,
-            guard,
+            stage: Stage::Waiting { starter },
+            slot,
+            extras,
         }
     }
 }
@@ -109,61 +153,74 @@ impl<S: Starter<E>, E: Send + 'static> Future for ChildTask<S, E> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
-        let guard = this.guard;
-        if guard.finished {
-            return Poll::Ready(());
-        }
+        let slot: &Arc<Slot<S::Output, E>> = this.slot;
+        let shared: &Arc<Shared<E>> = slot.shared();
 
-        if let Some(starter) = this.starter.take() {
-            if let Some(acquire) = this.acquire.as_mut() {
-                match acquire.as_mut().poll(cx) {
-                    Poll::Pending => {
-                        *this.starter = Some(starter);
-                        return Poll::Pending;
+        match this.stage.as_mut().project() {
+            StageProj::Done => return Poll::Ready(()),
+            StageProj::Running { .. } => {}
+            StageProj::Waiting { .. } => {
+                if let Some(extras) = this.extras.as_deref_mut() {
+                    if let Some(acquire) = extras.acquire.as_mut() {
+                        match acquire.as_mut().poll(cx) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(Ok(permit)) => extras.permit = Some(permit),
+                            // The semaphore is closed only when the group stops: the child never
+                            // starts, and the drop records it as cancelled.
+                            Poll::Ready(Err(_)) => return Poll::Ready(()),
+                        }
+                        extras.acquire = None;
                     }
-                    Poll::Ready(Ok(permit)) => *this.permit = Some(permit),
-                    // The semaphore is closed only when the group stops: the child never starts,
-                    // and the guard records it as cancelled when the task ends.
-                    Poll::Ready(Err(_)) => return Poll::Ready(()),
                 }
-            }
-            *this.acquire = None;
-            if guard.shared.is_stopping() {
-                return Poll::Ready(());
-            }
-            guard.started = true;
-            guard.shared.counters.running.fetch_add(1, Ordering::Relaxed);
-
-            // Building the future and the timer runs user code (and tokio's timer, which panics
-            // when the runtime has no time driver), so it is caught like any poll.
-            let started = {
-                let _entered = guard.span.enter();
-                catch_unwind(AssertUnwindSafe(|| {
-                    let child_deadline = guard.timeout.map(|t| Instant::now() + t);
-                    let sleep = child_deadline.map(tokio::time::sleep_until);
-                    let fut = starter.start(|| guard.context(child_deadline));
-                    (fut, sleep)
-                }))
-            };
-            match started {
-                Ok((fut, sleep)) => {
-                    this.fut.set(Some(fut));
-                    this.sleep.set(sleep);
-                }
-                Err(payload) => {
-                    guard.complete(Outcome::Panicked(Panic::new(payload)));
+                if shared.is_stopping() {
                     return Poll::Ready(());
                 }
+                let StageReplace::Waiting { starter } =
+                    this.stage.as_mut().project_replace(Stage::Done)
+                else {
+                    return Poll::Ready(());
+                };
+                // From here until the future is in place the stage reads `Done`; every path out
+                // of this block either installs the future or records the result.
+                let timeout = this.extras.as_deref().and_then(|x| x.timeout);
+                if let Some(extras) = this.extras.as_deref_mut() {
+                    extras.started = true;
+                    if shared.is_limited() {
+                        shared.counters.running.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                // Building the future and the timer runs user code (and tokio's timer, which
+                // panics when the runtime has no time driver), so it is caught like any poll.
+                let started = {
+                    let _entered = this.extras.as_deref().map(|x| x.span.enter());
+                    catch_unwind(AssertUnwindSafe(|| {
+                        let child_deadline = timeout.map(|t| Instant::now() + t);
+                        let sleep = child_deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+                        let fut = starter.start(|| context(slot, shared, child_deadline));
+                        (fut, sleep)
+                    }))
+                };
+                match started {
+                    Ok((fut, sleep)) => {
+                        this.stage.set(Stage::Running { fut });
+                        if let Some(extras) = this.extras.as_deref_mut() {
+                            extras.sleep = sleep;
+                        }
+                    }
+                    Err(payload) => {
+                        let outcome = Outcome::Panicked(Panic::new(payload));
+                        complete(slot, shared, this.extras.as_deref_mut(), outcome);
+                        return Poll::Ready(());
+                    }
+                }
             }
         }
 
-        let Some(fut) = this.fut.as_mut().as_pin_mut() else {
-            // Unreachable in practice: `starter` is only ever taken together with setting `fut`
-            // or returning Ready. Ending here is the safe answer either way.
+        let StageProj::Running { fut } = this.stage.as_mut().project() else {
             return Poll::Ready(());
         };
         let polled = {
-            let _entered = guard.span.enter();
+            let _entered = this.extras.as_deref().map(|x| x.span.enter());
             catch_unwind(AssertUnwindSafe(|| fut.poll(cx)))
         };
         let outcome = match polled {
@@ -173,114 +230,96 @@ impl<S: Starter<E>, E: Send + 'static> Future for ChildTask<S, E> {
             Ok(Poll::Pending) => {
                 // The future had its chance first, as with `tokio::time::timeout`: a child that
                 // finishes exactly at its timeout counts as finished.
-                let expired = this
+                let Some(extras) = this.extras.as_deref_mut() else {
+                    return Poll::Pending;
+                };
+                let expired = extras
                     .sleep
                     .as_mut()
-                    .as_pin_mut()
-                    .is_some_and(|sleep| sleep.poll(cx).is_ready());
+                    .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
                 if !expired {
                     return Poll::Pending;
                 }
                 Outcome::TimedOut(Timeout {
                     limit: Limit::Child,
-                    after: guard.timeout.unwrap_or_default(),
+                    after: extras.timeout.unwrap_or_default(),
                 })
             }
         };
         // Drop the child's future before recording the result, so that its destructors have run
         // by the time a waiting handle or `join` sees the child as finished.
-        this.fut.set(None);
-        this.sleep.set(None);
-        *this.permit = None;
-        guard.complete(outcome);
+        this.stage.set(Stage::Done);
+        if let Some(extras) = this.extras.as_deref_mut() {
+            extras.sleep = None;
+            extras.permit = None;
+        }
+        complete(slot, shared, this.extras.as_deref_mut(), outcome);
         Poll::Ready(())
     }
 }
 
-/// Bookkeeping for one child, settled exactly once: by [`Guard::complete`] when the child ends on
-/// its own, or by `Drop` when it is aborted or never started.
-pub(crate) struct Guard<T, E: Send + 'static> {
-    pub(crate) slot: Arc<Slot<T, E>>,
-    pub(crate) shared: Arc<Shared<E>>,
-    pub(crate) index: usize,
-    /// Whether an error or own timeout of this child stops the group.
-    pub(crate) essential: bool,
-    pub(crate) timeout: Option<Duration>,
-    pub(crate) span: tracing::Span,
-    pub(crate) started: bool,
-    pub(crate) finished: bool,
+fn context<T, E: Send + 'static>(
+    slot: &Slot<T, E>,
+    shared: &Arc<Shared<E>>,
+    child_deadline: Option<Instant>,
+) -> ChildContext<E> {
+    let deadline = match (child_deadline, shared.deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    ChildContext::new(slot.name().clone(), Arc::clone(shared), deadline)
 }
 
-impl<T, E: Send + 'static> Guard<T, E> {
-    fn context(&self, child_deadline: Option<Instant>) -> ChildContext<E> {
-        let deadline = match (child_deadline, self.shared.deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        ChildContext::new(
-            self.slot.name().clone(),
-            Arc::clone(&self.shared),
-            deadline,
-        )
-    }
-
-    fn name(&self) -> &Cow<'static, str> {
-        self.slot.name()
-    }
-
-    pub(crate) fn complete(&mut self, outcome: Outcome<T, E>) {
-        self.finished = true;
-        let counters = &self.shared.counters;
-        if self.started {
+/// Records a child's result exactly once: counts it, logs a panic, fills the slot, and stops the
+/// group if the failure is fatal.
+fn complete<T, E: Send + 'static>(
+    slot: &Slot<T, E>,
+    shared: &Arc<Shared<E>>,
+    extras: Option<&mut Extras>,
+    outcome: Outcome<T, E>,
+) {
+    let counters = &shared.counters;
+    if let Some(extras) = extras {
+        if extras.started && shared.is_limited() {
             counters.running.fetch_sub(1, Ordering::Relaxed);
         }
-        let fatal = match &outcome {
-            Outcome::Ok(_) => {
-                counters.succeeded.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-            Outcome::Err(_) => {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-                self.essential
-            }
-            Outcome::Panicked(panic) => {
-                counters.panicked.fetch_add(1, Ordering::Relaxed);
-                // Logged here, at once, so the panic is seen even if nobody ever joins the group.
-                // The panic hook already printed the message with the original location.
-                tracing::error!(
-                    group = %self.shared.name,
-                    child = %self.name(),
-                    panic = %panic.message(),
-                    "task group child panicked; cancelling its siblings"
-                );
-                true
-            }
-            Outcome::TimedOut(timeout) => {
-                counters.timed_out.fetch_add(1, Ordering::Relaxed);
-                // Only the child's own timeout is its failure; the group's deadline is the
-                // group's, and is reported as such by `join`.
-                self.essential && timeout.limit == Limit::Child
-            }
-            Outcome::Cancelled(_) => {
-                counters.cancelled.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-        };
-        // Record our own result before cancelling the siblings, so that this child reads as
-        // failed (not cancelled) however quickly the group reacts.
-        self.slot.finish(outcome);
-        if fatal {
-            self.shared.fail(self.index, self.name());
-        }
+        extras.started = false;
     }
-}
-
-impl<T, E: Send + 'static> Drop for Guard<T, E> {
-    fn drop(&mut self) {
-        if !self.finished {
-            let outcome = self.shared.cancellation_outcome();
-            self.complete(outcome);
+    // Successes are not counted here: `Stats` derives them, so that the common path touches no
+    // shared counter.
+    let fatal = match &outcome {
+        Outcome::Ok(_) => false,
+        Outcome::Err(_) => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            slot.essential()
         }
-        self.shared.child_gone();
+        Outcome::Panicked(panic) => {
+            counters.panicked.fetch_add(1, Ordering::Relaxed);
+            // Logged here, at once, so the panic is seen even if nobody ever joins the group.
+            // The panic hook already printed the message with the original location.
+            tracing::error!(
+                group = %shared.name,
+                child = %slot.name(),
+                panic = %panic.message(),
+                "task group child panicked; cancelling its siblings"
+            );
+            true
+        }
+        Outcome::TimedOut(timeout) => {
+            counters.timed_out.fetch_add(1, Ordering::Relaxed);
+            // Only the child's own timeout is its failure; the group's deadline is the group's,
+            // and is reported as such by `join`.
+            slot.essential() && timeout.limit == Limit::Child
+        }
+        Outcome::Cancelled(_) => {
+            counters.cancelled.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    };
+    // Record our own result before cancelling the siblings, so that this child reads as failed
+    // (not cancelled) however quickly the group reacts.
+    slot.finish(outcome);
+    if fatal {
+        shared.fail(slot.index(), slot.name());
     }
 }

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::child::{Acquire, ChildTask, Guard, Ready, Starter, WithContext};
+use crate::child::{Acquire, ChildTask, Extras, Ready, Starter, WithContext};
 use crate::context::ChildContext;
 use crate::handle::{ErasedSlot, Slot, TaskHandle};
 use crate::outcome::{CancelReason, Limit, Outcome, Timeout};
@@ -116,11 +116,14 @@ pub struct Stats {
     pub timed_out: usize,
 }
 
+/// Shared counters. Successes and spawns are not counted here (they are derived in
+/// [`Shared::stats`]), and `running` only in limited groups, so an ordinary child that succeeds
+/// touches none of them.
 #[derive(Default)]
 pub(crate) struct Counters {
-    spawned: AtomicUsize,
+    /// Children refused after the group closed, which are not in the registry.
+    refused: AtomicUsize,
     pub(crate) running: AtomicUsize,
-    pub(crate) succeeded: AtomicUsize,
     pub(crate) failed: AtomicUsize,
     pub(crate) panicked: AtomicUsize,
     pub(crate) cancelled: AtomicUsize,
@@ -146,6 +149,8 @@ struct Registry<E> {
     /// Set once `join` has seen the last child finish, or the group was dropped: no more spawns.
     closed: bool,
     children: Vec<Entry<E>>,
+    /// How many children were ever registered; unlike `children.len()` it survives `join`.
+    spawned: usize,
     /// The task that aborts what is left when a grace period ends.
     reaper: Option<JoinHandle<()>>,
 }
@@ -256,21 +261,34 @@ impl<E: Send + 'static> Shared<E> {
         }
     }
 
+    pub(crate) fn is_limited(&self) -> bool {
+        self.semaphore.is_some()
+    }
+
     fn stats(&self) -> Stats {
         let c = &self.counters;
-        let running = c.running.load(Ordering::Relaxed);
+        let registered = self.lock_registry().spawned;
+        let spawned = registered + c.refused.load(Ordering::Relaxed);
+        let live = self.live.load(Ordering::Acquire);
+        let running = if self.is_limited() {
+            c.running.load(Ordering::Relaxed).min(live)
+        } else {
+            live
+        };
+        let failed = c.failed.load(Ordering::Relaxed);
+        let panicked = c.panicked.load(Ordering::Relaxed);
+        let cancelled = c.cancelled.load(Ordering::Relaxed);
+        let timed_out = c.timed_out.load(Ordering::Relaxed);
+        let finished_otherwise = failed + panicked + cancelled + timed_out;
         Stats {
-            spawned: c.spawned.load(Ordering::Relaxed),
-            queued: self
-                .live
-                .load(Ordering::Relaxed)
-                .saturating_sub(running),
+            spawned,
+            queued: live - running,
             running,
-            succeeded: c.succeeded.load(Ordering::Relaxed),
-            failed: c.failed.load(Ordering::Relaxed),
-            panicked: c.panicked.load(Ordering::Relaxed),
-            cancelled: c.cancelled.load(Ordering::Relaxed),
-            timed_out: c.timed_out.load(Ordering::Relaxed),
+            succeeded: spawned.saturating_sub(live + finished_otherwise),
+            failed,
+            panicked,
+            cancelled,
+            timed_out,
         }
     }
 
@@ -285,9 +303,15 @@ impl<E: Send + 'static> Shared<E> {
         starter: S,
         refuse: impl FnOnce(S, CancelReason) -> Result<(), R>,
     ) -> Result<TaskHandle<S::Output>, R> {
-        let slot = Arc::new(Slot::<S::Output, E>::new(name));
+        let essential = essential.unwrap_or(self.policy == Policy::FailFast);
         let mut registry = self.lock_registry();
         let index = registry.children.len();
+        let slot = Arc::new(Slot::<S::Output, E>::new(
+            Arc::clone(self),
+            name,
+            index,
+            essential,
+        ));
         let refusal = if registry.closed {
             Some((CancelReason::GroupClosed, Outcome::Cancelled(CancelReason::GroupClosed)))
         } else {
@@ -297,14 +321,16 @@ impl<E: Send + 'static> Shared<E> {
         };
         if let Some((reason, outcome)) = refusal {
             refuse(starter, reason)?;
-            self.counters.spawned.fetch_add(1, Ordering::Relaxed);
             match &outcome {
                 Outcome::TimedOut(_) => &self.counters.timed_out,
                 _ => &self.counters.cancelled,
             }
             .fetch_add(1, Ordering::Relaxed);
             slot.finish(outcome);
-            if !registry.closed {
+            if registry.closed {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            } else {
+                registry.spawned += 1;
                 registry.children.push(Entry {
                     task: None,
                     slot: Arc::clone(&slot) as Arc<dyn ErasedSlot<E>>,
@@ -313,26 +339,28 @@ impl<E: Send + 'static> Shared<E> {
             return Ok(TaskHandle::new(slot, index));
         }
 
-        self.counters.spawned.fetch_add(1, Ordering::Relaxed);
         self.live.fetch_add(1, Ordering::AcqRel);
         LIVE_CHILDREN.fetch_add(1, Ordering::AcqRel);
-        let guard = Guard {
-            slot: Arc::clone(&slot),
-            shared: Arc::clone(self),
-            index,
-            essential: essential.unwrap_or(self.policy == Policy::FailFast),
-            timeout,
-            span: tracing::Span::current(),
-            started: false,
-            finished: false,
+        let span = tracing::Span::current();
+        let extras = if self.semaphore.is_some() || timeout.is_some() || !span.is_none() {
+            Some(Box::new(Extras {
+                acquire: self
+                    .semaphore
+                    .as_ref()
+                    .map(|semaphore| Box::pin(Arc::clone(semaphore).acquire_owned()) as Acquire),
+                permit: None,
+                timeout,
+                sleep: None,
+                span,
+                started: false,
+            }))
+        } else {
+            None
         };
-        let acquire = self
-            .semaphore
-            .as_ref()
-            .map(|semaphore| Box::pin(Arc::clone(semaphore).acquire_owned()) as Acquire);
         let task = self
             .runtime
-            .spawn(ChildTask::new(starter, acquire, guard));
+            .spawn(ChildTask::new(starter, Arc::clone(&slot), extras));
+        registry.spawned += 1;
         registry.children.push(Entry {
             task: Some(task),
             slot: Arc::clone(&slot) as Arc<dyn ErasedSlot<E>>,
@@ -539,6 +567,7 @@ impl<E: Send + 'static> Builder<E> {
             registry: Mutex::new(Registry {
                 closed: false,
                 children: Vec::new(),
+                spawned: 0,
                 reaper: None,
             }),
             live: AtomicUsize::new(0),
@@ -899,12 +928,13 @@ impl<E: Send + 'static> Spawner<E> {
 /// use std::time::Duration;
 /// use taskgroup::{Policy, TaskGroup};
 ///
-/// let group: TaskGroup<String> = TaskGroup::builder().policy(Policy::CollectAll).build()?;
+/// let group: TaskGroup<std::io::Error> =
+///     TaskGroup::builder().policy(Policy::CollectAll).build()?;
 /// let profile = group
 ///     .child("profile")
 ///     .essential(true)
 ///     .timeout(Duration::from_millis(250))
-///     .spawn(async { Ok::<_, String>("alice") });
+///     .spawn(async { Ok("alice") });
 /// let report = group.join().await?;
 /// assert!(report.iter().all(|child| child.outcome.is_ok()));
 /// assert_eq!(profile.output()?, "alice");

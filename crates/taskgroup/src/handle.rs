@@ -15,36 +15,70 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
+use crate::group::Shared;
 use crate::outcome::{CancelReason, ChildError, ChildErrorKind, Outcome};
 
 /// Where a child's result waits to be read.
 pub(crate) struct Slot<T, E> {
+    /// The group. Held here rather than in the child's task to keep that task within one
+    /// 128-byte tokio task cell. This makes a cycle (group registry -> slot -> group), which
+    /// `join` and the group's `Drop` break by emptying the registry.
+    shared: Arc<Shared<E>>,
     name: Cow<'static, str>,
+    /// The child's position in spawn order.
+    index: usize,
+    /// Whether the child's error or own timeout stops the group.
+    essential: bool,
     state: Mutex<State<T, E>>,
 }
 
 enum State<T, E> {
     /// The child has not finished; the waker belongs to a task awaiting the handle.
     Pending(Option<Waker>),
-    /// The child finished. `output` is taken by the handle, `outcome` by the group's report, and
-    /// `error` (absent on success) is what the handle reports when there is no output.
-    Done {
-        output: Option<T>,
-        outcome: Option<Outcome<(), E>>,
-        error: Option<ChildErrorKind>,
-    },
+    /// The child succeeded; the output waits for the handle (`None` once taken).
+    Ok(Option<T>),
+    /// The child ended without output. Boxed: this is the rare path, and keeping it out of line
+    /// keeps every slot small.
+    Failed(Box<Failed<E>>),
+}
+
+struct Failed<E> {
+    /// The outcome with its error or panic payload, until the group's report takes it.
+    outcome: Option<Outcome<(), E>>,
+    /// What the handle reports, which outlives the outcome.
+    error: ChildErrorKind,
 }
 
 impl<T, E> Slot<T, E> {
-    pub(crate) fn new(name: Cow<'static, str>) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared<E>>,
+        name: Cow<'static, str>,
+        index: usize,
+        essential: bool,
+    ) -> Self {
         Slot {
+            shared,
             name,
+            index,
+            essential,
             state: Mutex::new(State::Pending(None)),
         }
     }
 
     pub(crate) fn name(&self) -> &Cow<'static, str> {
         &self.name
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared<E>> {
+        &self.shared
+    }
+
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
+    pub(crate) fn essential(&self) -> bool {
+        self.essential
     }
 
     fn lock(&self) -> MutexGuard<'_, State<T, E>> {
@@ -57,41 +91,33 @@ impl<T, E> Slot<T, E> {
 
     /// Records the child's result, unless one is already recorded, and wakes a waiting handle.
     pub(crate) fn finish(&self, result: Outcome<T, E>) {
-        let (output, outcome, error) = match result {
-            Outcome::Ok(value) => (Some(value), Outcome::Ok(()), None),
-            Outcome::Err(error) => (None, Outcome::Err(error), Some(ChildErrorKind::Failed)),
-            Outcome::Panicked(panic) => {
-                let message = panic.message().to_owned();
-                (
-                    None,
-                    Outcome::Panicked(panic),
-                    Some(ChildErrorKind::Panicked { message }),
-                )
+        let done = match result {
+            Outcome::Ok(value) => State::Ok(Some(value)),
+            failed => {
+                let error = match &failed {
+                    Outcome::Err(_) => ChildErrorKind::Failed,
+                    Outcome::Panicked(panic) => ChildErrorKind::Panicked {
+                        message: panic.message().to_owned(),
+                    },
+                    Outcome::Cancelled(reason) => ChildErrorKind::Cancelled(reason.clone()),
+                    Outcome::TimedOut(timeout) => ChildErrorKind::TimedOut(*timeout),
+                    Outcome::Ok(_) => ChildErrorKind::Taken,
+                };
+                State::Failed(Box::new(Failed {
+                    outcome: Some(failed.map(|_| ())),
+                    error,
+                }))
             }
-            Outcome::Cancelled(reason) => (
-                None,
-                Outcome::Cancelled(reason.clone()),
-                Some(ChildErrorKind::Cancelled(reason)),
-            ),
-            Outcome::TimedOut(timeout) => (
-                None,
-                Outcome::TimedOut(timeout),
-                Some(ChildErrorKind::TimedOut(timeout)),
-            ),
         };
         let waker = {
             let mut state = self.lock();
             match &mut *state {
                 State::Pending(waker) => {
                     let waker = waker.take();
-                    *state = State::Done {
-                        output,
-                        outcome: Some(outcome),
-                        error,
-                    };
+                    *state = done;
                     waker
                 }
-                State::Done { .. } => None,
+                State::Ok(_) | State::Failed(_) => None,
             }
         };
         // Wake outside the lock so the woken task never contends with us.
@@ -101,7 +127,7 @@ impl<T, E> Slot<T, E> {
     }
 
     pub(crate) fn is_finished(&self) -> bool {
-        matches!(&*self.lock(), State::Done { .. })
+        !matches!(&*self.lock(), State::Pending(_))
     }
 
     fn poll_output(&self, cx: Option<&mut Context<'_>>) -> Poll<Result<T, ChildErrorKind>> {
@@ -116,10 +142,8 @@ impl<T, E> Slot<T, E> {
                 }
                 Poll::Pending
             }
-            State::Done { output, error, .. } => match output.take() {
-                Some(value) => Poll::Ready(Ok(value)),
-                None => Poll::Ready(Err(error.clone().unwrap_or(ChildErrorKind::Taken))),
-            },
+            State::Ok(output) => Poll::Ready(output.take().ok_or(ChildErrorKind::Taken)),
+            State::Failed(failed) => Poll::Ready(Err(failed.error.clone())),
         }
     }
 }
@@ -136,7 +160,9 @@ impl<T: Send, E: Send> ErasedSlot<E> for Slot<T, E> {
     fn take_outcome(&self) -> Outcome<(), E> {
         let mut state = self.lock();
         match &mut *state {
-            State::Done { outcome, .. } => outcome
+            State::Ok(_) => Outcome::Ok(()),
+            State::Failed(failed) => failed
+                .outcome
                 .take()
                 .unwrap_or(Outcome::Cancelled(CancelReason::RuntimeShutdown)),
             State::Pending(_) => Outcome::Cancelled(CancelReason::RuntimeShutdown),

@@ -19,3 +19,17 @@ pub use outcome::{
 };
 pub use report::{ChildReport, GroupError, GroupErrorKind, Report};
 pub use tokio_util::sync::CancellationToken;
+
+#[cfg(test)]
+mod tests {
+    /// tokio stores a task in one 128-byte cell when its future is at most 24 bytes (on 64-bit
+    /// targets), and in two otherwise. A child's task wraps a small future in 24 bytes so that a
+    /// task group's children take no more task memory than `JoinSet`'s; this keeps it that way.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_small_childs_task_stays_within_one_tokio_cell() {
+        type Small = std::future::Ready<Result<u8, std::convert::Infallible>>;
+        type Task = crate::child::ChildTask<crate::child::Ready<Small>, std::convert::Infallible>;
+        assert!(std::mem::size_of::<Task>() <= 24);
+    }
+}

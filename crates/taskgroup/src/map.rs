@@ -23,17 +23,22 @@ impl<E: Send + 'static> TaskGroup<E> {
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::io;
     /// use taskgroup::{Outcome, Policy, TaskGroup};
     ///
-    /// let group: TaskGroup<String> =
+    /// let group: TaskGroup<io::Error> =
     ///     TaskGroup::builder().name("batch").policy(Policy::CollectAll).limit(2).build()?;
     /// let outcomes = group
     ///     .map(1..=4, |id: u32| async move {
-    ///         if id == 3 { Err(format!("user {id} is broken")) } else { Ok(id * 10) }
+    ///         if id == 3 {
+    ///             Err(io::Error::other(format!("user {id} is broken")))
+    ///         } else {
+    ///             Ok(id * 10)
+    ///         }
     ///     })
     ///     .await?;
     /// let shown: Vec<String> = outcomes.iter().map(|o| o.to_string()).collect();
-    /// assert_eq!(outcomes[0].as_err(), None);
+    /// assert!(outcomes[0].as_err().is_none());
     /// assert!(matches!(outcomes[1], Outcome::Ok(20)));
     /// assert_eq!(shown[2], "user 3 is broken");
     /// # Ok(())

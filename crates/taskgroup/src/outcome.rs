@@ -131,6 +131,11 @@ impl<T, E: fmt::Display> fmt::Display for Outcome<T, E> {
 /// [`GroupError`](crate::GroupError)) is `Sync` and can travel inside `anyhow::Error` or
 /// `Box<dyn Error + Send + Sync>`; it is never contended.
 pub struct Panic {
+    // Boxed so that every `Outcome` stays small: panics are rare, outcomes are per child.
+    inner: Box<PanicInner>,
+}
+
+struct PanicInner {
     message: String,
     payload: Mutex<Option<Box<dyn Any + Send + 'static>>>,
 }
@@ -145,25 +150,28 @@ impl Panic {
             "<non-string panic payload>".to_owned()
         };
         Panic {
-            message,
-            payload: Mutex::new(Some(payload)),
+            inner: Box::new(PanicInner {
+                message,
+                payload: Mutex::new(Some(payload)),
+            }),
         }
     }
 
     /// The panic message, when the payload was a string (as with `panic!("...")`); otherwise a
     /// placeholder.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.inner.message
     }
 
     /// The original payload, as `std::panic::catch_unwind` would have returned it.
     pub fn into_payload(self) -> Box<dyn Any + Send + 'static> {
-        let payload = match self.payload.into_inner() {
+        let PanicInner { message, payload } = *self.inner;
+        let payload = match payload.into_inner() {
             Ok(payload) => payload,
             // A poisoned lock still holds the payload; nothing else ever locks it while panicking.
             Err(poisoned) => poisoned.into_inner(),
         };
-        payload.unwrap_or_else(|| Box::new(self.message))
+        payload.unwrap_or_else(|| Box::new(message))
     }
 
     /// Re-raises the panic on the calling thread with its original payload.
@@ -179,14 +187,14 @@ impl Panic {
 impl fmt::Debug for Panic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Panic")
-            .field("message", &self.message)
+            .field("message", &self.inner.message)
             .finish_non_exhaustive()
     }
 }
 
 impl fmt::Display for Panic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "panicked: {}", self.message)
+        write!(f, "panicked: {}", self.inner.message)
     }
 }
 
