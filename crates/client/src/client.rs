@@ -43,6 +43,7 @@ const USER_AGENT_VALUE: &str = concat!("dashboard-recommendations/", env!("CARGO
 /// Fields the service adds beyond these are ignored, so it can grow its answer without breaking
 /// us.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Recommendation {
     /// The recommended product.
     pub product_id: i64,
