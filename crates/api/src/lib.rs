@@ -1,7 +1,282 @@
-//! The dashboard HTTP API on actix-web.
+//! The dashboard HTTP API on actix-web: the composition root.
 //!
-//! This crate is the composition root. For now it holds the layered [`settings`]; the routes for
-//! the dashboard and batch endpoints, health, metrics and OpenAPI, and the application that can be
-//! built on any port come with the service layer.
+//! [`Application::build`] does what the seed's FastAPI `lifespan` does (section 六), and more:
+//! it checks the settings, builds the pool and waits (with backoff, for a bounded time) until the
+//! database answers, builds the one recommendation client of the process, then binds the server.
+//! [`Application::run`] serves until SIGTERM or SIGINT, lets in-flight requests finish within
+//! the grace period, then closes the pool. The application can be built on port 0, which is how
+//! the integration tests run the real server.
+//!
+//! Routes: `GET /api/users/{user_id}/dashboard`, `POST /api/users/batch`, `GET /healthz`,
+//! `GET /readyz`, `GET /metrics`, `GET /openapi.json`. Every error is JSON (see [`error`]).
 
+pub mod disconnect;
+pub mod error;
+pub mod metrics;
+pub mod middleware;
+pub mod openapi;
+pub mod routes;
 pub mod settings;
+pub mod telemetry;
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::{App, HttpServer, web};
+use client::RecommendationClient;
+use repository::Database;
+use service::Service;
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    /// The orchestration layer (pool, client, gate).
+    pub service: Service,
+    /// The metrics registry.
+    pub metrics: Metrics,
+    /// The OpenAPI document, rendered once.
+    pub openapi: String,
+}
+
+/// Why the application could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A setting is unusable; the message names the key.
+    #[error("{0}")]
+    Settings(String),
+    /// The database did not answer within `startup.db_wait`.
+    #[error("the database at {url} did not answer within {waited:?}: {source}")]
+    Database {
+        /// The database URL, password masked.
+        url: String,
+        /// How long start-up waited.
+        waited: Duration,
+        /// The last error.
+        #[source]
+        source: repository::Error,
+    },
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address asked for.
+        address: SocketAddr,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A built, bound, not yet running application.
+pub struct Application {
+    address: SocketAddr,
+    server: Server,
+    state: web::Data<AppState>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Builds everything and binds the listening socket; see the crate documentation.
+    ///
+    /// # Errors
+    ///
+    /// [`StartupError`] naming what is wrong: a setting, the database, or the address.
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let database = Database::connect_lazy(&settings.database)
+            .map_err(|e| StartupError::Settings(e.to_string()))?;
+        wait_for_database(&database, &settings).await?;
+        let client = RecommendationClient::new(settings.recommendations.clone()).map_err(|e| {
+            StartupError::Settings(format!("invalid [recommendations] settings: {e}"))
+        })?;
+        let service = Service::new(database, client, settings.service.clone())
+            .map_err(|e| StartupError::Settings(e.to_string()))?;
+        let state = web::Data::new(AppState {
+            service,
+            metrics: Metrics::new(),
+            openapi: openapi::document(),
+        });
+
+        let server_settings = &settings.server;
+        let address = SocketAddr::new(server_settings.host, server_settings.port);
+        let listener =
+            TcpListener::bind(address).map_err(|source| StartupError::Bind { address, source })?;
+        let address = listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind { address, source })?;
+        let workers = match server_settings.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        let json_limit = server_settings.json_limit;
+        let app_state = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(app_state.clone())
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(json_limit)
+                        .error_handler(error::json_error),
+                )
+                .app_data(web::PathConfig::default().error_handler(error::path_error))
+                .app_data(web::QueryConfig::default().error_handler(error::query_error))
+                .wrap(actix_web::middleware::from_fn(middleware::observe))
+                .configure(routes_config)
+                .default_service(web::to(error::not_found))
+        })
+        .on_connect(disconnect::on_connect)
+        .workers(workers)
+        .backlog(server_settings.backlog)
+        .max_connections(server_settings.max_connections_per_worker)
+        .keep_alive(server_settings.keep_alive)
+        .client_request_timeout(server_settings.client_request_timeout)
+        .client_disconnect_timeout(server_settings.client_disconnect_timeout)
+        .shutdown_timeout(server_settings.shutdown_grace.as_secs().max(1))
+        // Signals are handled in `run`, so that SIGINT is as graceful as SIGTERM.
+        .disable_signals()
+        .listen(listener)
+        .map_err(|source| StartupError::Bind { address, source })?
+        .run();
+        tracing::info!(
+            %address,
+            workers,
+            database = %settings.database.masked_url(),
+            recommendations = %settings.recommendations.base_url,
+            "listening"
+        );
+        Ok(Self {
+            address,
+            server,
+            state,
+        })
+    }
+
+    /// The address the server listens on (with the real port when built on port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// A handle to stop the server (`stop(true)` is graceful).
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// The state the handlers share (for tests and embedding).
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until SIGTERM or SIGINT (or [`Application::handle`]'s `stop`), lets in-flight
+    /// requests finish within the grace period, then closes the pool.
+    ///
+    /// # Errors
+    ///
+    /// When the server fails or the signal handlers cannot be installed.
+    pub async fn run(self) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let signals = tokio::spawn(async move {
+            let signal = shutdown_signal().await;
+            tracing::info!(
+                signal,
+                "shutting down: no new connections, finishing in-flight requests"
+            );
+            handle.stop(true).await;
+        });
+        let served = self.server.await;
+        signals.abort();
+        self.state.service.database().close();
+        tracing::info!("shut down: pool closed");
+        served
+    }
+}
+
+/// Registers the routes; a known path called with another method answers 405 in JSON.
+fn routes_config(config: &mut web::ServiceConfig) {
+    let method_not_allowed = || web::to(error::method_not_allowed);
+    config
+        .service(
+            web::resource("/api/users/batch")
+                .route(web::post().to(routes::batch))
+                .default_service(method_not_allowed()),
+        )
+        .service(
+            web::resource("/api/users/{user_id}/dashboard")
+                .route(web::get().to(routes::dashboard))
+                .default_service(method_not_allowed()),
+        )
+        .service(
+            web::resource("/healthz")
+                .route(web::get().to(routes::healthz))
+                .default_service(method_not_allowed()),
+        )
+        .service(
+            web::resource("/readyz")
+                .route(web::get().to(routes::readyz))
+                .default_service(method_not_allowed()),
+        )
+        .service(
+            web::resource("/metrics")
+                .route(web::get().to(routes::metrics))
+                .default_service(method_not_allowed()),
+        )
+        .service(
+            web::resource("/openapi.json")
+                .route(web::get().to(routes::openapi))
+                .default_service(method_not_allowed()),
+        );
+}
+
+/// Retries the database with exponential backoff until it answers or `startup.db_wait` passes.
+async fn wait_for_database(database: &Database, settings: &Settings) -> Result<(), StartupError> {
+    let started = Instant::now();
+    let give_up = started + settings.startup.db_wait;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match database.ping().await {
+            Ok(()) => return Ok(()),
+            Err(error) if Instant::now() + backoff < give_up => {
+                tracing::warn!(
+                    %error,
+                    retry_in = ?backoff,
+                    database = %settings.database.masked_url(),
+                    "database not answering yet"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(source) => {
+                return Err(StartupError::Database {
+                    url: settings.database.masked_url(),
+                    waited: started.elapsed(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// Waits for SIGTERM or SIGINT and says which.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    }
+}

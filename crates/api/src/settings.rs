@@ -7,20 +7,128 @@
 //! error naming the key.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use client::ClientConfig;
 use config::{Config, Environment, File, FileFormat};
 use repository::DbConfig;
 use serde::Deserialize;
+use service::ServiceConfig;
 
 /// Every setting of the service and its tools.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
+    /// The HTTP server (`[server]`).
+    pub server: ServerSettings,
+    /// Start-up behaviour (`[startup]`).
+    pub startup: StartupSettings,
+    /// Logs (`[telemetry]`).
+    pub telemetry: TelemetrySettings,
     /// The PostgreSQL pool (`[database]`).
     pub database: DbConfig,
+    /// The recommendation-service client (`[recommendations]`).
+    pub recommendations: ClientConfig,
+    /// The orchestration layer: database gate, dashboard limits, batch limits (`[service]`).
+    pub service: ServiceConfig,
     /// The project-local PostgreSQL cluster that `cargo xtask db` runs (`[local_cluster]`).
     pub local_cluster: LocalCluster,
+}
+
+/// The HTTP server's address, workers and connection limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address to listen on.
+    pub host: IpAddr,
+    /// Port to listen on; 0 picks a free one.
+    pub port: u16,
+    /// Worker threads; 0 means one per CPU core.
+    pub workers: usize,
+    /// On SIGTERM or SIGINT, how long in-flight requests may take to finish before the server
+    /// closes their connections.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// How long an idle keep-alive connection stays open.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// How long a client may take to send a request's headers (cuts off slow-header clients).
+    #[serde(with = "humantime_serde")]
+    pub client_request_timeout: Duration,
+    /// How long a client may take to close its side after the response.
+    #[serde(with = "humantime_serde")]
+    pub client_disconnect_timeout: Duration,
+    /// Most concurrent connections per worker; more wait in the listen backlog.
+    pub max_connections_per_worker: usize,
+    /// Most pending connections in the listen backlog.
+    pub backlog: u32,
+    /// Largest accepted JSON body, in bytes.
+    pub json_limit: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: 8000,
+            workers: 0,
+            shutdown_grace: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(5),
+            client_request_timeout: Duration::from_secs(5),
+            client_disconnect_timeout: Duration::from_secs(1),
+            max_connections_per_worker: 10_000,
+            backlog: 2048,
+            json_limit: 64 * 1024,
+        }
+    }
+}
+
+/// What the server does before it accepts requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StartupSettings {
+    /// How long to keep retrying (with backoff) until the database answers, before giving up.
+    #[serde(with = "humantime_serde")]
+    pub db_wait: Duration,
+}
+
+impl Default for StartupSettings {
+    fn default() -> Self {
+        Self {
+            db_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// Filter in `tracing` syntax: `info`, `debug`, `api=debug,info`. `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` for people, `json` for log collectors.
+    pub format: LogFormat,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// The shape of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Where `cargo xtask db start` keeps the development cluster.
@@ -132,6 +240,38 @@ mod tests {
     fn default_toml_matches_the_built_in_defaults() {
         let mut loaded = Settings::load_from(&config_dir(), &env(&[])).unwrap();
         let built_in = Settings::default();
+        for (section, loaded, built_in) in [
+            (
+                "server",
+                format!("{:?}", loaded.server),
+                format!("{:?}", built_in.server),
+            ),
+            (
+                "startup",
+                format!("{:?}", loaded.startup),
+                format!("{:?}", built_in.startup),
+            ),
+            (
+                "telemetry",
+                format!("{:?}", loaded.telemetry),
+                format!("{:?}", built_in.telemetry),
+            ),
+            (
+                "recommendations",
+                format!("{:?}", loaded.recommendations),
+                format!("{:?}", built_in.recommendations),
+            ),
+            (
+                "service",
+                format!("{:?}", loaded.service),
+                format!("{:?}", built_in.service),
+            ),
+        ] {
+            assert_eq!(
+                loaded, built_in,
+                "[{section}] in default.toml differs from the code"
+            );
+        }
         // The library default has no password file; the project's config points at the local
         // cluster's.
         assert_eq!(

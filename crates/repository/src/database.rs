@@ -25,10 +25,10 @@ const ORDERS: &str = "SELECT id, product, amount, created_at FROM orders \
 const REVIEWS: &str = "SELECT id, product_id, rating, content FROM reviews \
      WHERE user_id = $1 ORDER BY id DESC LIMIT $2";
 const ORDER_SUMMARY: &str =
-    "SELECT count(*), coalesce(sum(amount), 0) FROM orders WHERE user_id = $1";
+    "SELECT count(*), coalesce(sum(amount), 0.00) FROM orders WHERE user_id = $1";
 const USER_SUMMARIES: &str = "SELECT u.id, u.username, u.email, u.avatar, s.order_count, s.total_amount \
      FROM users u \
-     CROSS JOIN LATERAL (SELECT count(*) AS order_count, coalesce(sum(o.amount), 0) AS total_amount \
+     CROSS JOIN LATERAL (SELECT count(*) AS order_count, coalesce(sum(o.amount), 0.00) AS total_amount \
                          FROM orders o WHERE o.user_id = u.id) s \
      WHERE u.id = ANY($1)";
 

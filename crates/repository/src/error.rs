@@ -73,7 +73,12 @@ impl Error {
             PoolError::Timeout(TimeoutType::Recycle) => {
                 Self::Unavailable("checking a pooled connection timed out".to_owned())
             }
-            PoolError::Backend(e) => Self::from(e),
+            // Whatever stops a new connection from being opened (refused, authentication, the
+            // database not accepting connections) makes the database unavailable to the caller.
+            PoolError::Backend(e) => match Self::from(e) {
+                Self::Query { message, .. } => Self::Unavailable(message),
+                other => other,
+            },
             PoolError::Closed => Self::Closed,
             PoolError::NoRuntimeSpecified => {
                 Self::Config("the pool was built without a runtime".to_owned())

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 /// A user's profile: one row of `users`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Profile {
     /// The user's id.
     pub id: i64,
@@ -22,12 +23,14 @@ pub struct Profile {
 
 /// One order of a user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Order {
     /// The order's id.
     pub id: i64,
     /// What was bought.
     pub product: String,
-    /// What it cost, exactly.
+    /// What it cost, exactly: a decimal string such as `"19.99"`.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "19.99"))]
     pub amount: Decimal,
     /// When it was placed.
     pub created_at: DateTime<Utc>,
@@ -35,6 +38,7 @@ pub struct Order {
 
 /// One review written by a user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Review {
     /// The review's id.
     pub id: i64,
@@ -48,15 +52,18 @@ pub struct Review {
 
 /// How many orders a user has placed and what they add up to, over all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OrderSummary {
     /// Number of orders.
     pub order_count: i64,
-    /// Sum of their amounts; zero when there are none.
+    /// Sum of their amounts, as a decimal string; `"0"` when there are none.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "249.10"))]
     pub total_amount: Decimal,
 }
 
 /// A profile with its order summary: one entry of a batch summary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UserSummary {
     /// The user's profile.
     pub profile: Profile,

@@ -20,6 +20,7 @@ use crate::{Service, SourceError};
 
 /// The summaries of a batch, in the order the ids were given (each id once).
 #[derive(Debug, Clone, Default, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BatchSummary {
     /// Users that were summarised.
     pub results: Vec<UserSummaryEntry>,
@@ -29,6 +30,7 @@ pub struct BatchSummary {
 
 /// One user's summary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UserSummaryEntry {
     /// The user's id.
     pub user_id: i64,
@@ -36,12 +38,14 @@ pub struct UserSummaryEntry {
     pub profile: Profile,
     /// How many orders the user has placed.
     pub order_count: i64,
-    /// What they add up to, exactly.
+    /// What they add up to, as a decimal string.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "249.10"))]
     pub total_amount: Decimal,
 }
 
 /// Why one user has no summary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BatchFailure {
     /// The user's id.
     pub user_id: i64,

@@ -30,6 +30,7 @@ use crate::{QueryMode, Service, Source, SourceError};
 
 /// A user's dashboard, possibly partial: see `errors`.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Dashboard {
     /// The user's profile (always present: without it there is no dashboard).
     pub profile: Profile,
@@ -44,6 +45,7 @@ pub struct Dashboard {
     /// How long each source took and how it ended (not serialised; for `Server-Timing` and
     /// metrics).
     #[serde(skip)]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub timings: Vec<SourceTiming>,
 }
 

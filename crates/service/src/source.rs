@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 /// One of the four things a dashboard is made of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
     /// The user's profile (essential).
@@ -96,6 +97,7 @@ impl SourceError {
 /// One entry of a dashboard's `errors` list: which source failed, how, and a message fit for
 /// the client (no SQL, no internals).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SourceFailure {
     /// The source that failed.
     pub source: Source,

@@ -1,0 +1,192 @@
+//! The API's one error type and the JSON error body every failure answers with.
+//!
+//! Every error, including actix's own extractor failures (malformed JSON, wrong content type,
+//! body too large, unknown route, wrong method), is sent as
+//! `{"status":"error","error":{"code":"...","message":"..."}}` with the matching status code. The
+//! message says what the client can do about it; internals (SQL, driver messages, stack traces)
+//! are logged with the request id and never sent.
+
+use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, ResponseError};
+use serde::Serialize;
+
+/// A failed request: status, stable code, and a message fit for the client.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u32>,
+}
+
+/// The body of every error response.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Always `"error"`.
+    #[schema(example = "error")]
+    pub status: &'static str,
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// The machine-readable code and the human-readable message of an error.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// A stable code: `invalid_user_id`, `invalid_batch`, `invalid_json`, `payload_too_large`,
+    /// `unsupported_media_type`, `not_found`, `user_not_found`, `method_not_allowed`,
+    /// `unavailable`, `deadline_exceeded`, `internal`.
+    pub code: String,
+    /// One sentence for a human.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with any status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 400: the request is malformed in a way the code names.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 404 for a route that does not exist.
+    pub fn route_not_found() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such endpoint; see /openapi.json",
+        )
+    }
+
+    /// 503: a dependency is unavailable; the client may retry after `retry_after` seconds.
+    pub fn unavailable(message: impl Into<String>, retry_after: u32) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        }
+    }
+
+    /// 499 (nginx's "client closed request"): the client went away before the answer was ready,
+    /// so the work was cancelled. Nobody reads it; it exists for logs and metrics.
+    pub fn client_closed() -> Self {
+        Self::new(
+            StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            "client_closed_request",
+            "the client closed the connection before the answer was ready",
+        )
+    }
+
+    /// 500 for a bug; the details go to the log, not to the client.
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; it has been logged",
+        )
+    }
+
+    /// The stable code.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// The client-facing message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        if let Some(seconds) = self.retry_after {
+            response.insert_header((header::RETRY_AFTER, HeaderValue::from(seconds)));
+        }
+        response.json(ErrorBody {
+            status: "error",
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message.clone(),
+            },
+        })
+    }
+}
+
+/// Maps actix's JSON extractor failures onto the JSON error shape.
+pub fn json_error(error: JsonPayloadError, _request: &HttpRequest) -> actix_web::Error {
+    let api = match &error {
+        JsonPayloadError::OverflowKnownLength { limit, .. }
+        | JsonPayloadError::Overflow { limit } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is larger than {limit} bytes"),
+        ),
+        JsonPayloadError::ContentType => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the request body must be JSON (Content-Type: application/json)",
+        ),
+        JsonPayloadError::Deserialize(e) if e.is_data() => ApiError::bad_request(
+            "invalid_batch",
+            format!("the request body is not valid: {e}"),
+        ),
+        JsonPayloadError::Deserialize(e) => ApiError::bad_request(
+            "invalid_json",
+            format!("the request body is not valid JSON: {e}"),
+        ),
+        _ => ApiError::bad_request("invalid_body", "the request body could not be read"),
+    };
+    actix_web::error::InternalError::from_response(error, api.error_response()).into()
+}
+
+/// Maps actix's path extractor failures onto the JSON error shape.
+pub fn path_error(error: PathError, _request: &HttpRequest) -> actix_web::Error {
+    let api = ApiError::bad_request("invalid_path", "a path parameter could not be parsed");
+    actix_web::error::InternalError::from_response(error, api.error_response()).into()
+}
+
+/// Maps actix's query-string extractor failures onto the JSON error shape.
+pub fn query_error(error: QueryPayloadError, _request: &HttpRequest) -> actix_web::Error {
+    let api = ApiError::bad_request("invalid_query", "the query string could not be parsed");
+    actix_web::error::InternalError::from_response(error, api.error_response()).into()
+}
+
+/// The handler behind every unknown route.
+pub async fn not_found() -> HttpResponse {
+    ApiError::route_not_found().error_response()
+}
+
+/// The handler behind a known route called with a method it does not take.
+pub async fn method_not_allowed() -> HttpResponse {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method; see /openapi.json",
+    )
+    .error_response()
+}

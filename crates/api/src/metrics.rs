@@ -1,0 +1,247 @@
+//! Prometheus metrics: what `/metrics` shows.
+//!
+//! Request latencies by route pattern, method and status; each dashboard source's latency and
+//! outcome, and errors by source and kind; and, read at scrape time, the pool (size, idle,
+//! waiting), the database gate, the process-wide count of live task-group children and the
+//! recommendation client's breaker and counters. The registry belongs to the application, not to
+//! the process, so tests can run several applications side by side.
+
+use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use service::{Service, SourceFailure, SourceTiming};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    route: String,
+    method: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
+    status: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    source: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+type Buckets = fn() -> Histogram;
+
+fn latency_buckets() -> Histogram {
+    // 0.25 ms to about 16 s, doubling.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
+}
+
+/// The application's metrics.
+pub struct Metrics {
+    registry: Registry,
+    http: Family<HttpLabels, Histogram, Buckets>,
+    sources: Family<SourceLabels, Histogram, Buckets>,
+    source_errors: Family<ErrorLabels, Counter>,
+    pool_max: Gauge,
+    pool_size: Gauge,
+    pool_idle: Gauge,
+    pool_waiting: Gauge,
+    gate_in_use: Gauge,
+    gate_slots: Gauge,
+    live_children: Gauge,
+    breaker_state: Gauge,
+    breaker_failures: Gauge,
+    recommendation_calls: Counter<u64, AtomicU64>,
+    recommendation_errors: Family<KindLabels, Counter<u64, AtomicU64>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let http = Family::<HttpLabels, Histogram, Buckets>::new_with_constructor(
+            latency_buckets as Buckets,
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route pattern, method and status",
+            http.clone(),
+        );
+        let sources = Family::<SourceLabels, Histogram, Buckets>::new_with_constructor(
+            latency_buckets as Buckets,
+        );
+        registry.register(
+            "dashboard_source_duration_seconds",
+            "Latency of each dashboard source by how it ended (ok, error, timeout, cancelled, skipped)",
+            sources.clone(),
+        );
+        let source_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "dashboard_source_errors",
+            "Dashboard source failures by source and kind",
+            source_errors.clone(),
+        );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let gauge = Gauge::default();
+            registry.register(name, help, gauge.clone());
+            gauge
+        };
+        let pool_max = gauge(
+            &mut registry,
+            "db_pool_max_size",
+            "Most connections the pool opens",
+        );
+        let pool_size = gauge(&mut registry, "db_pool_size", "Connections open now");
+        let pool_idle = gauge(&mut registry, "db_pool_idle", "Idle pooled connections");
+        let pool_waiting = gauge(
+            &mut registry,
+            "db_pool_waiting",
+            "Callers waiting for a pooled connection",
+        );
+        let gate_in_use = gauge(
+            &mut registry,
+            "db_slots_in_use",
+            "Process-wide database slots in use",
+        );
+        let gate_slots = gauge(&mut registry, "db_slots", "Process-wide database slots");
+        let live_children = gauge(
+            &mut registry,
+            "taskgroup_live_children",
+            "Task-group children alive in this process (spawned and not yet dropped)",
+        );
+        let breaker_state = gauge(
+            &mut registry,
+            "recommendations_breaker_state",
+            "Circuit breaker of the recommendation client: 0 closed, 1 half-open, 2 open",
+        );
+        let breaker_failures = gauge(
+            &mut registry,
+            "recommendations_breaker_consecutive_failures",
+            "Consecutive failures counted by the breaker",
+        );
+        let recommendation_calls = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "recommendations_calls",
+            "Calls to the recommendation service",
+            recommendation_calls.clone(),
+        );
+        let recommendation_errors = Family::<KindLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "recommendations_errors",
+            "Failed calls to the recommendation service by kind",
+            recommendation_errors.clone(),
+        );
+        Self {
+            registry,
+            http,
+            sources,
+            source_errors,
+            pool_max,
+            pool_size,
+            pool_idle,
+            pool_waiting,
+            gate_in_use,
+            gate_slots,
+            live_children,
+            breaker_state,
+            breaker_failures,
+            recommendation_calls,
+            recommendation_errors,
+        }
+    }
+
+    /// Records one HTTP request.
+    pub fn observe_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        self.http
+            .get_or_create(&HttpLabels {
+                route: route.to_owned(),
+                method: method.to_owned(),
+                status,
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one dashboard's per-source timings and errors.
+    pub fn observe_dashboard(&self, timings: &[SourceTiming], errors: &[SourceFailure]) {
+        for timing in timings {
+            self.sources
+                .get_or_create(&SourceLabels {
+                    source: timing.source.as_str(),
+                    status: timing.status.as_str(),
+                })
+                .observe(timing.elapsed.as_secs_f64());
+        }
+        for error in errors {
+            self.source_errors
+                .get_or_create(&ErrorLabels {
+                    source: error.source.as_str(),
+                    kind: error.kind,
+                })
+                .inc();
+        }
+    }
+
+    /// Reads the gauges from the live objects and renders everything in the text format.
+    pub fn render(&self, service: &Service) -> String {
+        let pool = service.database().status();
+        let to_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.pool_max.set(to_i64(pool.max_size));
+        self.pool_size.set(to_i64(pool.size));
+        self.pool_idle.set(to_i64(pool.idle));
+        self.pool_waiting.set(to_i64(pool.waiting));
+        let gate = service.gate_stats();
+        self.gate_in_use.set(to_i64(gate.in_use));
+        self.gate_slots.set(to_i64(gate.slots));
+        self.live_children.set(to_i64(taskgroup::live_children()));
+        let stats = service.recommendations_client().stats();
+        self.breaker_state.set(match stats.breaker.state {
+            client::BreakerState::Closed => 0,
+            client::BreakerState::HalfOpen => 1,
+            client::BreakerState::Open => 2,
+        });
+        self.breaker_failures
+            .set(i64::from(stats.breaker.consecutive_failures));
+        // Counters only go up: bring ours level with the client's own totals.
+        let calls = self.recommendation_calls.get();
+        self.recommendation_calls
+            .inc_by(stats.calls.saturating_sub(calls));
+        for (kind, count) in stats.errors.iter() {
+            let counter = self.recommendation_errors.get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            });
+            counter.inc_by(count.saturating_sub(counter.get()));
+        }
+        let mut text = String::with_capacity(16 * 1024);
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            // Writing to a String cannot fail; keep the output well-formed regardless.
+            text.clear();
+            let _ = writeln!(text, "# EOF");
+        }
+        text
+    }
+}

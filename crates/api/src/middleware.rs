@@ -1,0 +1,139 @@
+//! One middleware around every request: request id, tracing span, metrics, access log.
+//!
+//! An incoming `X-Request-Id` that looks like an id (at most 128 characters of letters, digits and
+//! `-_.:`) is kept, anything else is replaced by a fresh one; either way it is returned in the
+//! response's `X-Request-Id` and recorded on the request's span, so every log line of the request
+//! carries it. Metrics are labelled by route pattern (`/api/users/{user_id}/dashboard`), never by
+//! raw path or arbitrary method, so hostile requests cannot grow the label set.
+
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::Method;
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{Error, web};
+use tracing::Instrument as _;
+
+use crate::AppState;
+
+/// The request id header.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+fn usable(id: &HeaderValue) -> Option<&str> {
+    let text = id.to_str().ok()?;
+    let ok = !text.is_empty()
+        && text.len() <= 128
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    ok.then_some(text)
+}
+
+fn fresh_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// The method as a metric label: one of the standard methods, or `other`.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
+/// The middleware function; see the module documentation.
+///
+/// # Errors
+///
+/// Passes on the inner service's error.
+pub async fn observe(
+    request: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let started = Instant::now();
+    let request_id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(usable)
+        .map_or_else(fresh_id, ToOwned::to_owned);
+    let method = method_label(request.method());
+    let state = request.app_data::<web::Data<AppState>>().cloned();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method,
+        path = %request.path(),
+    );
+    let result = next.call(request).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    let _entered = span.enter();
+    match result {
+        Ok(mut response) => {
+            let status = response.status();
+            let route = response
+                .request()
+                .match_pattern()
+                .unwrap_or_else(|| "unmatched".to_owned());
+            if let Some(state) = &state {
+                state
+                    .metrics
+                    .observe_request(&route, method, status.as_u16(), elapsed);
+            }
+            if let Ok(value) = HeaderValue::from_str(&request_id) {
+                response.headers_mut().insert(REQUEST_ID, value);
+            }
+            let millis = elapsed.as_secs_f64() * 1000.0;
+            if status.is_server_error() {
+                tracing::warn!(status = status.as_u16(), millis, %route, "request failed");
+            } else {
+                tracing::debug!(status = status.as_u16(), millis, %route, "request finished");
+            }
+            Ok(response)
+        }
+        Err(error) => {
+            let status = error.as_response_error().status_code();
+            if let Some(state) = &state {
+                state
+                    .metrics
+                    .observe_request("unmatched", method, status.as_u16(), elapsed);
+            }
+            tracing::warn!(status = status.as_u16(), %error, "request failed");
+            Err(error)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_id_like_values_are_kept() {
+        let keep = HeaderValue::from_static("abc-123_x.y:z");
+        assert_eq!(usable(&keep), Some("abc-123_x.y:z"));
+        for bad in ["", "has space", "semi;colon", "quote\"", "<script>"] {
+            assert_eq!(
+                usable(&HeaderValue::from_str(bad).unwrap()),
+                None,
+                "{bad:?}"
+            );
+        }
+        let long = HeaderValue::from_str(&"a".repeat(129)).unwrap();
+        assert_eq!(usable(&long), None);
+        assert_eq!(fresh_id().len(), 16);
+    }
+
+    #[test]
+    fn unusual_methods_share_one_label() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+    }
+}

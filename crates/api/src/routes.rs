@@ -1,0 +1,315 @@
+//! The HTTP handlers: the seed's routes (路由层, section 六) and the operational endpoints.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{CONTENT_TYPE, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::{Deserialize, Serialize};
+use service::{BatchError, DashboardError, SourceFailure, SourceTiming};
+
+use crate::AppState;
+use crate::disconnect::unless_disconnected;
+use crate::error::ApiError;
+
+/// How long `/readyz` waits for the database.
+const READY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The envelope of every successful response: `{"status":"success","data":...}`.
+#[derive(Debug, Serialize)]
+pub struct Success<T> {
+    /// Always `"success"`.
+    pub status: &'static str,
+    /// The payload.
+    pub data: T,
+}
+
+impl<T: Serialize> Success<T> {
+    fn response(data: T) -> HttpResponse {
+        HttpResponse::Ok().json(Success {
+            status: "success",
+            data,
+        })
+    }
+}
+
+/// The body of `POST /api/users/batch`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// 1 to 1000 positive user ids; duplicates are summarised once.
+    pub user_ids: Vec<i64>,
+}
+
+/// Parses a user id from the path: a positive 64-bit integer in plain decimal digits.
+fn parse_user_id(text: &str) -> Result<i64, ApiError> {
+    let invalid = || {
+        ApiError::bad_request(
+            "invalid_user_id",
+            "user_id must be a positive 64-bit integer",
+        )
+    };
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    match text.parse::<i64>() {
+        Ok(id) if id > 0 => Ok(id),
+        _ => Err(invalid()),
+    }
+}
+
+/// `Server-Timing`: each source's duration and outcome, which browsers' developer tools draw.
+fn server_timing(timings: &[SourceTiming]) -> Option<HeaderValue> {
+    let mut value = String::with_capacity(160);
+    for (i, timing) in timings.iter().enumerate() {
+        if i > 0 {
+            value.push_str(", ");
+        }
+        let _ = write!(
+            value,
+            "{};dur={:.2};desc=\"{}\"",
+            timing.source,
+            timing.elapsed.as_secs_f64() * 1000.0,
+            timing.status.as_str()
+        );
+    }
+    HeaderValue::from_str(&value).ok()
+}
+
+/// The 503 a failed essential source answers with, without internals.
+fn profile_unavailable(errors: &[SourceFailure]) -> ApiError {
+    let message = match errors.first().map(|e| e.kind) {
+        Some("busy") => "the database is busy; retry shortly",
+        Some("timeout") => "the user's profile took too long to read; retry shortly",
+        _ => "the user's profile cannot be read right now; retry shortly",
+    };
+    ApiError::unavailable(message, 1)
+}
+
+/// `GET /api/users/{user_id}/dashboard`: the user's profile, orders, reviews and
+/// recommendations, fetched at once.
+#[utoipa::path(
+    get,
+    path = "/api/users/{user_id}/dashboard",
+    tag = "dashboard",
+    params(("user_id" = i64, Path, description = "A positive 64-bit user id", minimum = 1)),
+    responses(
+        (status = 200, description = "The dashboard; `errors` lists sources that failed (the rest is still there)", body = crate::openapi::DashboardEnvelope,
+         headers(("Server-Timing" = String, description = "Each source's duration (ms) and outcome"))),
+        (status = 400, description = "user_id is not a positive 64-bit integer", body = crate::error::ErrorBody),
+        (status = 404, description = "No such user", body = crate::error::ErrorBody),
+        (status = 503, description = "The profile cannot be read right now", body = crate::error::ErrorBody,
+         headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        (status = 504, description = "The deadline passed before the profile was known", body = crate::error::ErrorBody),
+    )
+)]
+pub async fn dashboard(
+    request: HttpRequest,
+    state: web::Data<AppState>,
+    user_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let user_id = parse_user_id(&user_id)?;
+    let Some(result) = unless_disconnected(&request, state.service.dashboard(user_id)).await else {
+        return Err(ApiError::client_closed());
+    };
+    let (timings, errors) = match &result {
+        Ok(dashboard) => (&dashboard.timings[..], &dashboard.errors[..]),
+        Err(error) => (error.timings(), error.errors()),
+    };
+    state.metrics.observe_dashboard(timings, errors);
+    let timing = server_timing(timings);
+    let mut response = match result {
+        Ok(dashboard) => Success::response(dashboard),
+        Err(DashboardError::NotFound { user_id, .. }) => {
+            actix_web::ResponseError::error_response(&ApiError::new(
+                StatusCode::NOT_FOUND,
+                "user_not_found",
+                format!("user {user_id} does not exist"),
+            ))
+        }
+        Err(DashboardError::Unavailable { errors, .. }) => {
+            tracing::warn!(user_id, ?errors, "dashboard unavailable");
+            actix_web::ResponseError::error_response(&profile_unavailable(&errors))
+        }
+        Err(DashboardError::DeadlineExceeded { errors, .. }) => {
+            tracing::warn!(user_id, ?errors, "dashboard deadline exceeded");
+            actix_web::ResponseError::error_response(&ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "deadline_exceeded",
+                "the dashboard's deadline passed before the user's profile was read",
+            ))
+        }
+        Err(DashboardError::Internal { message, .. }) => {
+            tracing::error!(user_id, %message, "dashboard failed");
+            actix_web::ResponseError::error_response(&ApiError::internal())
+        }
+    };
+    if let Some(timing) = timing {
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static("server-timing"),
+            timing,
+        );
+    }
+    Ok(response)
+}
+
+/// `POST /api/users/batch`: profile and order summary for up to 1000 users.
+#[utoipa::path(
+    post,
+    path = "/api/users/batch",
+    tag = "batch",
+    request_body(content = BatchRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Summaries in input order (each id once); ids that could not be summarised are in `errors`", body = crate::openapi::BatchEnvelope),
+        (status = 400, description = "Malformed JSON, or user_ids is not 1 to 1000 positive integers", body = crate::error::ErrorBody),
+        (status = 413, description = "The body is larger than 64 KiB", body = crate::error::ErrorBody),
+        (status = 415, description = "The body is not application/json", body = crate::error::ErrorBody),
+        (status = 503, description = "The database is unavailable", body = crate::error::ErrorBody,
+         headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        (status = 504, description = "The batch's deadline passed", body = crate::error::ErrorBody),
+    )
+)]
+pub async fn batch(
+    request: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<BatchRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let Some(result) = unless_disconnected(&request, state.service.summaries(&body.user_ids)).await
+    else {
+        return Err(ApiError::client_closed());
+    };
+    match result {
+        Ok(summary) => Ok(Success::response(summary)),
+        Err(BatchError::Invalid(message)) => Err(ApiError::bad_request("invalid_batch", message)),
+        Err(BatchError::Unavailable(cause)) => {
+            tracing::warn!(%cause, "batch failed: database unavailable");
+            Err(ApiError::unavailable(
+                "the database is unavailable; retry shortly",
+                1,
+            ))
+        }
+        Err(BatchError::DeadlineExceeded) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "deadline_exceeded",
+            "the batch's deadline passed; ask for fewer ids",
+        )),
+        Err(BatchError::Internal(message)) => {
+            tracing::error!(%message, "batch failed");
+            Err(ApiError::internal())
+        }
+    }
+}
+
+/// Liveness and readiness answers.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok` (alive) or `ready` (dependencies answer).
+    pub status: &'static str,
+}
+
+/// `GET /healthz`: the process is alive and serving.
+#[utoipa::path(
+    get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive", body = Health))
+)]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+/// `GET /readyz`: the database answers, so requests can be served.
+#[utoipa::path(
+    get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "The database does not answer", body = crate::error::ErrorBody),
+    )
+)]
+pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    match tokio::time::timeout(READY_TIMEOUT, state.service.database().ping()).await {
+        Ok(Ok(())) => Ok(HttpResponse::Ok().json(Health { status: "ready" })),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "not ready: database check failed");
+            Err(ApiError::unavailable("the database does not answer", 1))
+        }
+        Err(_) => {
+            tracing::warn!("not ready: database check timed out");
+            Err(ApiError::unavailable("the database does not answer", 1))
+        }
+    }
+}
+
+/// `GET /metrics`: Prometheus metrics in the OpenMetrics text format.
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Metrics", content_type = "application/openmetrics-text", body = String))
+)]
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let text = state.metrics.render(&state.service);
+    HttpResponse::Ok()
+        .insert_header((
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ))
+        .body(text)
+}
+
+/// `GET /openapi.json`: this API described in OpenAPI 3.1.
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
+)]
+pub async fn openapi(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(state.openapi.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_are_positive_plain_integers() {
+        assert_eq!(parse_user_id("42").unwrap(), 42);
+        assert_eq!(parse_user_id("9223372036854775807").unwrap(), i64::MAX);
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "+1",
+            "abc",
+            "1.5",
+            " 1",
+            "1e3",
+            "99999999999999999999",
+            "9223372036854775808",
+            "０",
+            "1 ",
+        ] {
+            let err = parse_user_id(bad).unwrap_err();
+            assert_eq!(err.code(), "invalid_user_id", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn server_timing_lists_every_source() {
+        let timings = [
+            SourceTiming {
+                source: service::Source::Profile,
+                elapsed: Duration::from_micros(1500),
+                status: service::SourceStatus::Ok,
+            },
+            SourceTiming {
+                source: service::Source::Recommendations,
+                elapsed: Duration::from_millis(300),
+                status: service::SourceStatus::Timeout,
+            },
+        ];
+        let value = server_timing(&timings).unwrap();
+        assert_eq!(
+            value.to_str().unwrap(),
+            "profile;dur=1.50;desc=\"ok\", recommendations;dur=300.00;desc=\"timeout\""
+        );
+    }
+}

@@ -1,0 +1,530 @@
+//! The real server on port 0, against the test PostgreSQL and a real stand-in recommendation
+//! server: the seed's endpoints, their errors, and what happens to abandoned and in-flight
+//! requests.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{live_children_settled, spawn_app, spawn_app_with};
+use tokio::io::AsyncWriteExt;
+use upstream::{Fault, Reply};
+
+async fn json(response: reqwest::Response) -> Value {
+    response.json().await.unwrap()
+}
+
+/// Asserts the JSON error shape and returns the code.
+async fn error_code(response: reqwest::Response) -> String {
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(content_type, "application/json");
+    let body = json(response).await;
+    assert_eq!(body["status"], "error", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+    body["error"]["code"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_dashboard_has_every_field() {
+    let app = spawn_app().await;
+    let response = app
+        .http
+        .get(app.url("/api/users/1/dashboard"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "trace-me-42");
+    let timing = response.headers()["server-timing"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for source in ["profile", "orders", "reviews", "recommendations"] {
+        assert!(timing.contains(&format!("{source};dur=")), "{timing}");
+    }
+    let body = json(response).await;
+    assert_eq!(body["status"], "success");
+    let data = &body["data"];
+    assert_eq!(
+        data["profile"],
+        serde_json::json!({"id": 1, "username": "ada", "email": "ada@example.com", "avatar": "https://img/ada.png"})
+    );
+    assert_eq!(data["orders"].as_array().unwrap().len(), 2);
+    assert_eq!(data["orders"][0]["product"], "mouse");
+    assert_eq!(data["orders"][0]["amount"], "0.10");
+    assert_eq!(data["orders"][0]["created_at"], "2025-03-04T10:00:00Z");
+    assert_eq!(data["reviews"][0]["rating"], 5);
+    assert_eq!(data["recommendations"].as_array().unwrap().len(), 10);
+    assert!(data["recommendations"][0]["product_id"].is_i64());
+    assert_eq!(data["errors"], serde_json::json!([]));
+
+    // Without an incoming id, one is made up and returned.
+    let response = app.get("/api/users/2/dashboard").await;
+    assert_eq!(response.headers()["x-request-id"].len(), 16);
+}
+
+#[tokio::test]
+async fn an_unknown_user_is_404() {
+    let app = spawn_app().await;
+    app.upstream
+        .set_user_reply(404, Reply::ok().after(Duration::from_secs(30)));
+    let response = app.get("/api/users/404/dashboard").await;
+    assert_eq!(response.status(), 404);
+    assert_eq!(error_code(response).await, "user_not_found");
+    // The slow recommendation call was cancelled, not waited for.
+    assert_eq!(live_children_settled().await, 0);
+}
+
+#[tokio::test]
+async fn a_hanging_upstream_gives_200_with_a_recommendations_timeout() {
+    let app = spawn_app().await;
+    app.upstream.set_user_reply(1, Reply::fault(Fault::Hang));
+    let response = app.get("/api/users/1/dashboard").await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["server-timing"]
+            .to_str()
+            .unwrap()
+            .contains("recommendations;dur=")
+    );
+    let body = json(response).await;
+    assert_eq!(body["data"]["profile"]["id"], 1);
+    assert_eq!(body["data"]["recommendations"], serde_json::json!([]));
+    assert_eq!(
+        body["data"]["errors"],
+        serde_json::json!([{
+            "source": "recommendations",
+            "kind": "timeout",
+            "error": "timed out after 300ms (recommendations timeout)"
+        }])
+    );
+}
+
+#[tokio::test]
+async fn a_failing_query_gives_a_partial_200() {
+    let app = spawn_app().await;
+    let admin = repository::connect(&app.db.config()).await.unwrap();
+    admin
+        .batch_execute("ALTER TABLE reviews RENAME TO reviews_gone")
+        .await
+        .unwrap();
+    let response = app.get("/api/users/1/dashboard").await;
+    assert_eq!(response.status(), 200);
+    let body = json(response).await;
+    assert_eq!(body["data"]["orders"].as_array().unwrap().len(), 2);
+    let errors = body["data"]["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0]["source"], "reviews");
+    assert_eq!(errors[0]["kind"], "query");
+    assert!(!errors[0]["error"].as_str().unwrap().contains("SELECT"));
+}
+
+#[tokio::test]
+async fn a_database_that_stops_answering_gives_503_with_retry_after() {
+    let app = spawn_app_with(|settings| {
+        settings.service.db_slot_wait = Duration::from_millis(500);
+        settings.database.create_timeout = Duration::from_millis(500);
+    })
+    .await;
+    // Refuse new connections to the test database and end the pooled ones.
+    let admin = repository::connect(&app.db.admin_config()).await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{0}\" ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}';",
+            app.db.name()
+        ))
+        .await
+        .unwrap();
+    let mut last = None;
+    // A connection killed under a request fails that request; within a few requests every
+    // pooled connection is gone and each answer is a 503.
+    for _ in 0..5 {
+        let response = app.get("/api/users/1/dashboard").await;
+        last = Some((
+            response.status(),
+            response.headers().get("retry-after").cloned(),
+            error_code(response).await,
+        ));
+    }
+    let (status, retry_after, code) = last.unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(retry_after.unwrap(), "1");
+    assert_eq!(code, "unavailable");
+
+    let response = app.get("/readyz").await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(error_code(response).await, "unavailable");
+
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true",
+            app.db.name()
+        ))
+        .await
+        .unwrap();
+    assert_eq!(app.get("/api/users/1/dashboard").await.status(), 200);
+    assert_eq!(app.get("/readyz").await.status(), 200);
+}
+
+#[tokio::test]
+async fn bad_user_ids_are_400() {
+    let app = spawn_app().await;
+    for id in [
+        "abc",
+        "-1",
+        "0",
+        "99999999999999999999",
+        "1.5",
+        "%20",
+        "1e3",
+        "+7",
+    ] {
+        let response = app.get(&format!("/api/users/{id}/dashboard")).await;
+        assert_eq!(response.status(), 400, "{id}");
+        assert_eq!(error_code(response).await, "invalid_user_id", "{id}");
+    }
+}
+
+#[tokio::test]
+async fn bad_batches_are_4xx_with_the_json_shape() {
+    let app = spawn_app().await;
+    let thousand_and_one = format!("{{\"user_ids\":[{}]}}", vec!["1"; 1001].join(","));
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("no ids", r#"{"user_ids":[]}"#.into(), 400, "invalid_batch"),
+        ("1001 ids", thousand_and_one, 400, "invalid_batch"),
+        (
+            "strings",
+            r#"{"user_ids":["1","2"]}"#.into(),
+            400,
+            "invalid_batch",
+        ),
+        (
+            "nulls",
+            r#"{"user_ids":[1,null]}"#.into(),
+            400,
+            "invalid_batch",
+        ),
+        (
+            "floats",
+            r#"{"user_ids":[1.5]}"#.into(),
+            400,
+            "invalid_batch",
+        ),
+        (
+            "negative",
+            r#"{"user_ids":[-3]}"#.into(),
+            400,
+            "invalid_batch",
+        ),
+        ("zero", r#"{"user_ids":[0]}"#.into(), 400, "invalid_batch"),
+        (
+            "too big",
+            r#"{"user_ids":[99999999999999999999]}"#.into(),
+            400,
+            "invalid_batch",
+        ),
+        (
+            "missing field",
+            r#"{"ids":[1]}"#.into(),
+            400,
+            "invalid_batch",
+        ),
+        ("not an object", "[1,2]".into(), 400, "invalid_batch"),
+        (
+            "malformed",
+            r#"{"user_ids":[1,"#.into(),
+            400,
+            "invalid_json",
+        ),
+        ("empty body", String::new(), 400, "invalid_json"),
+        (
+            "over the limit",
+            format!("{{\"user_ids\":[{}]}}", vec!["1"; 40_000].join(",")),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (name, body, status, code) in cases {
+        let response = app.post_json("/api/users/batch", &body).await;
+        assert_eq!(response.status(), status, "{name}");
+        assert_eq!(error_code(response).await, code, "{name}");
+    }
+
+    let response = app
+        .http
+        .post(app.url("/api/users/batch"))
+        .header("content-type", "text/plain")
+        .body(r#"{"user_ids":[1]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+    assert_eq!(error_code(response).await, "unsupported_media_type");
+}
+
+#[tokio::test]
+async fn unknown_routes_and_wrong_methods_are_json() {
+    let app = spawn_app().await;
+    let response = app.get("/nope").await;
+    assert_eq!(response.status(), 404);
+    assert_eq!(error_code(response).await, "not_found");
+    let response = app.get("/api/users/batch").await;
+    assert_eq!(response.status(), 405);
+    assert_eq!(error_code(response).await, "method_not_allowed");
+    let response = app
+        .http
+        .delete(app.url("/api/users/1/dashboard"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(error_code(response).await, "method_not_allowed");
+}
+
+#[tokio::test]
+async fn a_batch_answers_in_input_order() {
+    let app = spawn_app().await;
+    let response = app
+        .post_json("/api/users/batch", r#"{"user_ids":[3,1,77,3]}"#)
+        .await;
+    assert_eq!(response.status(), 200);
+    let body = json(response).await;
+    assert_eq!(body["status"], "success");
+    let results = body["data"]["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["user_id"], 3);
+    assert_eq!(results[0]["order_count"], 1);
+    assert_eq!(results[0]["total_amount"], "15.00");
+    assert_eq!(results[1]["user_id"], 1);
+    assert_eq!(results[1]["total_amount"], "50.09");
+    assert_eq!(results[1]["profile"]["username"], "ada");
+    assert_eq!(
+        body["data"]["errors"],
+        serde_json::json!([{"user_id": 77, "kind": "not_found", "error": "user not found"}])
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_leaves_no_live_children() {
+    let app = spawn_app_with(|settings| {
+        settings.service.dashboard.recommendations_timeout = Duration::from_secs(30);
+        settings.service.dashboard.deadline = Duration::from_secs(30);
+    })
+    .await;
+    app.upstream
+        .set_user_reply(1, Reply::ok().after(Duration::from_secs(30)));
+    let mut tcp = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    tcp.write_all(b"GET /api/users/1/dashboard HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    // Wait until the handler's group has children, then go away.
+    for _ in 0..500 {
+        if taskgroup::live_children() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(taskgroup::live_children() > 0, "the request never started");
+    drop(tcp);
+    assert_eq!(live_children_settled().await, 0);
+    assert_eq!(app.state.service.gate_stats().in_use, 0);
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_request_finish() {
+    let app = spawn_app_with(|settings| {
+        settings.service.dashboard.recommendations_timeout = Duration::from_secs(5);
+    })
+    .await;
+    app.upstream
+        .set_user_reply(1, Reply::ok().after(Duration::from_millis(500)));
+    let request = tokio::spawn({
+        let http = app.http.clone();
+        let url = app.url("/api/users/1/dashboard");
+        async move { http.get(url).send().await }
+    });
+    for _ in 0..500 {
+        if taskgroup::live_children() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app.handle.stop(true).await;
+    let response = request.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    let body = json(response).await;
+    assert_eq!(
+        body["data"]["recommendations"].as_array().unwrap().len(),
+        10
+    );
+    assert!(body["data"]["errors"].as_array().unwrap().is_empty());
+    app.server.await.unwrap().unwrap();
+    assert!(app.state.service.database().is_closed());
+    // Once stopped, the port no longer accepts connections.
+    assert!(tokio::net::TcpStream::connect(app.address).await.is_err());
+}
+
+#[tokio::test]
+async fn openapi_lists_every_route() {
+    let app = spawn_app().await;
+    let response = app.get("/openapi.json").await;
+    assert_eq!(response.status(), 200);
+    let document = json(response).await;
+    let mut paths: Vec<&str> = document["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    paths.sort_unstable();
+    assert_eq!(
+        paths,
+        vec![
+            "/api/users/batch",
+            "/api/users/{user_id}/dashboard",
+            "/healthz",
+            "/metrics",
+            "/openapi.json",
+            "/readyz"
+        ]
+    );
+    let dashboard = &document["paths"]["/api/users/{user_id}/dashboard"]["get"];
+    for status in ["200", "400", "404", "503", "504"] {
+        assert!(dashboard["responses"].get(status).is_some(), "{status}");
+    }
+    let schemas = document["components"]["schemas"].as_object().unwrap();
+    for schema in [
+        "Dashboard",
+        "BatchSummary",
+        "BatchRequest",
+        "ErrorBody",
+        "SourceFailure",
+    ] {
+        assert!(schemas.contains_key(schema), "{schema}");
+    }
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let app = spawn_app().await;
+    let response = app.get("/healthz").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(json(response).await["status"], "ok");
+    let response = app.get("/readyz").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(json(response).await["status"], "ready");
+}
+
+/// Checks every line against the text exposition format: comments, or
+/// `name{label="value",...} number`.
+fn assert_prometheus_text(text: &str) {
+    let name_ok = |name: &str| {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+    };
+    for line in text.lines() {
+        if line.is_empty() || line == "# EOF" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut words = rest.splitn(3, ' ');
+            let keyword = words.next().unwrap();
+            assert!(
+                matches!(keyword, "HELP" | "TYPE" | "UNIT"),
+                "bad comment: {line}"
+            );
+            assert!(name_ok(words.next().unwrap()), "bad name: {line}");
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        assert!(
+            value.parse::<f64>().is_ok() || matches!(value, "+Inf" | "-Inf" | "NaN"),
+            "bad value: {line}"
+        );
+        let name = match series.split_once('{') {
+            Some((name, labels)) => {
+                let labels = labels.strip_suffix('}').unwrap();
+                for pair in labels.split("\",") {
+                    let (key, value) = pair.split_once('=').unwrap();
+                    assert!(name_ok(key), "bad label: {line}");
+                    assert!(value.starts_with('"'), "bad label value: {line}");
+                }
+                name
+            }
+            None => series,
+        };
+        assert!(name_ok(name), "bad series: {line}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_with_the_promised_series() {
+    let app = spawn_app().await;
+    app.upstream.set_user_reply(1, Reply::fault(Fault::Hang));
+    assert_eq!(app.get("/api/users/1/dashboard").await.status(), 200);
+    assert_eq!(app.get("/api/users/x/dashboard").await.status(), 400);
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert_prometheus_text(&text);
+    for series in [
+        r#"http_request_duration_seconds_count{route="/api/users/{user_id}/dashboard",method="GET",status="200"} 1"#,
+        r#"http_request_duration_seconds_count{route="/api/users/{user_id}/dashboard",method="GET",status="400"} 1"#,
+        r#"dashboard_source_duration_seconds_count{source="recommendations",status="timeout"} 1"#,
+        r#"dashboard_source_duration_seconds_count{source="profile",status="ok"} 1"#,
+        r#"dashboard_source_errors_total{source="recommendations",kind="timeout"} 1"#,
+        "db_pool_max_size 20",
+        "db_pool_idle ",
+        "db_pool_waiting 0",
+        "taskgroup_live_children ",
+        "recommendations_breaker_state 0",
+    ] {
+        assert!(text.contains(series), "missing {series} in\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn secrets_never_reach_responses_or_metrics() {
+    let app = spawn_app_with(|settings| {
+        settings.database.password = Some(repository::Secret::new("hunter2-secret"));
+    })
+    .await;
+    // The test cluster's real password travels in the URL.
+    let url = app.db.url().to_owned();
+    let real = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password.to_owned())
+        .unwrap();
+    assert!(real.len() >= 8);
+    for path in [
+        "/metrics",
+        "/openapi.json",
+        "/readyz",
+        "/api/users/1/dashboard",
+        "/nope",
+    ] {
+        let text = app.get(path).await.text().await.unwrap();
+        assert!(
+            !text.contains("hunter2-secret"),
+            "{path} leaks the password"
+        );
+        assert!(!text.contains(&real), "{path} leaks the password");
+    }
+}

@@ -1,0 +1,119 @@
+//! Runs the real application on port 0 against a fresh test database and a real stand-in
+//! recommendation server.
+
+#![allow(dead_code, clippy::unwrap_used)] // Each test file uses a different part of this module.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use actix_web::web;
+use api::settings::Settings;
+use api::{AppState, Application};
+use testkit::TestDb;
+
+/// A running application and what it talks to.
+pub struct TestApp {
+    pub address: SocketAddr,
+    pub http: reqwest::Client,
+    pub db: TestDb,
+    pub upstream: upstream::Server,
+    pub handle: ServerHandle,
+    pub state: web::Data<AppState>,
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn post_json(&self, path: &str, body: &str) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// Users 1 (two orders, one review), 2 (nothing), 3 (one order).
+pub async fn fixtures(db: &TestDb) {
+    let client = repository::connect(&db.config()).await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO users (id, username, email, avatar) VALUES
+                 (1, 'ada', 'ada@example.com', 'https://img/ada.png'),
+                 (2, 'bob', 'bob@example.com', NULL),
+                 (3, 'cy', 'cy@example.com', NULL);
+             INSERT INTO orders (user_id, product, amount, created_at) VALUES
+                 (1, 'keyboard', 49.99, '2025-01-02 10:00:00+00'),
+                 (1, 'mouse', 0.10, '2025-03-04 10:00:00+00'),
+                 (3, 'lamp', 15.00, '2025-05-05 05:05:05+00');
+             INSERT INTO reviews (user_id, product_id, rating, content) VALUES
+                 (1, 501, 5, 'great');",
+        )
+        .await
+        .unwrap();
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts the app with test settings, adjusted by `tweak`.
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    let db = TestDb::create().await;
+    fixtures(&db).await;
+    let upstream = upstream::Server::start(upstream::Config::default())
+        .await
+        .unwrap();
+    let mut settings = Settings::default();
+    settings.server.port = 0;
+    settings.server.workers = 1;
+    settings.server.shutdown_grace = Duration::from_secs(10);
+    settings.startup.db_wait = Duration::from_secs(5);
+    settings.database = db.config();
+    settings.recommendations.base_url = upstream.base_url();
+    // Generous database limits, so a loaded machine does not trip them; a short one for the
+    // recommendation call, which tests make hang on purpose.
+    settings.service.dashboard.deadline = Duration::from_secs(10);
+    settings.service.dashboard.profile_timeout = Duration::from_secs(8);
+    settings.service.dashboard.orders_timeout = Duration::from_secs(8);
+    settings.service.dashboard.reviews_timeout = Duration::from_secs(8);
+    settings.service.dashboard.recommendations_timeout = Duration::from_millis(300);
+    settings.service.db_slot_wait = Duration::from_secs(5);
+    tweak(&mut settings);
+    let app = Application::build(settings).await.unwrap();
+    let address = app.address();
+    let handle = app.handle();
+    let state = app.state();
+    let server = tokio::spawn(app.run());
+    TestApp {
+        address,
+        http: reqwest::Client::new(),
+        db,
+        upstream,
+        handle,
+        state,
+        server,
+    }
+}
+
+/// The process-wide live-children gauge once aborted children have been dropped, polling with a
+/// bound (the server's workers run on their own threads).
+pub async fn live_children_settled() -> usize {
+    for _ in 0..200 {
+        if taskgroup::live_children() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    taskgroup::live_children()
+}
