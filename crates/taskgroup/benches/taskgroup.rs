@@ -1,9 +1,10 @@
 //! Criterion benchmarks: what a task group costs next to tokio's own tools, side by side in one
-//! run on a two-worker multi-thread runtime.
+//! run.
 //!
-//! * `spawn_join/N`: spawn N trivial children and wait for all of them, through a task group,
-//!   a `JoinSet`, a `Vec<JoinHandle>`, and a `TaskTracker` plus handles. The target is a task
-//!   group's cost per child within 1.15x of `JoinSet`'s.
+//! * `spawn_join_{multi,current}_thread/N`: spawn N trivial children and wait for all of them, through a task group,
+//!   a `JoinSet`, a `Vec<JoinHandle>`, and a `TaskTracker` plus handles, on a two-worker and on a
+//!   current-thread runtime. The target is a task group's cost per child within 1.15x of
+//!   `JoinSet`'s.
 //! * `cancel_10k`: with 10 000 children parked, the time from one child's failure until the
 //!   waiting side returns: a fail-fast task group's `join`, a hand-rolled `JoinSet` (see the
 //!   error, then `shutdown()`), and a `CancellationToken` plus `TaskTracker::wait()`. The target is
@@ -15,7 +16,7 @@
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput};
 use taskgroup::TaskGroup;
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
@@ -31,13 +32,26 @@ fn runtime() -> Runtime {
         .expect("benchmark runtime")
 }
 
+fn current_thread_runtime() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("benchmark runtime")
+}
+
 async fn trivial() -> Result<u64, Infallible> {
     Ok(1)
 }
 
 fn spawn_join(c: &mut Criterion) {
-    let rt = runtime();
-    let mut group = c.benchmark_group("spawn_join");
+    // The multi-thread runtime is what services run; the current-thread one isolates the cost per
+    // child from the latency of waking the waiting thread, which dominates small N.
+    spawn_join_on(c, "spawn_join_multi_thread", &runtime());
+    spawn_join_on(c, "spawn_join_current_thread", &current_thread_runtime());
+}
+
+fn spawn_join_on(c: &mut Criterion, name: &str, rt: &Runtime) {
+    let mut group = c.benchmark_group(name);
     for n in [10usize, 1_000, 100_000] {
         group.throughput(Throughput::Elements(n as u64));
         if n >= 100_000 {
@@ -46,7 +60,7 @@ fn spawn_join(c: &mut Criterion) {
             group.sample_size(50);
         }
         group.bench_with_input(BenchmarkId::new("taskgroup", n), &n, |b, &n| {
-            b.to_async(&rt).iter(|| async move {
+            b.to_async(rt).iter(|| async move {
                 let tg = TaskGroup::<Infallible>::new().expect("runtime");
                 for _ in 0..n {
                     tg.spawn("child", trivial());
@@ -55,7 +69,7 @@ fn spawn_join(c: &mut Criterion) {
             });
         });
         group.bench_with_input(BenchmarkId::new("joinset", n), &n, |b, &n| {
-            b.to_async(&rt).iter(|| async move {
+            b.to_async(rt).iter(|| async move {
                 let mut set = JoinSet::new();
                 for _ in 0..n {
                     set.spawn(trivial());
@@ -69,7 +83,7 @@ fn spawn_join(c: &mut Criterion) {
             });
         });
         group.bench_with_input(BenchmarkId::new("vec_joinhandle", n), &n, |b, &n| {
-            b.to_async(&rt).iter(|| async move {
+            b.to_async(rt).iter(|| async move {
                 let handles: Vec<_> = (0..n).map(|_| tokio::spawn(trivial())).collect();
                 let mut done = 0;
                 for handle in handles {
@@ -80,7 +94,7 @@ fn spawn_join(c: &mut Criterion) {
             });
         });
         group.bench_with_input(BenchmarkId::new("tasktracker", n), &n, |b, &n| {
-            b.to_async(&rt).iter(|| async move {
+            b.to_async(rt).iter(|| async move {
                 let tracker = TaskTracker::new();
                 let handles: Vec<_> = (0..n).map(|_| tracker.spawn(trivial())).collect();
                 tracker.close();
@@ -203,5 +217,11 @@ fn cancel_10k(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, spawn_join, cancel_10k);
-criterion_main!(benches);
+/// Runs both benchmark groups with criterion's command-line options (written out rather than with
+/// `criterion_main!`, whose generated function has no docs).
+fn main() {
+    let mut criterion = Criterion::default().configure_from_args();
+    spawn_join(&mut criterion);
+    cancel_10k(&mut criterion);
+    criterion.final_summary();
+}

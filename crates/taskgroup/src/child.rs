@@ -320,6 +320,6 @@ fn complete<T, E: Send + 'static>(
     // (not cancelled) however quickly the group reacts.
     slot.finish(outcome);
     if fatal {
-        shared.fail(slot.index(), slot.name());
+        shared.fail(slot.index(), slot.name().clone());
     }
 }

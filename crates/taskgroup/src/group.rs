@@ -86,7 +86,11 @@ impl<F> fmt::Debug for SpawnError<F> {
 
 impl<F> fmt::Display for SpawnError<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "task group is shutting down ({}); child not spawned", self.reason)
+        write!(
+            f,
+            "task group is shutting down ({}); child not spawned",
+            self.reason
+        )
     }
 }
 
@@ -209,9 +213,9 @@ impl<E: Send + 'static> Shared<E> {
     }
 
     /// Records a fatal failure of child `index` and stops the group.
-    pub(crate) fn fail(self: &Arc<Self>, index: usize, name: &Cow<'static, str>) {
+    pub(crate) fn fail(self: &Arc<Self>, index: usize, name: Cow<'static, str>) {
         let _ = self.first_failure.set(index);
-        self.stop(Stop::Failed { name: name.clone() });
+        self.stop(Stop::Failed { name });
     }
 
     /// Starts cancelling: refuse queued children, signal the token, then abort what is running,
@@ -313,7 +317,10 @@ impl<E: Send + 'static> Shared<E> {
             essential,
         ));
         let refusal = if registry.closed {
-            Some((CancelReason::GroupClosed, Outcome::Cancelled(CancelReason::GroupClosed)))
+            Some((
+                CancelReason::GroupClosed,
+                Outcome::Cancelled(CancelReason::GroupClosed),
+            ))
         } else {
             self.stop
                 .get()
@@ -577,7 +584,11 @@ impl<E: Send + 'static> Builder<E> {
 
         // A group born already cancelled or past its deadline stops now, so no child of it can
         // start before the watchdog gets to run.
-        if self.parent.as_ref().is_some_and(CancellationToken::is_cancelled) {
+        if self
+            .parent
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
+        {
             shared.stop(Stop::Parent);
         } else if deadline.is_some_and(|d| d <= now) {
             shared.stop(Stop::Deadline);
@@ -1033,19 +1044,18 @@ impl<'g, E: Send + 'static> ChildBuilder<'g, E> {
         F: std::future::Future<Output = Result<T, E>> + Send + 'static,
         T: Send + 'static,
     {
-        self.shared
-            .spawn(
-                self.name,
-                self.timeout,
-                self.essential,
-                Ready(future),
-                |starter: Ready<F>, reason| {
-                    Err(SpawnError {
-                        reason,
-                        child: starter.0,
-                    })
-                },
-            )
+        self.shared.spawn(
+            self.name,
+            self.timeout,
+            self.essential,
+            Ready(future),
+            |starter: Ready<F>, reason| {
+                Err(SpawnError {
+                    reason,
+                    child: starter.0,
+                })
+            },
+        )
     }
 
     /// Spawns the child from a closure over its context unless the group is stopping or closed.
@@ -1059,19 +1069,18 @@ impl<'g, E: Send + 'static> ChildBuilder<'g, E> {
         F: std::future::Future<Output = Result<T, E>> + Send + 'static,
         T: Send + 'static,
     {
-        self.shared
-            .spawn(
-                self.name,
-                self.timeout,
-                self.essential,
-                WithContext(make),
-                |starter: WithContext<C>, reason| {
-                    Err(SpawnError {
-                        reason,
-                        child: starter.0,
-                    })
-                },
-            )
+        self.shared.spawn(
+            self.name,
+            self.timeout,
+            self.essential,
+            WithContext(make),
+            |starter: WithContext<C>, reason| {
+                Err(SpawnError {
+                    reason,
+                    child: starter.0,
+                })
+            },
+        )
     }
 }
 

@@ -203,7 +203,11 @@ impl<E: fmt::Display> fmt::Display for GroupError<E> {
         match (&self.kind, self.cause()) {
             (GroupErrorKind::ChildFailed, Some(cause)) => match &cause.outcome {
                 Outcome::Err(error) => {
-                    write!(f, "task group `{group}`: child `{}` failed: {error}", cause.name)
+                    write!(
+                        f,
+                        "task group `{group}`: child `{}` failed: {error}",
+                        cause.name
+                    )
                 }
                 other => write!(f, "task group `{group}`: child `{}` {other}", cause.name),
             },

@@ -90,7 +90,11 @@ async fn dropping_an_unjoined_group_aborts_children_at_their_next_await() {
     drop(group);
     sleep(ms(1000)).await;
     assert_eq!(drops.dropped(), 100);
-    assert_eq!(progressed.load(Ordering::SeqCst), 0, "no child ran past its await");
+    assert_eq!(
+        progressed.load(Ordering::SeqCst),
+        0,
+        "no child ran past its await"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -291,7 +295,10 @@ async fn an_essential_child_stops_a_collect_all_group() {
         .spawn(sleep_ok(ms(5)));
     let error = group.join().await.unwrap_err();
     assert_eq!(start.elapsed(), ms(20));
-    assert_eq!(error.cause().unwrap().outcome.as_err().unwrap(), "user not found");
+    assert_eq!(
+        error.cause().unwrap().outcome.as_err().unwrap(),
+        "user not found"
+    );
     assert_eq!(reviews.output().unwrap(), ms(5));
     assert_eq!(
         orders.output().unwrap_err().kind,
@@ -372,10 +379,7 @@ async fn handle_output_before_finish_and_twice_is_an_error_not_a_panic() {
 async fn map_returns_outputs_in_input_order_with_bounded_concurrency() {
     let running = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
-    let group = TaskGroup::<String>::builder()
-        .limit(3)
-        .build()
-        .unwrap();
+    let group = TaskGroup::<String>::builder().limit(3).build().unwrap();
     // Later inputs finish sooner, so completion order is the reverse of input order.
     let outcomes = group
         .map(0..12u64, |i| {
@@ -399,10 +403,7 @@ async fn map_returns_outputs_in_input_order_with_bounded_concurrency() {
 #[tokio::test(start_paused = true)]
 async fn map_under_fail_fast_stops_at_the_first_failure() {
     let started = Arc::new(AtomicUsize::new(0));
-    let group = TaskGroup::<String>::builder()
-        .limit(2)
-        .build()
-        .unwrap();
+    let group = TaskGroup::<String>::builder().limit(2).build().unwrap();
     let started2 = Arc::clone(&started);
     let error = group
         .map(0..1000u32, move |id| {
@@ -428,10 +429,7 @@ async fn map_under_fail_fast_stops_at_the_first_failure() {
 #[tokio::test(start_paused = true)]
 async fn a_limited_group_queues_children_in_spawn_order() {
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let group = TaskGroup::<String>::builder()
-        .limit(2)
-        .build()
-        .unwrap();
+    let group = TaskGroup::<String>::builder().limit(2).build().unwrap();
     for i in 0..6 {
         let order = Arc::clone(&order);
         group.spawn(format!("c{i}"), async move {
@@ -486,7 +484,10 @@ async fn the_deadline_cuts_off_what_is_left_and_keeps_finished_outputs() {
         limit: Limit::Group,
         after: ms(1000),
     };
-    assert_eq!(slow.output().unwrap_err().kind, ChildErrorKind::TimedOut(cut));
+    assert_eq!(
+        slow.output().unwrap_err().kind,
+        ChildErrorKind::TimedOut(cut)
+    );
     assert_eq!(
         error.report().by_name("slow").unwrap().outcome.to_string(),
         "timed out after 1s (group deadline)"
@@ -758,7 +759,10 @@ fn building_outside_a_runtime_is_an_error() {
 async fn a_zero_limit_is_an_error() {
     let error = TaskGroup::<String>::builder().limit(0).build().unwrap_err();
     assert_eq!(error, BuildError::ZeroLimit);
-    assert_eq!(error.to_string(), "the concurrency limit must be at least 1");
+    assert_eq!(
+        error.to_string(),
+        "the concurrency limit must be at least 1"
+    );
 }
 
 #[test]

@@ -22,9 +22,14 @@ async fn forever() -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_cancels_siblings_that_would_never_finish() {
     let group = TaskGroup::<String>::new().unwrap();
-    let siblings: Vec<_> = (0..1_000).map(|_| group.spawn("forever", forever())).collect();
+    let siblings: Vec<_> = (0..1_000)
+        .map(|_| group.spawn("forever", forever()))
+        .collect();
     group.spawn("fails", async { Err::<(), _>("boom".to_owned()) });
-    let error = tokio::time::timeout(BOUND, group.join()).await.unwrap().unwrap_err();
+    let error = tokio::time::timeout(BOUND, group.join())
+        .await
+        .unwrap()
+        .unwrap_err();
     assert_eq!(error.cause().unwrap().name, "fails");
     assert_eq!(error.report().count(OutcomeKind::Cancelled), 1_000);
     for sibling in siblings {
@@ -52,7 +57,10 @@ async fn a_panic_on_another_worker_stops_the_group() {
         #[allow(unreachable_code)]
         Ok(())
     });
-    let error = tokio::time::timeout(BOUND, group.join()).await.unwrap().unwrap_err();
+    let error = tokio::time::timeout(BOUND, group.join())
+        .await
+        .unwrap()
+        .unwrap_err();
     assert_eq!(error.kind(), &GroupErrorKind::ChildFailed);
     assert_eq!(error.report().count(OutcomeKind::Panicked), 1);
 }
@@ -107,7 +115,10 @@ async fn siblings_spawned_from_workers_are_all_joined() {
             Ok(())
         });
     }
-    let report = tokio::time::timeout(BOUND, group.join()).await.unwrap().unwrap();
+    let report = tokio::time::timeout(BOUND, group.join())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(report.len(), 420);
     assert_eq!(total.load(Ordering::SeqCst), 400);
 }
@@ -120,7 +131,10 @@ async fn cancellation_from_another_task_reaches_every_child() {
     }
     let spawner = group.spawner();
     tokio::spawn(async move { spawner.cancel() });
-    let error = tokio::time::timeout(BOUND, group.join()).await.unwrap().unwrap_err();
+    let error = tokio::time::timeout(BOUND, group.join())
+        .await
+        .unwrap()
+        .unwrap_err();
     assert_eq!(
         error.kind(),
         &GroupErrorKind::Cancelled(CancelReason::Requested)
