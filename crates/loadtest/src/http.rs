@@ -5,25 +5,38 @@
 //! cross-task wake-ups, and a connection is exactly one task. The connection is opened on first use
 //! and again after any failure; a request that times out takes its connection down with it,
 //! because its answer could still arrive later and be mistaken for the next one's.
+//!
+//! This is the generator's hot path, so it is written to stay small. The steps of a request are
+//! hand-written futures of a few dozen bytes, where nested `async` blocks would build (and copy)
+//! a future of kilobytes per request. And rather than a fresh timer per request, each connection
+//! keeps one *watchdog* timer: it is only re-armed when it fires before the current request's
+//! deadline (at most once per timeout period), and a request whose deadline it reaches has timed
+//! out.
 
 use std::{
     collections::HashSet,
     fmt::Write as _,
-    future::{Future, poll_fn},
+    future::Future,
     io,
     net::SocketAddr,
     pin::{Pin, pin},
-    task::Poll,
+    task::{Context, Poll},
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Method, Request, Uri, header};
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
+use http::{HeaderValue, Method, Request, Response, Uri, header};
+use http_body_util::Full;
+use hyper::{
+    body::{Body as _, Incoming},
+    client::conn::http1,
+};
 use hyper_util::rt::TokioIo;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
-use tokio::{net::TcpStream, time::Instant};
+use tokio::{
+    net::TcpStream,
+    time::{Instant, Sleep, sleep_until},
+};
 
 use crate::{
     Config, Error, RequestKind, Scenario,
@@ -39,16 +52,29 @@ const MAX_BODY: u64 = 64 * 1024 * 1024;
 
 type Connection = http1::Connection<TokioIo<TcpStream>, Full<Bytes>>;
 
+/// An open connection.
 struct Open {
     sender: http1::SendRequest<Full<Bytes>>,
-    connection: Pin<Box<Connection>>,
+    /// The socket's driver; `None` once it has ended, after which hyper forbids polling it.
+    connection: Option<Pin<Box<Connection>>>,
 }
 
-/// What the exchange was doing when its deadline passed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    Connecting,
-    Exchanging,
+/// Polls a connection's driver, if it is still running. `Ready` means it has ended, cleanly or
+/// with the error given.
+fn poll_connection(
+    connection: &mut Option<Pin<Box<Connection>>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), TransportError>> {
+    let Some(running) = connection else {
+        return Poll::Ready(Ok(()));
+    };
+    match running.as_mut().poll(cx) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(result) => {
+            *connection = None;
+            Poll::Ready(result.map_err(|e| classify(&e)))
+        }
+    }
 }
 
 /// One connection's requests and the socket they travel on.
@@ -56,8 +82,9 @@ pub(crate) struct HttpExchange {
     addr: SocketAddr,
     requests: Requests,
     open: Option<Open>,
-    stage: Stage,
     buffer: BytesMut,
+    /// Armed on the first request; see the module docs.
+    watchdog: Option<Pin<Box<Sleep>>>,
 }
 
 impl HttpExchange {
@@ -66,180 +93,279 @@ impl HttpExchange {
             addr,
             requests,
             open: None,
-            stage: Stage::Connecting,
             buffer: BytesMut::new(),
+            watchdog: None,
         }
     }
 
-    async fn connect(addr: SocketAddr) -> Result<Open, TransportError> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| connect_error(&e))?;
-        // Requests are single writes, so Nagle's algorithm could only add delay.
-        stream.set_nodelay(true).map_err(|e| connect_error(&e))?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| classify(&e))?;
-        Ok(Open {
-            sender,
-            connection: Box::pin(connection),
-        })
-    }
-
-    async fn exchange_inner(
-        &mut self,
-        kind: RequestKind,
-        request: Request<Full<Bytes>>,
-    ) -> Outcome {
-        if let Some(open) = self.open.as_mut() {
+    async fn steps(&mut self, deadline: Instant) -> Outcome {
+        let Self {
+            addr,
+            requests,
+            open,
+            buffer,
+            watchdog,
+        } = self;
+        let watchdog = watchdog.get_or_insert_with(|| Box::pin(sleep_until(deadline)));
+        if watchdog.deadline() > deadline {
+            watchdog.as_mut().reset(deadline);
+        }
+        if let Some(reused) = open.as_mut() {
             // A server may close a keep-alive connection between requests (after its quota of
             // requests, or when idle). Nothing was sent on it yet, so that is not an error: find
             // out now and reconnect.
-            if !still_usable(open).await {
-                self.open = None;
+            match (Bounded {
+                inner: Usable(reused),
+                watchdog: &mut *watchdog,
+                deadline,
+            })
+            .await
+            {
+                Some(true) => {}
+                Some(false) => *open = None,
+                None => return Err(TransportError::Timeout),
             }
         }
-        if self.open.is_none() {
-            self.stage = Stage::Connecting;
-            self.open = Some(Self::connect(self.addr).await?);
+        if open.is_none() {
+            // Boxed: connecting is rare, and its future is larger than the rest of a request's.
+            let connect = Box::pin(connect(*addr));
+            *open = Some(
+                match (Bounded {
+                    inner: connect,
+                    watchdog: &mut *watchdog,
+                    deadline,
+                })
+                .await
+                {
+                    Some(Ok(fresh)) => fresh,
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(TransportError::ConnectTimeout),
+                },
+            );
+            let Some(fresh) = open.as_mut() else {
+                return Err(TransportError::Closed);
+            };
+            match (Bounded {
+                inner: Usable(fresh),
+                watchdog: &mut *watchdog,
+                deadline,
+            })
+            .await
+            {
+                Some(true) => {}
+                Some(false) => return Err(TransportError::Closed),
+                None => return Err(TransportError::ConnectTimeout),
+            }
         }
-        self.stage = Stage::Exchanging;
-        let Self { open, buffer, .. } = self;
         let Some(Open { sender, connection }) = open.as_mut() else {
             return Err(TransportError::Closed);
         };
-        let work = async move {
-            sender.ready().await.map_err(|e| classify(&e))?;
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| classify(&e))?;
-            let status = response.status().as_u16();
-            let keep = wants_body(kind, status);
-            let (body, bytes) = read_body(response.into_body(), buffer, keep).await?;
-            Ok(Answer {
-                kind,
-                status,
-                body,
-                bytes,
-            })
+        let (kind, request) = requests.next();
+        // Paths are built from validated parts, so this cannot fail in practice; count it rather
+        // than panic.
+        let request = request.map_err(|_| TransportError::Protocol)?;
+        let head = pin!(sender.send_request(request));
+        let answering = Answering {
+            kind,
+            head: Some(head),
+            connection,
+            body: None,
+            buffer,
         };
-        let (outcome, connection_ended) = drive_with(work, connection.as_mut()).await;
-        if connection_ended || outcome.is_err() {
+        (Bounded {
+            inner: answering,
+            watchdog,
+            deadline,
+        })
+        .await
+        .unwrap_or(Err(TransportError::Timeout))
+    }
+}
+
+impl Exchange for HttpExchange {
+    async fn exchange(&mut self, deadline: Instant) -> Outcome {
+        let outcome = self.steps(deadline).await;
+        // After a failure the connection's state is unknown (an answer may still be on its way),
+        // and after its driver ended it is unusable: either way, the next request reconnects.
+        if outcome.is_err() || self.open.as_ref().is_some_and(|o| o.connection.is_none()) {
             self.open = None;
         }
         outcome
     }
 }
 
-impl Exchange for HttpExchange {
-    async fn exchange(&mut self, deadline: Instant) -> Outcome {
-        let (kind, request) = self.requests.next();
-        let request = match request {
-            Ok(request) => request,
-            // Paths are built from validated parts, so this is unreachable in practice; count it
-            // rather than panic.
-            Err(_) => return Err(TransportError::Protocol),
-        };
-        match tokio::time::timeout_at(deadline, self.exchange_inner(kind, request)).await {
-            Ok(outcome) => outcome,
-            Err(_elapsed) => {
-                self.open = None;
-                Err(match self.stage {
-                    Stage::Connecting => TransportError::ConnectTimeout,
-                    Stage::Exchanging => TransportError::Timeout,
-                })
+async fn connect(addr: SocketAddr) -> Result<Open, TransportError> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| connect_error(&e))?;
+    // Requests are single writes, so Nagle's algorithm could only add delay.
+    stream.set_nodelay(true).map_err(|e| connect_error(&e))?;
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| classify(&e))?;
+    Ok(Open {
+        sender,
+        connection: Some(Box::pin(connection)),
+    })
+}
+
+/// Waits for `inner` unless the watchdog reaches `deadline` first (then `None`).
+struct Bounded<'a, F> {
+    inner: F,
+    watchdog: &'a mut Pin<Box<Sleep>>,
+    deadline: Instant,
+}
+
+impl<F: Future + Unpin> Future for Bounded<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Poll::Ready(output) = Pin::new(&mut this.inner).poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        loop {
+            match this.watchdog.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if this.watchdog.deadline() >= this.deadline => {
+                    return Poll::Ready(None);
+                }
+                // It was armed for an earlier request: re-arm it for this one and wait on.
+                Poll::Ready(()) => this.watchdog.as_mut().reset(this.deadline),
             }
         }
     }
 }
 
-/// Whether an open connection can take another request: its sender is ready and its connection
-/// has not ended.
-async fn still_usable(open: &mut Open) -> bool {
-    let Open { sender, connection } = open;
-    poll_fn(|cx| {
-        // Poll the connection first: it is what notices a close and stops the sender.
-        if connection.as_mut().poll(cx).is_ready() {
+/// Whether an open connection can take a request: its driver is running and its sender ready.
+struct Usable<'a>(&'a mut Open);
+
+impl Future for Usable<'_> {
+    type Output = bool;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        let open = &mut *self.get_mut().0;
+        // Poll the driver first: it is what notices a close and stops the sender.
+        if poll_connection(&mut open.connection, cx).is_ready() {
             return Poll::Ready(false);
         }
-        sender.poll_ready(cx).map(|ready| ready.is_ok())
-    })
-    .await
+        open.sender.poll_ready(cx).map(|ready| ready.is_ok())
+    }
 }
 
-/// Polls the request's future and its connection together in this task until the request ends.
-/// Also says whether the connection ended, after which it must not be polled again.
-async fn drive_with(
-    work: impl Future<Output = Outcome>,
-    mut connection: Pin<&mut Connection>,
-) -> (Outcome, bool) {
-    let mut work = pin!(work);
-    let mut connection_ended = false;
-    let outcome = poll_fn(|cx| {
-        if let Poll::Ready(outcome) = work.as_mut().poll(cx) {
-            return Poll::Ready(outcome);
-        }
-        if connection_ended {
-            return Poll::Pending;
-        }
-        match connection.as_mut().poll(cx) {
-            // The connection may have just handed the answer over; look at once rather than
-            // after a second trip through the scheduler.
-            Poll::Pending => work.as_mut().poll(cx),
-            Poll::Ready(result) => {
-                connection_ended = true;
-                match work.as_mut().poll(cx) {
-                    Poll::Ready(outcome) => Poll::Ready(outcome),
-                    // The connection is gone and the request is still unanswered.
-                    Poll::Pending => Poll::Ready(Err(match result {
-                        Ok(()) => TransportError::Closed,
-                        Err(e) => classify(&e),
-                    })),
-                }
-            }
-        }
-    })
-    .await;
-    (outcome, connection_ended)
+/// A sent request, until its whole answer is read. It polls the connection's driver alongside,
+/// since in this task nothing else does.
+struct Answering<'a, H> {
+    kind: RequestKind,
+    /// The answer's head, until it arrives.
+    head: Option<Pin<&'a mut H>>,
+    connection: &'a mut Option<Pin<Box<Connection>>>,
+    body: Option<BodyRead>,
+    buffer: &'a mut BytesMut,
 }
 
-/// Reads a whole body, keeping it only when `keep`; a single-frame body is kept without a copy.
-async fn read_body(
-    mut body: hyper::body::Incoming,
-    buffer: &mut BytesMut,
+/// The body being read.
+struct BodyRead {
+    incoming: Incoming,
+    status: u16,
+    /// Whether the body is kept for inspection or only counted.
     keep: bool,
-) -> Result<(Bytes, u64), TransportError> {
-    let mut total = 0u64;
-    let mut single: Option<Bytes> = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| classify(&e))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        total += data.len() as u64;
-        if total > MAX_BODY {
-            return Err(TransportError::BodyTooLarge);
-        }
-        if !keep {
-            continue;
-        }
-        if single.is_none() && buffer.is_empty() {
-            single = Some(data);
-        } else {
-            if let Some(first) = single.take() {
-                buffer.extend_from_slice(&first);
+    bytes: u64,
+    /// A body that came in a single frame is kept as that frame, without a copy.
+    single: Option<Bytes>,
+}
+
+impl<H> Answering<'_, H>
+where
+    H: Future<Output = hyper::Result<Response<Incoming>>>,
+{
+    /// Advances as far as it can without the connection's driver.
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        loop {
+            if let Some(head) = self.head.as_mut() {
+                let response = match head.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(classify(&e))),
+                    Poll::Ready(Ok(response)) => response,
+                };
+                self.head = None;
+                let status = response.status().as_u16();
+                self.buffer.clear();
+                self.body = Some(BodyRead {
+                    incoming: response.into_body(),
+                    status,
+                    keep: wants_body(self.kind, status),
+                    bytes: 0,
+                    single: None,
+                });
             }
-            buffer.extend_from_slice(&data);
+            let Some(body) = self.body.as_mut() else {
+                return Poll::Ready(Err(TransportError::Closed));
+            };
+            let data = match Pin::new(&mut body.incoming).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(classify(&e))),
+                Poll::Ready(None) => {
+                    let kept = match body.single.take() {
+                        Some(frame) => frame,
+                        // Splitting hands the bytes over; the buffer's allocation is reclaimed
+                        // once they are dropped.
+                        None => self.buffer.split().freeze(),
+                    };
+                    return Poll::Ready(Ok(Answer {
+                        kind: self.kind,
+                        status: body.status,
+                        body: kept,
+                        bytes: body.bytes,
+                    }));
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_trailers) => continue,
+                },
+            };
+            body.bytes += data.len() as u64;
+            if body.bytes > MAX_BODY {
+                return Poll::Ready(Err(TransportError::BodyTooLarge));
+            }
+            if !body.keep {
+                continue;
+            }
+            if body.single.is_none() && self.buffer.is_empty() {
+                body.single = Some(data);
+            } else {
+                if let Some(first) = body.single.take() {
+                    self.buffer.extend_from_slice(&first);
+                }
+                self.buffer.extend_from_slice(&data);
+            }
         }
     }
-    let body = match single {
-        Some(data) => data,
-        // Splitting hands the bytes over; the buffer's allocation is reclaimed once they drop.
-        None => buffer.split().freeze(),
-    };
-    Ok((body, total))
+}
+
+impl<H> Future for Answering<'_, H>
+where
+    H: Future<Output = hyper::Result<Response<Incoming>>>,
+{
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = self.get_mut();
+        if let Poll::Ready(outcome) = this.step(cx) {
+            return Poll::Ready(outcome);
+        }
+        match poll_connection(this.connection, cx) {
+            // The driver may have just handed the answer over; look at once rather than after a
+            // second trip through the scheduler.
+            Poll::Pending => this.step(cx),
+            Poll::Ready(ended) => match this.step(cx) {
+                Poll::Ready(outcome) => Poll::Ready(outcome),
+                // The connection is gone and the request is still unanswered.
+                Poll::Pending => Poll::Ready(Err(ended.err().unwrap_or(TransportError::Closed))),
+            },
+        }
+    }
 }
 
 /// Sorts a connection failure into a report kind.
@@ -451,20 +577,28 @@ impl Requests {
     }
 
     fn build(&self, method: Method, body: Bytes) -> Result<Request<Full<Bytes>>, http::Error> {
+        // Assembled in place rather than through `Request::builder`, which moves the whole
+        // request through a `Result` at every step: this runs once per request.
         let is_post = method == Method::POST;
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(Uri::try_from(self.path.as_str())?)
-            .header(header::HOST, self.plan.host.clone());
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = Uri::try_from(self.path.as_str())?;
+        let headers = request.headers_mut();
+        headers.insert(header::HOST, self.plan.host.clone());
         if is_post {
-            builder = builder.header(header::CONTENT_TYPE, "application/json");
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
         }
-        builder.body(Full::new(body))
+        Ok(request)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::BodyExt;
+
     use super::*;
     use crate::Distribution;
 

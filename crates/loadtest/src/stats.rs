@@ -145,7 +145,7 @@ pub(crate) enum Phase {
 pub(crate) struct PhaseStats {
     /// Latency of answered requests, from the latency origin.
     pub latency: Histogram<u64>,
-    /// Latency of answered requests, from the actual send.
+    /// Open loop: latency of answered requests, from the actual send.
     pub service: Histogram<u64>,
     /// Open loop: the generator's send lag, every send.
     pub send_lag: Histogram<u64>,
@@ -228,7 +228,11 @@ impl PhaseStats {
         self.bytes += answer.bytes;
         *self.statuses.entry(answer.status).or_insert(0) += 1;
         self.latency.saturating_record(nanos(timing.latency));
-        self.service.saturating_record(nanos(timing.service));
+        // In closed loop the two are the same instant; the service histogram is only read in
+        // open loop, so skip the second record there.
+        if timing.send_lag.is_some() {
+            self.service.saturating_record(nanos(timing.service));
+        }
         match findings {
             Findings::Nothing => {}
             Findings::Sources(errors) => {
