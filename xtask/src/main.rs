@@ -4,6 +4,7 @@
 //! machine: running a local PostgreSQL cluster, migrating and seeding it, running the tests against a
 //! throwaway cluster, serving the stand-in recommendation service, load tests and benchmarks.
 
+mod bench;
 mod db;
 mod loadtest;
 mod migrate;
@@ -39,6 +40,8 @@ enum Command {
     Upstream(upstream::UpstreamArgs),
     /// Load the service (or the stand-in upstream) and report latency, throughput and errors.
     Loadtest(loadtest::Args),
+    /// Wall-clock benchmarks, such as the seed's fan-out comparison (`bench fanout`).
+    Bench(bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -68,5 +71,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Test(args) => test::run(args).await,
         Command::Upstream(args) => upstream::run(args).await,
         Command::Loadtest(args) => loadtest::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
