@@ -11,6 +11,7 @@ mod migrate;
 mod pg;
 mod seed;
 mod test;
+mod up;
 mod upstream;
 
 use std::process::ExitCode;
@@ -28,6 +29,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start everything (PostgreSQL, migrations, seed data, the stand-in recommendation service)
+    /// and serve the API in the foreground; Ctrl-C stops it all.
+    Up(up::UpArgs),
     /// Run the project-local PostgreSQL cluster: start, stop, status, url.
     Db(db::DbArgs),
     /// Apply pending migrations from migrations/ (or list them with --status).
@@ -44,9 +48,34 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+impl Command {
+    /// Commands whose speed is what they serve or measure: a debug build would misreport it.
+    fn wants_release_build(&self) -> bool {
+        matches!(
+            self,
+            Command::Up(_) | Command::Upstream(_) | Command::Loadtest(_) | Command::Bench(_)
+        )
+    }
+}
+
+/// Replaces this debug-built process with the same command from a release build.
+fn exec_release() -> std::io::Error {
+    use std::os::unix::process::CommandExt as _;
+    eprintln!("(building xtask in release mode: this command measures or serves at full speed)");
+    std::process::Command::new(up::cargo())
+        .args(["run", "--quiet", "--release", "--package", "xtask", "--"])
+        .args(std::env::args_os().skip(1))
+        .exec()
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cfg!(debug_assertions) && cli.command.wants_release_build() {
+        let error = exec_release();
+        eprintln!("error: cannot run the release build of xtask: {error}");
+        return ExitCode::FAILURE;
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -65,6 +94,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .context("xtask is not inside the workspace")?;
     std::env::set_current_dir(root).context("cannot enter the workspace root")?;
     match cli.command {
+        Command::Up(args) => up::run(args).await,
         Command::Db(args) => db::run(args).await,
         Command::Migrate(args) => migrate::run(args).await,
         Command::Seed(args) => seed::run(args).await,

@@ -104,11 +104,14 @@ pub async fn run(args: TestArgs) -> Result<()> {
         runs.push(doc);
     } else {
         eprintln!("cargo-nextest is not installed; using cargo test");
+        // cargo test takes packages before `--` and test filters after it.
         let mut run = vec!["test".into()];
         run.extend(scope.iter().cloned());
-        if !args.args.is_empty() {
+        run.extend(packages(&args.args));
+        let rest = without_packages(&args.args);
+        if !rest.is_empty() {
             run.push("--".into());
-            run.extend(args.args.iter().cloned());
+            run.extend(rest);
         }
         runs.push(run);
     }
@@ -134,6 +137,20 @@ fn packages(args: &[String]) -> Vec<String> {
             out.extend(it.next().cloned());
         } else if let Some(name) = arg.strip_prefix("--package=") {
             out.push(format!("--package={name}"));
+        }
+    }
+    out
+}
+
+/// The arguments other than `-p NAME` pairs.
+fn without_packages(args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if arg == "-p" || arg == "--package" {
+            it.next();
+        } else if !arg.starts_with("--package=") {
+            out.push(arg.clone());
         }
     }
     out

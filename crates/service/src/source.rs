@@ -83,6 +83,20 @@ impl SourceError {
         }
     }
 
+    /// The message a client of the API may see: the error's own line, except that the start of
+    /// an error body the recommendation service sent back is left out (it is a third party's
+    /// text, logged but not passed on).
+    pub fn public_message(&self) -> String {
+        match self {
+            SourceError::Recommendations(client::RecommendationError::Status {
+                status, ..
+            }) => {
+                format!("recommendation service answered {status}")
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// Whether the database as a whole is out of reach or overloaded (rather than one statement
     /// failing): the answer is "try again later".
     pub fn is_unavailable(&self) -> bool {
@@ -204,7 +218,10 @@ pub(crate) fn describe<T>(
     };
     match outcome {
         Outcome::Ok(_) => (SourceStatus::Ok, None),
-        Outcome::Err(e) => (SourceStatus::Error, Some(failure(e.kind(), e.to_string()))),
+        Outcome::Err(e) => (
+            SourceStatus::Error,
+            Some(failure(e.kind(), e.public_message())),
+        ),
         Outcome::TimedOut(timeout) => {
             // The configured length of the limit, not the group's measured budget, which starts
             // a few microseconds after the request did.

@@ -116,6 +116,13 @@ async fn upstream_faults_are_captured_per_source() {
         assert_eq!(dashboard.errors[0].source, Source::Recommendations);
         assert_eq!(dashboard.errors[0].kind, kind, "{fault:?}");
         assert_eq!(dashboard.orders.len(), 2);
+        if kind == "status" {
+            // The upstream's own error body is not passed on to our clients.
+            assert_eq!(
+                dashboard.errors[0].error,
+                "recommendation service answered 502 Bad Gateway"
+            );
+        }
     }
 }
 
