@@ -496,7 +496,7 @@ fn open_loop(config: &Config, rate: f64, m: &PhaseStats) -> OpenLoop {
         format::percent(achieved_ratio),
     );
     let lag = format!(
-        "send lag p99 {}, max {}",
+        "send lag (p99 {}, max {})",
         format::latency(send_lag.p99_ms),
         format::latency(send_lag.max_ms)
     );
@@ -520,20 +520,19 @@ fn open_loop(config: &Config, rate: f64, m: &PhaseStats) -> OpenLoop {
             )
         } else {
             format!(
-                "The generator could not keep up with the requested rate: it {figures}, and its \
+                "The generator could not keep up with the requested rate: it {figures}, with a \
                  {lag}. It was short of CPU: give it more --threads, or lower the --rate."
             )
         }
     } else if !on_time {
         format!(
-            "The generator kept the rate on average ({figures}) but was late sending: its {lag}, \
-             beyond timer granularity. It was short of CPU; the latencies exclude that lag, but \
-             the server saw bursts rather than an even rate."
+            "The generator kept the rate on average ({figures}) but was late sending, with a \
+             {lag} well beyond timer granularity. It was short of CPU; the latencies exclude that \
+             lag, but the server saw bursts rather than an even rate."
         )
     } else {
         format!(
-            "The generator kept up: it {figures}; its {lag} (timer granularity), excluded from \
-             the latencies."
+            "The generator kept up: it {figures}; its own {lag} is excluded from the latencies."
         )
     };
     OpenLoop {

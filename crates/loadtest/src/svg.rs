@@ -13,6 +13,9 @@ const HEIGHT: u32 = 820;
 /// The deepest percentile the curve's axis shows: 99.999%.
 const MAX_NINES: f64 = 5.0;
 
+/// The p99 line's colour: green, dark enough to read on white.
+const DARK_GREEN: RGBColor = RGBColor(20, 140, 60);
+
 fn render_error(e: impl std::fmt::Display) -> Error {
     Error::Render(e.to_string())
 }
@@ -137,6 +140,8 @@ where
     let mut chart = ChartBuilder::on(area)
         .caption("Latency by percentile", ("sans-serif", 16))
         .margin(12)
+        // Room for the last axis label, 99.999%, centred on the right edge.
+        .margin_right(36)
         .x_label_area_size(36)
         .y_label_area_size(64)
         .build_cartesian_2d(0.0..MAX_NINES, 0.0..y_max)
@@ -266,10 +271,10 @@ where
         .map(|p| (p.t_s, p.p99_ms))
         .collect();
     chart
-        .draw_secondary_series(LineSeries::new(p99, GREEN.mix(0.9).stroke_width(2)))
+        .draw_secondary_series(LineSeries::new(p99, DARK_GREEN.stroke_width(2)))
         .map_err(render_error)?
         .label("p99 (right axis)")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], GREEN.stroke_width(2)));
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], DARK_GREEN.stroke_width(2)));
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
