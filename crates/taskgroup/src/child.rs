@@ -1,5 +1,4 @@
-//! The tokio task that runs one child: it waits for a concurrency slot if the group has a limit,
-//! builds the child's future, polls it inside the spawner's span with panics caught, enforces the
+//! The tokio task that runs one child: it builds the child's future, polls it inside the spawner's span with panics caught, enforces the
 //! child's own timeout, and records the result.
 //!
 //! Its drop first drops the child's future, then settles the child's bookkeeping: that ordering is
@@ -15,7 +14,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use tokio::sync::{AcquireError, OwnedSemaphorePermit};
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 
 use crate::context::ChildContext;
@@ -65,22 +65,32 @@ where
     }
 }
 
-/// A boxed wait for a concurrency slot. Boxed because `acquire_owned`'s future has no nameable
-/// type; only groups with a limit pay for it.
-pub(crate) type Acquire =
-    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
-
-/// What only some children need: a concurrency slot, their own timeout, a tracing span to run in.
-/// Kept out of line so that an ordinary child's task stays within one 128-byte tokio task cell,
-/// which is what keeps a task group's cost per child level with `JoinSet`'s.
+/// What only some children need: their own timeout and a tracing span to run in. Kept out of
+/// line so that an ordinary child's task stays within one 128-byte tokio task cell, which is what
+/// keeps a task group's cost per child level with `JoinSet`'s.
 pub(crate) struct Extras {
-    pub(crate) acquire: Option<Acquire>,
-    pub(crate) permit: Option<OwnedSemaphorePermit>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) sleep: Option<Pin<Box<Sleep>>>,
     pub(crate) span: tracing::Span,
-    /// Whether the child got past the concurrency limit and started (for the running count).
-    pub(crate) started: bool,
+}
+
+/// A child waiting for a concurrency slot: its task, built but not yet handed to tokio, so a queued
+/// child costs its future and nothing more.
+pub(crate) trait Queued: Send {
+    /// The child's index in the registry.
+    fn index(&self) -> usize;
+    /// Hands the child to tokio.
+    fn spawn_on(self: Box<Self>, runtime: &Handle) -> JoinHandle<()>;
+}
+
+impl<S: Starter<E>, E: Send + 'static> Queued for ChildTask<S, E> {
+    fn index(&self) -> usize {
+        self.slot.index()
+    }
+
+    fn spawn_on(self: Box<Self>, runtime: &Handle) -> JoinHandle<()> {
+        runtime.spawn(*self)
+    }
 }
 
 pin_project! {
@@ -126,10 +136,12 @@ pin_project! {
             let shared = this.slot.shared();
             if !finished {
                 let outcome = shared.cancellation_outcome();
-                complete(this.slot, shared, this.extras.as_deref_mut(), outcome);
+                complete(this.slot, shared, outcome);
             }
             *this.extras = None;
             shared.child_gone();
+            // A finished child frees a concurrency slot for the next queued one.
+            shared.start_queued();
         }
     }
 }
@@ -160,18 +172,7 @@ impl<S: Starter<E>, E: Send + 'static> Future for ChildTask<S, E> {
             StageProj::Done => return Poll::Ready(()),
             StageProj::Running { .. } => {}
             StageProj::Waiting { .. } => {
-                if let Some(extras) = this.extras.as_deref_mut() {
-                    if let Some(acquire) = extras.acquire.as_mut() {
-                        match acquire.as_mut().poll(cx) {
-                            Poll::Pending => return Poll::Pending,
-                            Poll::Ready(Ok(permit)) => extras.permit = Some(permit),
-                            // The semaphore is closed only when the group stops: the child never
-                            // starts, and the drop records it as cancelled.
-                            Poll::Ready(Err(_)) => return Poll::Ready(()),
-                        }
-                        extras.acquire = None;
-                    }
-                }
+                // A child aborted or dropped before its first poll never starts.
                 if shared.is_stopping() {
                     return Poll::Ready(());
                 }
@@ -183,12 +184,6 @@ impl<S: Starter<E>, E: Send + 'static> Future for ChildTask<S, E> {
                 // From here until the future is in place the stage reads `Done`; every path out
                 // of this block either installs the future or records the result.
                 let timeout = this.extras.as_deref().and_then(|x| x.timeout);
-                if let Some(extras) = this.extras.as_deref_mut() {
-                    extras.started = true;
-                    if shared.is_limited() {
-                        shared.counters.running.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
                 // Building the future and the timer runs user code (and tokio's timer, which
                 // panics when the runtime has no time driver), so it is caught like any poll.
                 let started = {
@@ -209,7 +204,7 @@ impl<S: Starter<E>, E: Send + 'static> Future for ChildTask<S, E> {
                     }
                     Err(payload) => {
                         let outcome = Outcome::Panicked(Panic::new(payload));
-                        complete(slot, shared, this.extras.as_deref_mut(), outcome);
+                        complete(slot, shared, outcome);
                         return Poll::Ready(());
                     }
                 }
@@ -251,9 +246,8 @@ impl<S: Starter<E>, E: Send + 'static> Future for ChildTask<S, E> {
         this.stage.set(Stage::Done);
         if let Some(extras) = this.extras.as_deref_mut() {
             extras.sleep = None;
-            extras.permit = None;
         }
-        complete(slot, shared, this.extras.as_deref_mut(), outcome);
+        complete(slot, shared, outcome);
         Poll::Ready(())
     }
 }
@@ -275,16 +269,9 @@ fn context<T, E: Send + 'static>(
 fn complete<T, E: Send + 'static>(
     slot: &Slot<T, E>,
     shared: &Arc<Shared<E>>,
-    extras: Option<&mut Extras>,
     outcome: Outcome<T, E>,
 ) {
     let counters = &shared.counters;
-    if let Some(extras) = extras {
-        if extras.started && shared.is_limited() {
-            counters.running.fetch_sub(1, Ordering::Relaxed);
-        }
-        extras.started = false;
-    }
     // Successes are not counted here: `Stats` derives them, so that the common path touches no
     // shared counter.
     let fatal = match &outcome {

@@ -52,11 +52,15 @@ impl<E> ChildContext<E> {
         &self.name
     }
 
-    /// The group's cancellation token. It is cancelled as soon as the group starts stopping
-    /// (a sibling failed, the deadline passed, the group or its parent was cancelled); with a grace
-    /// period, the child has that long to finish before it is aborted.
-    pub fn token(&self) -> &CancellationToken {
-        &self.shared.token
+    /// A token that is cancelled as soon as the group starts stopping (a sibling failed, the
+    /// deadline passed, the group or its parent was cancelled); with a grace period, the child has
+    /// that long to finish before it is aborted. Hand it to code that takes a
+    /// `CancellationToken`.
+    ///
+    /// It is a child of the group's own token, so cancelling it affects only this copy; to stop
+    /// the group, call [`cancel_group`](ChildContext::cancel_group).
+    pub fn token(&self) -> CancellationToken {
+        self.shared.token.child_token()
     }
 
     /// Whether the group has started stopping.

@@ -8,6 +8,7 @@
 //! relaxed counter updates; nothing is done per child at cancellation time except `abort`.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::fmt;
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -16,12 +17,12 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::child::{Acquire, ChildTask, Extras, Ready, Starter, WithContext};
+use crate::child::{ChildTask, Extras, Queued, Ready, Starter, WithContext};
 use crate::context::ChildContext;
 use crate::handle::{ErasedSlot, Slot, TaskHandle};
 use crate::outcome::{CancelReason, Limit, Outcome, Timeout};
@@ -120,14 +121,12 @@ pub struct Stats {
     pub timed_out: usize,
 }
 
-/// Shared counters. Successes and spawns are not counted here (they are derived in
-/// [`Shared::stats`]), and `running` only in limited groups, so an ordinary child that succeeds
-/// touches none of them.
+/// Shared counters. Successes, spawns and running children are not counted here (they are derived
+/// in [`Shared::stats`]), so an ordinary child that succeeds touches none of them.
 #[derive(Default)]
 pub(crate) struct Counters {
     /// Children refused after the group closed, which are not in the registry.
     refused: AtomicUsize,
-    pub(crate) running: AtomicUsize,
     pub(crate) failed: AtomicUsize,
     pub(crate) panicked: AtomicUsize,
     pub(crate) cancelled: AtomicUsize,
@@ -157,6 +156,11 @@ struct Registry<E> {
     spawned: usize,
     /// The task that aborts what is left when a grace period ends.
     reaper: Option<JoinHandle<()>>,
+    /// Children waiting for a concurrency slot, in spawn order (limited groups only).
+    queue: VecDeque<Box<dyn Queued>>,
+    /// Set once every registered child has been aborted, so that a child handed to tokio after
+    /// that (outside the lock) is aborted too.
+    aborted: bool,
 }
 
 /// The state shared by the group, its spawners and its children.
@@ -169,7 +173,7 @@ pub(crate) struct Shared<E> {
     /// The group's whole budget (creation to deadline), reported in group timeouts.
     budget: Duration,
     pub(crate) grace: Duration,
-    semaphore: Option<Arc<Semaphore>>,
+    limit: Option<usize>,
     stop: OnceLock<Stop>,
     first_failure: OnceLock<usize>,
     registry: Mutex<Registry<E>>,
@@ -224,9 +228,7 @@ impl<E: Send + 'static> Shared<E> {
         if self.stop.set(reason).is_err() {
             return;
         }
-        if let Some(semaphore) = &self.semaphore {
-            semaphore.close();
-        }
+        self.discard_queue();
         self.token.cancel();
         if self.grace.is_zero() {
             self.abort_all();
@@ -248,8 +250,16 @@ impl<E: Send + 'static> Shared<E> {
         }
     }
 
+    /// Drops the queued children unstarted. They are dropped after the lock is released, because
+    /// a dropped child reports back to the group.
+    fn discard_queue(&self) {
+        let queued = std::mem::take(&mut self.lock_registry().queue);
+        drop(queued);
+    }
+
     fn abort_all(&self) {
-        let registry = self.lock_registry();
+        let mut registry = self.lock_registry();
+        registry.aborted = true;
         for entry in &registry.children {
             if let Some(task) = &entry.task {
                 task.abort();
@@ -265,20 +275,56 @@ impl<E: Send + 'static> Shared<E> {
         }
     }
 
-    pub(crate) fn is_limited(&self) -> bool {
-        self.semaphore.is_some()
+    /// Starts queued children while the limit allows. Called whenever a child's task is dropped.
+    pub(crate) fn start_queued(&self) {
+        let Some(limit) = self.limit else {
+            return;
+        };
+        loop {
+            let next = {
+                let mut registry = self.lock_registry();
+                // Queued children are live too, so the running ones are the difference.
+                let running = self
+                    .live
+                    .load(Ordering::Acquire)
+                    .saturating_sub(registry.queue.len());
+                if self.is_stopping() || running >= limit {
+                    return;
+                }
+                match registry.queue.pop_front() {
+                    Some(next) => next,
+                    None => return,
+                }
+            };
+            let index = next.index();
+            let task = next.spawn_on(&self.runtime);
+            self.register_task(index, task);
+        }
+    }
+
+    /// Records the `JoinHandle` of a child handed to tokio outside the registry lock, aborting it
+    /// if the group aborted its children in the meantime.
+    fn register_task(&self, index: usize, task: JoinHandle<()>) {
+        let mut registry = self.lock_registry();
+        if registry.aborted {
+            task.abort();
+        }
+        match registry.children.get_mut(index) {
+            Some(entry) => entry.task = Some(task),
+            // Only after the group was dropped, when it was aborted above.
+            None => drop(task),
+        }
     }
 
     fn stats(&self) -> Stats {
         let c = &self.counters;
-        let registered = self.lock_registry().spawned;
+        let (registered, queued) = {
+            let registry = self.lock_registry();
+            (registry.spawned, registry.queue.len())
+        };
         let spawned = registered + c.refused.load(Ordering::Relaxed);
         let live = self.live.load(Ordering::Acquire);
-        let running = if self.is_limited() {
-            c.running.load(Ordering::Relaxed).min(live)
-        } else {
-            live
-        };
+        let running = live.saturating_sub(queued);
         let failed = c.failed.load(Ordering::Relaxed);
         let panicked = c.panicked.load(Ordering::Relaxed);
         let cancelled = c.cancelled.load(Ordering::Relaxed);
@@ -286,7 +332,7 @@ impl<E: Send + 'static> Shared<E> {
         let finished_otherwise = failed + panicked + cancelled + timed_out;
         Stats {
             spawned,
-            queued: live - running,
+            queued,
             running,
             succeeded: spawned.saturating_sub(live + finished_otherwise),
             failed,
@@ -297,15 +343,15 @@ impl<E: Send + 'static> Shared<E> {
     }
 
     /// Spawns a child. When the group is stopping or closed, `refuse` decides: it either gives the
-    /// child back as an error (the `try_` spawns) or drops it, and then the child is recorded as
-    /// cancelled without ever being started.
+    /// child back as an error (the `try_` spawns) or returns it, and then the child is recorded as
+    /// cancelled and dropped without ever being started.
     fn spawn<S: Starter<E>, R>(
         self: &Arc<Self>,
         name: Cow<'static, str>,
         timeout: Option<Duration>,
         essential: Option<bool>,
         starter: S,
-        refuse: impl FnOnce(S, CancelReason) -> Result<(), R>,
+        refuse: impl FnOnce(S, CancelReason) -> Result<S, R>,
     ) -> Result<TaskHandle<S::Output>, R> {
         let essential = essential.unwrap_or(self.policy == Policy::FailFast);
         let mut registry = self.lock_registry();
@@ -327,7 +373,7 @@ impl<E: Send + 'static> Shared<E> {
                 .map(|stop| (stop_reason(stop), self.cancellation_outcome()))
         };
         if let Some((reason, outcome)) = refusal {
-            refuse(starter, reason)?;
+            let starter = refuse(starter, reason)?;
             match &outcome {
                 Outcome::TimedOut(_) => &self.counters.timed_out,
                 _ => &self.counters.cancelled,
@@ -343,36 +389,59 @@ impl<E: Send + 'static> Shared<E> {
                     slot: Arc::clone(&slot) as Arc<dyn ErasedSlot<E>>,
                 });
             }
+            drop(registry);
+            // The refused child's future is dropped unpolled, outside the lock: its destructor is
+            // user code.
+            drop(starter);
             return Ok(TaskHandle::new(slot, index));
         }
 
-        self.live.fetch_add(1, Ordering::AcqRel);
+        // Counted before it exists as a task: `join` must not see zero live children while this
+        // one is on its way.
+        let queued_before = registry.queue.len();
+        let running_before = self
+            .live
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_sub(queued_before);
         LIVE_CHILDREN.fetch_add(1, Ordering::AcqRel);
+        registry.spawned += 1;
+        registry.children.push(Entry {
+            task: None,
+            slot: Arc::clone(&slot) as Arc<dyn ErasedSlot<E>>,
+        });
         let span = tracing::Span::current();
-        let extras = if self.semaphore.is_some() || timeout.is_some() || !span.is_none() {
+        let extras = if timeout.is_some() || !span.is_none() {
             Some(Box::new(Extras {
-                acquire: self
-                    .semaphore
-                    .as_ref()
-                    .map(|semaphore| Box::pin(Arc::clone(semaphore).acquire_owned()) as Acquire),
-                permit: None,
                 timeout,
                 sleep: None,
                 span,
-                started: false,
             }))
         } else {
             None
         };
-        let task = self
-            .runtime
-            .spawn(ChildTask::new(starter, Arc::clone(&slot), extras));
-        registry.spawned += 1;
-        registry.children.push(Entry {
-            task: Some(task),
-            slot: Arc::clone(&slot) as Arc<dyn ErasedSlot<E>>,
-        });
-        drop(registry);
+        let task = ChildTask::new(starter, Arc::clone(&slot), extras);
+        match self.limit {
+            None => {
+                // Unlimited groups hand the child to tokio under the lock, which orders it before
+                // any abort. This is safe because a child dropped inline (by a runtime shutting
+                // down) never takes this lock in an unlimited group.
+                let task = self.runtime.spawn(task);
+                if let Some(entry) = registry.children.last_mut() {
+                    entry.task = Some(task);
+                }
+            }
+            Some(limit) if running_before >= limit || queued_before > 0 => {
+                // Queued behind earlier children: not a tokio task yet, only its future.
+                registry.queue.push_back(Box::new(task));
+            }
+            Some(_) => {
+                // In a limited group a dropped child starts the next queued one, which takes the
+                // lock; so the child is handed to tokio outside it.
+                drop(registry);
+                let task = self.runtime.spawn(task);
+                self.register_task(index, task);
+            }
+        }
         Ok(TaskHandle::new(slot, index))
     }
 }
@@ -469,9 +538,10 @@ impl<E: Send + 'static> Builder<E> {
     }
 
     /// Runs at most `limit` children at once. Children spawned beyond the limit are queued
-    /// without starting (their future or closure is not polled or called) and start in spawn
-    /// order as running children finish; cancelling the group discards them unstarted. A limit of
-    /// zero is refused by [`build`](Builder::build).
+    /// without starting: they are not tokio tasks yet, and their future or closure is neither
+    /// polled nor called. They start in spawn order as running children finish, and cancelling
+    /// the group discards them unstarted. Spawning never waits. A limit of zero is refused by
+    /// [`build`](Builder::build).
     pub fn limit(mut self, limit: usize) -> Self {
         self.limit = Some(limit);
         self
@@ -511,7 +581,7 @@ impl<E: Send + 'static> Builder<E> {
     /// the child's timeout and its group's deadline), its group's grace period unless one is set,
     /// and is cancelled when the child's group is cancelled.
     pub fn nested_in<P>(mut self, context: &ChildContext<P>) -> Self {
-        self.parent = Some(context.token().clone());
+        self.parent = Some(context.token());
         self.parent_deadline = context.deadline();
         if self.grace.is_none() {
             self.grace = Some(context.grace());
@@ -568,13 +638,15 @@ impl<E: Send + 'static> Builder<E> {
             deadline,
             budget: deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(now)),
             grace,
-            semaphore: self.limit.map(|n| Arc::new(Semaphore::new(n))),
+            limit: self.limit,
             stop: OnceLock::new(),
             first_failure: OnceLock::new(),
             registry: Mutex::new(Registry {
                 closed: false,
                 children: Vec::new(),
                 spawned: 0,
+                queue: VecDeque::new(),
+                aborted: false,
                 reaper: None,
             }),
             live: AtomicUsize::new(0),
@@ -719,11 +791,11 @@ impl<E: Send + 'static> TaskGroup<E> {
         }
     }
 
-    /// The group's cancellation token. Children can watch it to clean up cooperatively;
-    /// cancelling it from outside does not by itself stop the group (use
-    /// [`cancel`](TaskGroup::cancel) for that).
-    pub fn token(&self) -> &CancellationToken {
-        &self.shared.token
+    /// A token that is cancelled when the group starts stopping, for code outside the group that
+    /// wants to notice. It is a child of the group's own token: cancelling it affects only this
+    /// copy (use [`cancel`](TaskGroup::cancel) to stop the group).
+    pub fn token(&self) -> CancellationToken {
+        self.shared.token.child_token()
     }
 
     /// Cancels the group: queued children never start, running ones are signalled and aborted
@@ -832,12 +904,11 @@ impl<E: Send + 'static> Drop for TaskGroup<E> {
             return;
         }
         let _ = self.shared.stop.set(Stop::Dropped);
-        if let Some(semaphore) = &self.shared.semaphore {
-            semaphore.close();
-        }
+        self.shared.discard_queue();
         self.shared.token.cancel();
         let mut registry = self.shared.lock_registry();
         registry.closed = true;
+        registry.aborted = true;
         if let Some(reaper) = registry.reaper.take() {
             reaper.abort();
         }
@@ -920,9 +991,10 @@ impl<E: Send + 'static> Spawner<E> {
         self.shared.is_stopping() || self.shared.lock_registry().closed
     }
 
-    /// The group's cancellation token.
-    pub fn token(&self) -> &CancellationToken {
-        &self.shared.token
+    /// A token that is cancelled when the group starts stopping; cancelling it affects only this
+    /// copy (use [`cancel`](Spawner::cancel) to stop the group).
+    pub fn token(&self) -> CancellationToken {
+        self.shared.token.child_token()
     }
 
     /// A snapshot of the group's child counts.
@@ -1084,9 +1156,8 @@ impl<'g, E: Send + 'static> ChildBuilder<'g, E> {
     }
 }
 
-/// The refusal policy of the infallible spawns: drop the child, and let `Shared::spawn` record it
-/// as cancelled.
-fn accept_refusal<S>(starter: S, _reason: CancelReason) -> Result<(), std::convert::Infallible> {
-    drop(starter);
-    Ok(())
+/// The refusal policy of the infallible spawns: hand the child back to `Shared::spawn`, which
+/// records it as cancelled and drops it unstarted.
+fn accept_refusal<S>(starter: S, _reason: CancelReason) -> Result<S, std::convert::Infallible> {
+    Ok(starter)
 }

@@ -92,10 +92,12 @@
 //! 6. **Ordered map with a limit.** [`TaskGroup::map`] runs one child per input with at most the
 //!    group's limit in flight and returns the outcomes in input order, under the group's policy.
 //! 7. **Concurrency limit with backpressure.** With [`Builder::limit`]`(n)` at most `n` children
-//!    run at once. Spawning beyond the limit queues the child without starting it: its future (or
-//!    `spawn_with` closure) is neither polled nor called until a slot frees up, in spawn order, so
-//!    a queued child costs its future and a parked task. Cancelling the group discards queued
-//!    children without running them.
+//!    run at once. Spawning beyond the limit queues the child without starting it: it is not a
+//!    tokio task yet, and its future (or `spawn_with` closure) is neither polled nor called until
+//!    a slot frees up, in spawn order. A queued child costs its future and its result slot, nothing
+//!    more. Cancelling the group discards queued children without running them. Spawning never
+//!    waits, so a child that spawns siblings and awaits them while holding the group's last slot
+//!    waits for a slot that it holds: bound such groups with a deadline.
 //! 8. **Deadlines that nest.** [`Builder::timeout`] or [`Builder::deadline`] bound the whole
 //!    group: when the deadline passes, what is left is cut off ([`Limit::Group`]), `join` reports
 //!    [`GroupErrorKind::DeadlineExceeded`], and finished outputs stay readable. A group built with
@@ -222,8 +224,8 @@
 //!
 //! What it costs: one allocation per child more than `JoinSet` (the result slot), and a
 //! process-wide atomic gauge. A child with a small future fits one 128-byte tokio task cell, as a
-//! `JoinSet` child does; options that only some children use (limits, timeouts, an active tracing
-//! span) live in a separate box. The crate's README has the benchmark numbers.
+//! `JoinSet` child does; options that only some children use (a timeout, an active tracing span)
+//! live in a separate box. The crate's README has the benchmark numbers.
 
 mod child;
 mod context;

@@ -447,6 +447,23 @@ async fn a_limited_group_queues_children_in_spawn_order() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn queued_children_are_not_tokio_tasks_until_they_start() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    let group = TaskGroup::<String>::builder().limit(2).build().unwrap();
+    for _ in 0..1_000 {
+        group.spawn("queued", sleep_ok(ms(10)));
+    }
+    tokio::task::yield_now().await;
+    // A queued child is only its future, held by the group: two tasks run, none wait.
+    assert_eq!(metrics.num_alive_tasks() - before, 2);
+    assert_eq!((group.stats().running, group.stats().queued), (2, 998));
+    let start = Instant::now();
+    group.join().await.unwrap();
+    assert_eq!(start.elapsed(), ms(5_000));
+}
+
+#[tokio::test(start_paused = true)]
 async fn stats_track_running_queued_and_finished_children() {
     let group = TaskGroup::<String>::builder()
         .policy(Policy::CollectAll)
@@ -782,4 +799,32 @@ fn a_deadline_without_a_time_driver_is_an_error() {
         group.join().await.unwrap();
         assert_eq!(handle.output().unwrap(), 1);
     });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handed_out_token_cannot_cancel_the_group() {
+    let group = TaskGroup::<String>::new().unwrap();
+    let outside = group.token();
+    let child = group.spawn_with("child", |ctx| async move {
+        let token = ctx.token();
+        token.cancel();
+        sleep(ms(10)).await;
+        Ok(ctx.is_cancelled())
+    });
+    outside.cancel();
+    let report = group.join().await.unwrap();
+    assert_eq!(report.count(OutcomeKind::Ok), 1);
+    assert!(
+        !child.output().unwrap(),
+        "the group's own token was not cancelled"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn handed_out_tokens_are_cancelled_when_the_group_stops() {
+    let group = TaskGroup::<String>::new().unwrap();
+    let outside = group.token();
+    group.spawn("fails", sleep_err(ms(5), "x"));
+    group.join().await.unwrap_err();
+    assert!(outside.is_cancelled());
 }

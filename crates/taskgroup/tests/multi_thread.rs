@@ -141,3 +141,39 @@ async fn cancellation_from_another_task_reaches_every_child() {
     );
     assert_eq!(error.report().count(OutcomeKind::Cancelled), 500);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_in_a_limited_group_discards_the_queue_across_workers() {
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let group = TaskGroup::<String>::builder().limit(8).build().unwrap();
+    for i in 0..2_000u32 {
+        let running = Arc::clone(&running);
+        let peak = Arc::clone(&peak);
+        group.spawn(format!("c{i}"), async move {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            running.fetch_sub(1, Ordering::SeqCst);
+            if i == 500 {
+                return Err(format!("c{i} failed"));
+            }
+            Ok(())
+        });
+    }
+    let error = tokio::time::timeout(BOUND, group.join())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(error.cause().unwrap().name, "c500");
+    let report = error.report();
+    assert_eq!(report.len(), 2_000);
+    assert_eq!(report.count(OutcomeKind::Err), 1);
+    assert_eq!(
+        report.count(OutcomeKind::Ok) + report.count(OutcomeKind::Cancelled),
+        1_999
+    );
+    // Children after the failure's slot never ran (at most the 8 in flight did).
+    assert!(report.count(OutcomeKind::Cancelled) >= 2_000 - 501 - 8);
+    assert!(peak.load(Ordering::SeqCst) <= 8);
+}
