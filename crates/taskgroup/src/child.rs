@@ -189,7 +189,7 @@ impl<S: Starter<E>, E: Send + 'static> Future for ChildTask<S, E> {
                 let started = {
                     let _entered = this.extras.as_deref().map(|x| x.span.enter());
                     catch_unwind(AssertUnwindSafe(|| {
-                        let child_deadline = timeout.map(|t| Instant::now() + t);
+                        let child_deadline = timeout.and_then(|t| Instant::now().checked_add(t));
                         let sleep = child_deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
                         let fut = starter.start(|| context(slot, shared, child_deadline));
                         (fut, sleep)

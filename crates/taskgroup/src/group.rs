@@ -602,9 +602,10 @@ impl<E: Send + 'static> Builder<E> {
             return Err(BuildError::ZeroLimit);
         }
         let now = Instant::now();
+        // A timeout too long to represent as an instant is no limit at all.
         let deadline = [
             self.deadline,
-            self.timeout.map(|t| now + t),
+            self.timeout.and_then(|t| now.checked_add(t)),
             self.parent_deadline,
         ]
         .into_iter()

@@ -258,4 +258,38 @@ mod tests {
         type Task = crate::child::ChildTask<crate::child::Ready<Small>, std::convert::Infallible>;
         assert!(std::mem::size_of::<Task>() <= 24);
     }
+
+    /// The types a service passes around must cross threads: a group and its `join` future can
+    /// live in a spawned task, and a `GroupError` can go into `anyhow::Error` or
+    /// `Box<dyn Error + Send + Sync>`.
+    #[test]
+    fn public_types_are_send_and_sync_where_services_need_them() {
+        fn send<T: Send>(_: &T) {}
+        fn send_sync_static<T: Send + Sync + 'static>() {}
+        type E = std::io::Error;
+        send_sync_static::<crate::TaskGroup<E>>();
+        send_sync_static::<crate::Spawner<E>>();
+        send_sync_static::<crate::TaskHandle<Vec<u8>>>();
+        send_sync_static::<crate::GroupError<E>>();
+        send_sync_static::<crate::Report<E>>();
+        send_sync_static::<crate::ChildError>();
+        send_sync_static::<crate::BuildError>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        let group = crate::TaskGroup::<E>::new().unwrap();
+        let join = group.join();
+        send(&join);
+        let boxed: Box<dyn std::error::Error + Send + Sync> =
+            Box::new(crate::GroupError::<E>::new(
+                crate::GroupErrorKind::DeadlineExceeded,
+                None,
+                crate::Report::new("g".into(), Vec::new()),
+            ));
+        assert_eq!(
+            boxed.to_string(),
+            "task group `g` exceeded its deadline; 0 child(ren) cut off"
+        );
+    }
 }

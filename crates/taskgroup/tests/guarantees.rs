@@ -782,6 +782,21 @@ async fn a_zero_limit_is_an_error() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn timeouts_too_long_to_represent_mean_no_limit() {
+    let group = TaskGroup::<String>::builder()
+        .timeout(Duration::MAX)
+        .build()
+        .unwrap();
+    assert_eq!(group.deadline(), None);
+    let child = group
+        .child("patient")
+        .timeout(Duration::MAX)
+        .spawn_with(|ctx| async move { Ok(ctx.remaining()) });
+    group.join().await.unwrap();
+    assert_eq!(child.output().unwrap(), None);
+}
+
 #[test]
 fn a_deadline_without_a_time_driver_is_an_error() {
     let runtime = tokio::runtime::Builder::new_current_thread()
