@@ -1,5 +1,5 @@
-//! The tokio task that runs one child: it builds the child's future, polls it inside the spawner's span with panics caught, enforces the
-//! child's own timeout, and records the result.
+//! The tokio task that runs one child: it builds the child's future, polls it inside the spawner's
+//! span with panics caught, enforces the child's own timeout, and records the result.
 //!
 //! Its drop first drops the child's future, then settles the child's bookkeeping: that ordering is
 //! what makes "the live count reached zero" mean "every child has finished and released its
@@ -132,10 +132,16 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let mut this = this.project();
             let finished = matches!(this.stage.as_mut().project(), StageProj::Done);
-            this.stage.set(Stage::Done);
+            // The child's destructor is user code and may panic; the bookkeeping below must run
+            // regardless, or `join` would wait for ever. (If dropping the old value unwinds, the
+            // assignment still leaves `Done` in place.)
+            let dropped = drop_stage(this.stage.as_mut());
             let shared = this.slot.shared();
             if !finished {
-                let outcome = shared.cancellation_outcome();
+                let outcome = match dropped {
+                    Ok(()) => shared.cancellation_outcome(),
+                    Err(panic) => Outcome::Panicked(panic),
+                };
                 complete(this.slot, shared, outcome);
             }
             *this.extras = None;
@@ -242,14 +248,24 @@ impl<S: Starter<E>, E: Send + 'static> Future for ChildTask<S, E> {
             }
         };
         // Drop the child's future before recording the result, so that its destructors have run
-        // by the time a waiting handle or `join` sees the child as finished.
-        this.stage.set(Stage::Done);
+        // by the time a waiting handle or `join` sees the child as finished. A destructor that
+        // panics is the child's panic.
+        let outcome = match drop_stage(this.stage.as_mut()) {
+            Ok(()) => outcome,
+            Err(panic) => Outcome::Panicked(panic),
+        };
         if let Some(extras) = this.extras.as_deref_mut() {
             extras.sleep = None;
         }
         complete(slot, shared, outcome);
         Poll::Ready(())
     }
+}
+
+/// Drops whatever the stage holds (the child's starter or future), catching a panicking
+/// destructor.
+fn drop_stage<S, F>(mut stage: Pin<&mut Stage<S, F>>) -> Result<(), Panic> {
+    catch_unwind(AssertUnwindSafe(move || stage.set(Stage::Done))).map_err(Panic::new)
 }
 
 fn context<T, E: Send + 'static>(

@@ -843,3 +843,38 @@ async fn handed_out_tokens_are_cancelled_when_the_group_stops() {
     group.join().await.unwrap_err();
     assert!(outside.is_cancelled());
 }
+
+/// A future whose destructor panics, to check the group survives user code that misbehaves.
+struct PanicsOnDrop(Duration);
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        panic!("destructor panicked");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_destructor_is_reported_and_does_not_hang_join() {
+    let group = TaskGroup::<String>::builder()
+        .policy(Policy::CollectAll)
+        .build()
+        .unwrap();
+    // Completes, then panics while its future is dropped.
+    group.spawn("completes", async {
+        let guard = PanicsOnDrop(ms(1));
+        sleep(guard.0).await;
+        Ok(())
+    });
+    // Aborted by the first one's panic, and panics again while being dropped.
+    group.spawn("aborted", async {
+        let _guard = PanicsOnDrop(ms(0));
+        sleep(ms(60_000)).await;
+        Ok(())
+    });
+    let error = tokio::time::timeout(ms(1_000), group.join())
+        .await
+        .expect("join returned")
+        .unwrap_err();
+    assert_eq!(error.cause().unwrap().name, "completes");
+    assert_eq!(error.report().count(OutcomeKind::Panicked), 2);
+}
