@@ -196,6 +196,7 @@ fn differences(base: &Report, new: &Report) -> Vec<String> {
         b.connections.to_string(),
     );
     differ("threads", a.threads.to_string(), b.threads.to_string());
+    differ("engine", a.engine.clone(), b.engine.clone());
     differ(
         "rate",
         format!("{:?}", a.rate_rps),

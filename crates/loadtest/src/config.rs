@@ -272,6 +272,39 @@ impl FromStr for RuntimeFlavor {
     }
 }
 
+/// How requests travel over the connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// HTTP/1.1 written and read directly on the socket, as wrk does: the default, and the one
+    /// that keeps up with wrk (see the crate docs).
+    #[default]
+    Raw,
+    /// hyper's low-level HTTP/1.1 client: about 1.8µs more CPU per request; kept as an
+    /// independent implementation to cross-check the raw engine's counts.
+    Hyper,
+}
+
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Raw => "raw",
+            Self::Hyper => "hyper",
+        })
+    }
+}
+
+impl FromStr for Engine {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "raw" => Ok(Self::Raw),
+            "hyper" => Ok(Self::Hyper),
+            other => Err(ParseError::Engine(other.to_owned())),
+        }
+    }
+}
+
 /// A command-line value that did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -306,6 +339,9 @@ pub enum ParseError {
     /// An unknown runtime layout.
     #[error("unknown runtime `{0}`: expected current-thread or multi-thread")]
     Runtime(String),
+    /// An unknown engine.
+    #[error("unknown engine `{0}`: expected raw or hyper")]
+    Engine(String),
 }
 
 /// Parses a duration written as a number and a unit: `250ms`, `1.5s`, `2m`, `1h`, `500us`.
@@ -383,6 +419,8 @@ pub struct Config {
     pub threads: usize,
     /// How the worker threads run their tasks.
     pub runtime: RuntimeFlavor,
+    /// How requests travel.
+    pub engine: Engine,
 }
 
 impl Default for Config {
@@ -402,6 +440,7 @@ impl Default for Config {
             timeout: Duration::from_secs(5),
             threads: std::thread::available_parallelism().map_or(1, usize::from),
             runtime: RuntimeFlavor::CurrentThread,
+            engine: Engine::Raw,
         }
     }
 }

@@ -77,6 +77,8 @@ pub struct Parameters {
     pub threads: usize,
     /// `current-thread` or `multi-thread`.
     pub runtime: String,
+    /// `raw` or `hyper`.
+    pub engine: String,
     /// Requested rate (open loop).
     pub rate_rps: Option<f64>,
     /// Measured window length.
@@ -375,6 +377,7 @@ pub(crate) fn build(inputs: Inputs<'_>, stats: &WorkerStats) -> Report {
             connections: config.connections,
             threads: inputs.threads,
             runtime: config.runtime.to_string(),
+            engine: config.engine.to_string(),
             rate_rps: config.rate,
             duration_s,
             warmup_s: config.warmup.as_secs_f64(),
@@ -563,11 +566,13 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "loadtest {}: {model}, {} connections, {} {} threads, {} measured after {} of warm-up",
+            "loadtest {}: {model}, {} connections, {} {} threads, {} engine, {} measured after {} of \
+             warm-up",
             p.scenario,
             p.connections,
             p.threads,
             p.runtime,
+            p.engine,
             format::seconds(p.duration_s),
             format::seconds(p.warmup_s),
         );

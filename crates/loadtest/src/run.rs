@@ -21,12 +21,14 @@ use tokio::{
 };
 
 use crate::{
-    Config, Error, Progress, Report, RuntimeFlavor,
+    Config, Engine, Error, Progress, Report, RuntimeFlavor,
     config::Target,
     driver::{Plan, drive},
-    http::{HttpExchange, RequestPlan},
+    hyper_client::HyperExchange,
     progress::{Sampler, tick_for},
+    raw::RawExchange,
     report::{self, Inputs},
+    requests::RequestPlan,
     schedule::Schedule,
     stats::WorkerStats,
 };
@@ -47,6 +49,7 @@ struct Shared {
     connections: usize,
     addr: SocketAddr,
     requests: RequestPlan,
+    engine: Engine,
     shards: Arc<[Mutex<WorkerStats>]>,
     drain_deadline: Instant,
 }
@@ -87,6 +90,7 @@ pub async fn run(config: &Config, progress: Progress) -> Result<Report, Error> {
         connections: config.connections,
         addr,
         requests,
+        engine: config.engine,
         shards: Arc::clone(&shards),
         drain_deadline: plan.end + config.timeout + DRAIN_GRACE,
     });
@@ -216,12 +220,20 @@ async fn run_connections(connections: &[usize], shared: Arc<Shared>) -> Result<(
         let shared = Arc::clone(&shared);
         tasks.spawn(async move {
             let requests = shared.requests.for_connection(index);
-            let mut exchange = HttpExchange::new(shared.addr, requests);
             let schedule = shared
                 .rate
                 .map(|rate| Schedule::new(shared.plan.start, rate, shared.connections, index));
             let shard = &shared.shards[index % shared.shards.len()];
-            drive(&mut exchange, &shared.plan, schedule, shard).await;
+            match shared.engine {
+                Engine::Raw => {
+                    let mut exchange = RawExchange::new(shared.addr, requests);
+                    drive(&mut exchange, &shared.plan, schedule, shard).await;
+                }
+                Engine::Hyper => {
+                    let mut exchange = HyperExchange::new(shared.addr, requests);
+                    drive(&mut exchange, &shared.plan, schedule, shard).await;
+                }
+            }
         });
     }
     let mut panicked = None;

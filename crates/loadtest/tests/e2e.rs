@@ -17,13 +17,21 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{
+    Request, Response,
+    body::{Body, Frame, Incoming, SizeHint},
+    server::conn::http1,
+    service::service_fn,
+};
 use hyper_util::rt::TokioIo;
-use loadtest::{Config, Progress, Report, RuntimeFlavor, Scenario};
+use loadtest::{Config, Engine, Progress, Report, RuntimeFlavor, Scenario};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 const USERS: u64 = 1000;
+
+/// Every test runs once per engine: the raw engine, and hyper's client as a cross-check.
+const ENGINES: [Engine; 2] = [Engine::Raw, Engine::Hyper];
 
 /// What the test server sent.
 #[derive(Default)]
@@ -46,7 +54,30 @@ struct Behaviour {
     close: bool,
     /// Answer dashboards with a body that is not JSON.
     garbage: bool,
+    /// Send bodies in two chunks of unannounced length (chunked transfer coding).
+    chunked: bool,
 }
+
+/// A body sent as two frames with no length given, so hyper's server chunks it.
+struct Pieces(Vec<Bytes>);
+
+impl Body for Pieces {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.pop().map(|piece| Ok(Frame::data(piece))))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+type Reply = Response<BoxBody<Bytes, Infallible>>;
 
 struct Server {
     url: String,
@@ -60,21 +91,28 @@ impl Drop for Server {
     }
 }
 
-fn json(status: u16, body: String, close: bool) -> Response<Full<Bytes>> {
+fn json(status: u16, body: String, behaviour: Behaviour) -> Reply {
     let mut response = Response::builder()
         .status(status)
         .header("content-type", "application/json");
-    if close {
+    if behaviour.close {
         response = response.header("connection", "close");
     }
-    response.body(Full::new(Bytes::from(body))).unwrap()
+    let body = if behaviour.chunked {
+        let mut first = body.into_bytes();
+        let second = first.split_off(first.len() / 2);
+        Pieces(vec![Bytes::from(second), Bytes::from(first)]).boxed()
+    } else {
+        Full::new(Bytes::from(body)).boxed()
+    };
+    response.body(body).unwrap()
 }
 
 async fn answer(
     request: Request<Incoming>,
     counts: Arc<Counts>,
     behaviour: Behaviour,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Reply, Infallible> {
     counts.requests.fetch_add(1, Relaxed);
     let path = request.uri().path().to_owned();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -83,7 +121,6 @@ async fn answer(
             .ok()
             .filter(|id| (1..=USERS).contains(id))
     };
-    let close = behaviour.close;
     let response = match parts.as_slice() {
         ["api", "users", "batch"] => {
             let body = request.into_body().collect().await.unwrap().to_bytes();
@@ -96,7 +133,7 @@ async fn answer(
                 .collect();
             if ids.iter().any(|i| id(&i.to_string()).is_none()) {
                 counts.bad.fetch_add(1, Relaxed);
-                return Ok(json(400, r#"{"status":"error","error":{"code":"bad_request","message":"id out of range"}}"#.into(), close));
+                return Ok(json(400, r#"{"status":"error","error":{"code":"bad_request","message":"id out of range"}}"#.into(), behaviour));
             }
             let errors: Vec<String> = ids
                 .iter()
@@ -114,7 +151,7 @@ async fn answer(
                     r#"{{"status":"success","data":{{"results":[],"errors":[{}]}}}}"#,
                     errors.join(",")
                 ),
-                close,
+                behaviour,
             )
         }
         ["api", "users", user, "dashboard"] => match id(user) {
@@ -124,7 +161,7 @@ async fn answer(
                     400,
                     r#"{"status":"error","error":{"code":"bad_request","message":"bad id"}}"#
                         .into(),
-                    close,
+                    behaviour,
                 )
             }
             Some(user) if user % 7 == 0 => {
@@ -134,12 +171,12 @@ async fn answer(
                     format!(
                         r#"{{"status":"error","error":{{"code":"not_found","message":"no user {user}"}}}}"#
                     ),
-                    close,
+                    behaviour,
                 )
             }
             Some(_) if behaviour.garbage => {
                 counts.ok.fetch_add(1, Relaxed);
-                json(200, "<html>oops</html>".into(), close)
+                json(200, "<html>oops</html>".into(), behaviour)
             }
             Some(user) => {
                 let mut errors = Vec::new();
@@ -161,7 +198,7 @@ async fn answer(
                         r#"{{"status":"success","data":{{"profile":{{"id":{user},"name":"user \"{user}\""}},"orders":[{{"id":1}}],"reviews":[],"recommendations":[],"errors":[{}]}}}}"#,
                         errors.join(",")
                     ),
-                    close,
+                    behaviour,
                 )
             }
         },
@@ -171,7 +208,7 @@ async fn answer(
             json(
                 200,
                 r#"[{"id":1,"score":0.9},{"id":2,"score":0.8}]"#.into(),
-                close,
+                behaviour,
             )
         }
         _ => {
@@ -179,7 +216,7 @@ async fn answer(
             json(
                 404,
                 r#"{"status":"error","error":{"code":"no_route","message":"no route"}}"#.into(),
-                close,
+                behaviour,
             )
         }
     };
@@ -209,10 +246,11 @@ async fn serve(behaviour: Behaviour) -> Server {
     Server { url, counts, task }
 }
 
-fn config(url: &str, scenario: Scenario) -> Config {
+fn config(url: &str, scenario: Scenario, engine: Engine) -> Config {
     Config {
         url: url.to_owned(),
         scenario,
+        engine,
         duration: Duration::from_millis(400),
         warmup: Duration::ZERO,
         connections: 8,
@@ -235,6 +273,24 @@ async fn run(config: &Config) -> Report {
     .unwrap()
 }
 
+/// The head of the answer to one GET, sent by hand.
+async fn raw_get(url: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 fn status(report: &Report, code: &str) -> u64 {
     report.measured.statuses.get(code).copied().unwrap_or(0)
 }
@@ -251,206 +307,273 @@ fn source_errors(report: &Report, source: &str, kind: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_counts_match_what_the_server_sent() {
-    let server = serve(Behaviour::default()).await;
-    let report = run(&config(&server.url, Scenario::Dashboard)).await;
-    let c = &server.counts;
-    let m = &report.measured;
-    assert!(m.requests > 0);
-    assert_eq!(m.requests, c.requests.load(Relaxed));
-    assert_eq!(c.bad.load(Relaxed), 0, "every id was in 1..=users");
-    assert_eq!(status(&report, "200"), c.ok.load(Relaxed));
-    assert_eq!(status(&report, "404"), c.not_found.load(Relaxed));
-    assert_eq!(
-        m.error_codes.get("404 not_found").copied().unwrap_or(0),
-        c.not_found.load(Relaxed)
-    );
-    assert_eq!(m.errors, c.not_found.load(Relaxed));
-    assert_eq!(
-        source_errors(&report, "recommendations", "timeout"),
-        c.recommendation_timeouts.load(Relaxed)
-    );
-    // The reviews errors carry no kind: they are counted under their error text.
-    assert_eq!(
-        source_errors(&report, "reviews", "pool exhausted"),
-        c.review_errors.load(Relaxed)
-    );
-    assert_eq!(m.partial_answers, c.partial.load(Relaxed));
-    assert_eq!(m.undecodable_bodies, 0);
-    assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
-    assert_eq!(m.latency.count, m.responses);
-    assert_eq!(report.unfinished, 0);
-    assert_eq!(report.warmup.requests, 0);
-    assert!(report.summary().contains("recommendations: timeout"));
+    for engine in ENGINES {
+        eprintln!("engine: {engine}");
+        let server = serve(Behaviour::default()).await;
+        let report = run(&config(&server.url, Scenario::Dashboard, engine)).await;
+        let c = &server.counts;
+        let m = &report.measured;
+        assert!(m.requests > 0);
+        assert_eq!(m.requests, c.requests.load(Relaxed));
+        assert_eq!(c.bad.load(Relaxed), 0, "every id was in 1..=users");
+        assert_eq!(status(&report, "200"), c.ok.load(Relaxed));
+        assert_eq!(status(&report, "404"), c.not_found.load(Relaxed));
+        assert_eq!(
+            m.error_codes.get("404 not_found").copied().unwrap_or(0),
+            c.not_found.load(Relaxed)
+        );
+        assert_eq!(m.errors, c.not_found.load(Relaxed));
+        assert_eq!(
+            source_errors(&report, "recommendations", "timeout"),
+            c.recommendation_timeouts.load(Relaxed)
+        );
+        // The reviews errors carry no kind: they are counted under their error text.
+        assert_eq!(
+            source_errors(&report, "reviews", "pool exhausted"),
+            c.review_errors.load(Relaxed)
+        );
+        assert_eq!(m.partial_answers, c.partial.load(Relaxed));
+        assert_eq!(m.undecodable_bodies, 0);
+        assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
+        assert_eq!(m.latency.count, m.responses);
+        assert_eq!(report.unfinished, 0);
+        assert_eq!(report.warmup.requests, 0);
+        assert!(report.summary().contains("recommendations: timeout"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_answers_are_read_and_inspected() {
+    for engine in ENGINES {
+        eprintln!("engine: {engine}");
+        let server = serve(Behaviour {
+            chunked: true,
+            ..Behaviour::default()
+        })
+        .await;
+        // The server does chunk its answers (user 1's dashboard is a plain 200).
+        let head = raw_get(&server.url, "/api/users/1/dashboard").await;
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        server.counts.requests.store(0, Relaxed);
+        server.counts.ok.store(0, Relaxed);
+        let report = run(&config(&server.url, Scenario::Dashboard, engine)).await;
+        let c = &server.counts;
+        let m = &report.measured;
+        assert!(m.requests > 0);
+        assert_eq!(m.requests, c.requests.load(Relaxed));
+        assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
+        assert_eq!(
+            m.undecodable_bodies, 0,
+            "bodies reassembled from their chunks"
+        );
+        assert_eq!(status(&report, "404"), c.not_found.load(Relaxed));
+        assert_eq!(
+            m.error_codes.get("404 not_found").copied().unwrap_or(0),
+            c.not_found.load(Relaxed)
+        );
+        assert_eq!(
+            source_errors(&report, "recommendations", "timeout"),
+            c.recommendation_timeouts.load(Relaxed)
+        );
+        assert_eq!(m.partial_answers, c.partial.load(Relaxed));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_per_id_errors_are_counted() {
-    let server = serve(Behaviour::default()).await;
-    let report = run(&config(&server.url, Scenario::Batch)).await;
-    let c = &server.counts;
-    let m = &report.measured;
-    assert!(m.requests > 0);
-    assert_eq!(c.bad.load(Relaxed), 0);
-    assert_eq!(status(&report, "200"), c.batches.load(Relaxed));
-    assert_eq!(m.batch_id_errors.total, c.batch_id_errors.load(Relaxed));
-    assert_eq!(
-        m.batch_id_errors
-            .by_error
-            .get("user not found")
-            .copied()
-            .unwrap_or(0),
-        c.batch_id_errors.load(Relaxed)
-    );
+    for engine in ENGINES {
+        eprintln!("engine: {engine}");
+        let server = serve(Behaviour::default()).await;
+        let report = run(&config(&server.url, Scenario::Batch, engine)).await;
+        let c = &server.counts;
+        let m = &report.measured;
+        assert!(m.requests > 0);
+        assert_eq!(c.bad.load(Relaxed), 0);
+        assert_eq!(status(&report, "200"), c.batches.load(Relaxed));
+        assert_eq!(m.batch_id_errors.total, c.batch_id_errors.load(Relaxed));
+        assert_eq!(
+            m.batch_id_errors
+                .by_error
+                .get("user not found")
+                .copied()
+                .unwrap_or(0),
+            c.batch_id_errors.load(Relaxed)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_runs_send_both_kinds() {
-    let server = serve(Behaviour::default()).await;
-    let mut config = config(&server.url, Scenario::Mixed);
-    config.mix = "dashboard=1,batch=1".parse().unwrap();
-    let report = run(&config).await;
-    let c = &server.counts;
-    assert!(c.batches.load(Relaxed) > 0);
-    assert!(
-        c.ok.load(Relaxed) > c.batches.load(Relaxed),
-        "dashboards too"
-    );
-    assert_eq!(report.measured.requests, c.requests.load(Relaxed));
-    assert_eq!(
-        report.measured.batch_id_errors.total,
-        c.batch_id_errors.load(Relaxed)
-    );
-    assert_eq!(
-        source_errors(&report, "recommendations", "timeout"),
-        c.recommendation_timeouts.load(Relaxed)
-    );
+    for engine in ENGINES {
+        eprintln!("engine: {engine}");
+        let server = serve(Behaviour::default()).await;
+        let mut config = config(&server.url, Scenario::Mixed, engine);
+        config.mix = "dashboard=1,batch=1".parse().unwrap();
+        let report = run(&config).await;
+        let c = &server.counts;
+        assert!(c.batches.load(Relaxed) > 0);
+        assert!(
+            c.ok.load(Relaxed) > c.batches.load(Relaxed),
+            "dashboards too"
+        );
+        assert_eq!(report.measured.requests, c.requests.load(Relaxed));
+        assert_eq!(
+            report.measured.batch_id_errors.total,
+            c.batch_id_errors.load(Relaxed)
+        );
+        assert_eq!(
+            source_errors(&report, "recommendations", "timeout"),
+            c.recommendation_timeouts.load(Relaxed)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_loop_sends_its_schedule() {
-    let server = serve(Behaviour::default()).await;
-    let mut config = config(&server.url, Scenario::Recommendations);
-    config.rate = Some(500.0);
-    let report = run(&config).await;
-    let open = report.open_loop.as_ref().unwrap();
-    // 500 req/s for 0.4s is 200 sends, whatever the machine's speed: sent or missed.
-    assert_eq!(open.scheduled, 200);
-    assert_eq!(open.sent + open.missed, 200);
-    assert_eq!(open.sent, server.counts.recommendations.load(Relaxed));
-    assert_eq!(status(&report, "200"), open.sent);
-    assert_eq!(open.send_lag.count, open.sent);
-    assert!(report.measured.bytes_received > 0);
+    for engine in ENGINES {
+        eprintln!("engine: {engine}");
+        let server = serve(Behaviour::default()).await;
+        let mut config = config(&server.url, Scenario::Recommendations, engine);
+        config.rate = Some(500.0);
+        let report = run(&config).await;
+        let open = report.open_loop.as_ref().unwrap();
+        // 500 req/s for 0.4s is 200 sends, whatever the machine's speed: sent or missed.
+        assert_eq!(open.scheduled, 200);
+        assert_eq!(open.sent + open.missed, 200);
+        assert_eq!(open.sent, server.counts.recommendations.load(Relaxed));
+        assert_eq!(status(&report, "200"), open.sent);
+        assert_eq!(open.send_lag.count, open.sent);
+        assert!(report.measured.bytes_received > 0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warmup_requests_are_kept_apart() {
-    let server = serve(Behaviour::default()).await;
-    let mut config = config(&server.url, Scenario::Recommendations);
-    config.warmup = Duration::from_millis(200);
-    config.duration = Duration::from_millis(200);
-    let report = run(&config).await;
-    assert!(report.warmup.requests > 0);
-    assert!(report.measured.requests > 0);
-    assert_eq!(
-        report.warmup.requests + report.measured.requests,
-        server.counts.requests.load(Relaxed)
-    );
-    assert_eq!(report.measured.latency.count, report.measured.requests);
+    for engine in ENGINES {
+        eprintln!("engine: {engine}");
+        let server = serve(Behaviour::default()).await;
+        let mut config = config(&server.url, Scenario::Recommendations, engine);
+        config.warmup = Duration::from_millis(200);
+        config.duration = Duration::from_millis(200);
+        let report = run(&config).await;
+        assert!(report.warmup.requests > 0);
+        assert!(report.measured.requests > 0);
+        assert_eq!(
+            report.warmup.requests + report.measured.requests,
+            server.counts.requests.load(Relaxed)
+        );
+        assert_eq!(report.measured.latency.count, report.measured.requests);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_multi_thread_runtime_counts_the_same_way() {
-    let server = serve(Behaviour::default()).await;
-    let mut config = config(&server.url, Scenario::Dashboard);
-    config.runtime = RuntimeFlavor::MultiThread;
-    let report = run(&config).await;
-    let c = &server.counts;
-    assert!(report.measured.requests > 0);
-    assert_eq!(report.measured.requests, c.requests.load(Relaxed));
-    assert_eq!(status(&report, "404"), c.not_found.load(Relaxed));
-    assert_eq!(report.measured.partial_answers, c.partial.load(Relaxed));
+    for engine in ENGINES {
+        eprintln!("engine: {engine}");
+        let server = serve(Behaviour::default()).await;
+        let mut config = config(&server.url, Scenario::Dashboard, engine);
+        config.runtime = RuntimeFlavor::MultiThread;
+        let report = run(&config).await;
+        let c = &server.counts;
+        assert!(report.measured.requests > 0);
+        assert_eq!(report.measured.requests, c.requests.load(Relaxed));
+        assert_eq!(status(&report, "404"), c.not_found.load(Relaxed));
+        assert_eq!(report.measured.partial_answers, c.partial.load(Relaxed));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_closed_by_the_server_are_reopened_without_errors() {
-    let server = serve(Behaviour {
-        close: true,
-        ..Behaviour::default()
-    })
-    .await;
-    let report = run(&config(&server.url, Scenario::Recommendations)).await;
-    let m = &report.measured;
-    assert!(
-        m.requests > 8,
-        "more requests than connections: reconnects happened"
-    );
-    assert_eq!(m.requests, server.counts.requests.load(Relaxed));
-    assert_eq!(status(&report, "200"), m.requests);
-    assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
+    for engine in ENGINES {
+        eprintln!("engine: {engine}");
+        let server = serve(Behaviour {
+            close: true,
+            ..Behaviour::default()
+        })
+        .await;
+        let report = run(&config(&server.url, Scenario::Recommendations, engine)).await;
+        let m = &report.measured;
+        assert!(
+            m.requests > 8,
+            "more requests than connections: reconnects happened"
+        );
+        assert_eq!(m.requests, server.counts.requests.load(Relaxed));
+        assert_eq!(status(&report, "200"), m.requests);
+        assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_that_are_not_json_are_counted() {
-    let server = serve(Behaviour {
-        garbage: true,
-        ..Behaviour::default()
-    })
-    .await;
-    let report = run(&config(&server.url, Scenario::Dashboard)).await;
-    assert!(report.measured.undecodable_bodies > 0);
-    assert_eq!(
-        report.measured.undecodable_bodies,
-        server.counts.ok.load(Relaxed)
-    );
+    for engine in ENGINES {
+        eprintln!("engine: {engine}");
+        let server = serve(Behaviour {
+            garbage: true,
+            ..Behaviour::default()
+        })
+        .await;
+        let report = run(&config(&server.url, Scenario::Dashboard, engine)).await;
+        assert!(report.measured.undecodable_bodies > 0);
+        assert_eq!(
+            report.measured.undecodable_bodies,
+            server.counts.ok.load(Relaxed)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_server_is_cut_by_the_timeout() {
-    // Accepts connections and reads requests, but never answers.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let hang = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            held.push(stream);
-        }
-    });
-    let mut config = config(&url, Scenario::Dashboard);
-    config.connections = 2;
-    config.duration = Duration::from_millis(500);
-    config.timeout = Duration::from_millis(300);
-    let report = run(&config).await;
-    hang.abort();
-    let m = &report.measured;
-    assert!(m.requests >= 2, "each connection sent at least once");
-    assert_eq!(m.responses, 0);
-    assert_eq!(m.transport_errors.get("timeout").copied(), Some(m.requests));
-    assert_eq!(m.error_rate, 1.0);
-    // The per-request timeout ended every request, not the drain deadline.
-    assert_eq!(report.unfinished, 0);
-    assert!(report.summary().contains("no answers"));
+    for engine in ENGINES {
+        eprintln!("engine: {engine}");
+        // Accepts connections and reads requests, but never answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let hang = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let mut config = config(&url, Scenario::Dashboard, engine);
+        config.connections = 2;
+        config.duration = Duration::from_millis(500);
+        config.timeout = Duration::from_millis(300);
+        let report = run(&config).await;
+        hang.abort();
+        let m = &report.measured;
+        assert!(m.requests >= 2, "each connection sent at least once");
+        assert_eq!(m.responses, 0);
+        assert_eq!(m.transport_errors.get("timeout").copied(), Some(m.requests));
+        assert_eq!(m.error_rate, 1.0);
+        // The per-request timeout ended every request, not the drain deadline.
+        assert_eq!(report.unfinished, 0);
+        assert!(report.summary().contains("no answers"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connections_are_counted_by_kind() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    drop(listener);
-    let mut config = config(&url, Scenario::Dashboard);
-    config.duration = Duration::from_millis(200);
-    let report = run(&config).await;
-    let m = &report.measured;
-    assert!(m.requests > 0);
-    assert_eq!(
-        m.transport_errors.get("connect_refused").copied(),
-        Some(m.requests)
-    );
-    assert_eq!(m.errors, m.requests);
+    for engine in ENGINES {
+        eprintln!("engine: {engine}");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let mut config = config(&url, Scenario::Dashboard, engine);
+        config.duration = Duration::from_millis(200);
+        let report = run(&config).await;
+        let m = &report.measured;
+        assert!(m.requests > 0);
+        assert_eq!(
+            m.transport_errors.get("connect_refused").copied(),
+            Some(m.requests)
+        );
+        assert_eq!(m.errors, m.requests);
+    }
 }
 
 #[tokio::test]
 async fn bad_configurations_fail_before_any_request() {
-    let mut config = config("https://127.0.0.1:1", Scenario::Dashboard);
+    let mut config = config("https://127.0.0.1:1", Scenario::Dashboard, Engine::Raw);
     let err = loadtest::run(&config, Progress::Off).await.unwrap_err();
     assert!(err.to_string().contains("https is not supported"), "{err}");
     config.url = "http://127.0.0.1:1".to_owned();
