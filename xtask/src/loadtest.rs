@@ -8,7 +8,9 @@ use std::{
     time::Duration,
 };
 
-use ::loadtest::{Checks, Config, Distribution, Mix, Progress, Report, RuntimeFlavor, Scenario};
+use ::loadtest::{
+    Checks, Config, Distribution, Engine, Mix, Progress, Report, RuntimeFlavor, Scenario,
+};
 use anyhow::{Context as _, Result, bail};
 
 /// Arguments of `cargo xtask loadtest`.
@@ -62,6 +64,10 @@ pub struct Args {
     /// runtime).
     #[arg(long, default_value = "current-thread")]
     runtime: RuntimeFlavor,
+    /// How requests travel: raw (HTTP/1.1 written on the socket, as wrk does) or hyper (hyper's
+    /// client: more CPU per request, kept to cross-check the raw engine).
+    #[arg(long, default_value = "raw")]
+    engine: Engine,
     /// Directory for the JSON and SVG reports.
     #[arg(long, default_value = "target/loadtest")]
     out: PathBuf,
@@ -102,6 +108,7 @@ impl Args {
             timeout: self.timeout,
             threads: self.threads.unwrap_or(defaults.threads),
             runtime: self.runtime,
+            engine: self.engine,
         }
     }
 }
