@@ -41,6 +41,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The OpenAPI document, rendered once.
     pub openapi: String,
+    /// Requests accepted and not yet fully answered.
+    pub in_flight: middleware::InFlight,
 }
 
 /// Why the application could not start.
@@ -76,6 +78,7 @@ pub struct Application {
     address: SocketAddr,
     server: Server,
     state: web::Data<AppState>,
+    grace: Duration,
 }
 
 impl std::fmt::Debug for Application {
@@ -105,6 +108,7 @@ impl Application {
             service,
             metrics: Metrics::new(),
             openapi: openapi::document(),
+            in_flight: middleware::InFlight::default(),
         });
 
         let server_settings = &settings.server;
@@ -142,7 +146,8 @@ impl Application {
         .client_request_timeout(server_settings.client_request_timeout)
         .client_disconnect_timeout(server_settings.client_disconnect_timeout)
         .shutdown_timeout(server_settings.shutdown_grace.as_secs().max(1))
-        // Signals are handled in `run`, so that SIGINT is as graceful as SIGTERM.
+        // Signals are handled in `run`, so that SIGINT is as graceful as SIGTERM, and shutdown
+        // drains requests itself (see `Application::shutdown`).
         .disable_signals()
         .listen(listener)
         .map_err(|source| StartupError::Bind { address, source })?
@@ -158,6 +163,7 @@ impl Application {
             address,
             server,
             state,
+            grace: server_settings.shutdown_grace,
         })
     }
 
@@ -166,9 +172,13 @@ impl Application {
         self.address
     }
 
-    /// A handle to stop the server (`stop(true)` is graceful).
-    pub fn handle(&self) -> ServerHandle {
-        self.server.handle()
+    /// A handle to shut the server down gracefully, as SIGTERM does.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            server: self.server.handle(),
+            in_flight: self.state.in_flight.clone(),
+            grace: self.grace,
+        }
     }
 
     /// The state the handlers share (for tests and embedding).
@@ -197,6 +207,37 @@ impl Application {
         self.state.service.database().close();
         tracing::info!("shut down: pool closed");
         served
+    }
+}
+
+/// Shuts the server down gracefully: stop accepting connections, let every request already
+/// accepted finish (within the grace period), then close the remaining idle connections.
+///
+/// actix-server's own graceful stop is not used to drain: it stops its accept thread and its
+/// workers at the same time, and a worker that notices the accept thread gone before it sees the
+/// stop message exits at once, dropping the requests it was serving (actix-server 2.6). So
+/// accepting is paused first, requests are counted out by the middleware (until each response
+/// body has been written), and only then are the workers stopped.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    server: ServerHandle,
+    in_flight: middleware::InFlight,
+    grace: Duration,
+}
+
+impl ShutdownHandle {
+    /// Drains and stops the server; returns once it has stopped.
+    pub async fn shutdown(&self) {
+        self.server.pause().await;
+        let give_up = Instant::now() + self.grace;
+        while self.in_flight.get() > 0 && Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = self.in_flight.get();
+        if left > 0 {
+            tracing::warn!(left, grace = ?self.grace, "grace period over; closing unfinished requests");
+        }
+        self.server.stop(false).await;
     }
 }
 

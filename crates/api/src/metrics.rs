@@ -62,6 +62,7 @@ pub struct Metrics {
     gate_in_use: Gauge,
     gate_slots: Gauge,
     live_children: Gauge,
+    in_flight: Gauge,
     breaker_state: Gauge,
     breaker_failures: Gauge,
     recommendation_calls: Counter<u64, AtomicU64>,
@@ -134,6 +135,11 @@ impl Metrics {
             "taskgroup_live_children",
             "Task-group children alive in this process (spawned and not yet dropped)",
         );
+        let in_flight = gauge(
+            &mut registry,
+            "http_requests_in_flight",
+            "Requests accepted and not yet fully answered",
+        );
         let breaker_state = gauge(
             &mut registry,
             "recommendations_breaker_state",
@@ -168,6 +174,7 @@ impl Metrics {
             gate_in_use,
             gate_slots,
             live_children,
+            in_flight,
             breaker_state,
             breaker_failures,
             recommendation_calls,
@@ -207,7 +214,7 @@ impl Metrics {
     }
 
     /// Reads the gauges from the live objects and renders everything in the text format.
-    pub fn render(&self, service: &Service) -> String {
+    pub fn render(&self, service: &Service, in_flight: usize) -> String {
         let pool = service.database().status();
         let to_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.pool_max.set(to_i64(pool.max_size));
@@ -218,6 +225,7 @@ impl Metrics {
         self.gate_in_use.set(to_i64(gate.in_use));
         self.gate_slots.set(to_i64(gate.slots));
         self.live_children.set(to_i64(taskgroup::live_children()));
+        self.in_flight.set(to_i64(in_flight));
         let stats = service.recommendations_client().stats();
         self.breaker_state.set(match stats.breaker.state {
             client::BreakerState::Closed => 0,

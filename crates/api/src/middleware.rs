@@ -1,4 +1,5 @@
-//! One middleware around every request: request id, tracing span, metrics, access log.
+//! One middleware around every request: request id, tracing span, metrics, access log, and the
+//! in-flight count that graceful shutdown waits on.
 //!
 //! An incoming `X-Request-Id` that looks like an id (at most 128 characters of letters, digits and
 //! `-_.:`) is kept, anything else is replaced by a fresh one; either way it is returned in the
@@ -6,9 +7,13 @@
 //! carries it. Metrics are labelled by route pattern (`/api/users/{user_id}/dashboard`), never by
 //! raw path or arbitrary method, so hostile requests cannot grow the label set.
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use actix_web::body::MessageBody;
+use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::Method;
 use actix_web::http::header::{HeaderName, HeaderValue};
@@ -49,6 +54,60 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// Requests accepted and not yet fully answered.
+///
+/// A request counts from the moment the middleware sees it until its response body has been
+/// written out and dropped, so a drained count means every accepted request got its whole answer.
+#[derive(Debug, Clone, Default)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Requests in flight now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn enter(&self) -> InFlightGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self.0.clone())
+    }
+}
+
+/// Counts one request in flight until dropped.
+#[derive(Debug)]
+struct InFlightGuard(Arc<AtomicUsize>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted in flight until it is dropped, which the
+    /// server does once the body has been written out (or the connection failed).
+    pub struct Tracked<B> {
+        #[pin]
+        body: B,
+        guard: Option<InFlightGuard>,
+    }
+}
+
+impl<B: MessageBody> MessageBody for Tracked<B> {
+    type Error = B::Error;
+
+    fn size(&self) -> BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<bytes::Bytes, Self::Error>>> {
+        self.project().body.poll_next(cx)
+    }
+}
+
 /// The middleware function; see the module documentation.
 ///
 /// # Errors
@@ -59,13 +118,14 @@ pub async fn observe(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let started = Instant::now();
+    let state = request.app_data::<web::Data<AppState>>().cloned();
+    let guard = state.as_ref().map(|state| state.in_flight.enter());
     let request_id = request
         .headers()
         .get(&REQUEST_ID)
         .and_then(usable)
         .map_or_else(fresh_id, ToOwned::to_owned);
     let method = method_label(request.method());
-    let state = request.app_data::<web::Data<AppState>>().cloned();
     let span = tracing::info_span!(
         "request",
         request_id = %request_id,
@@ -96,7 +156,7 @@ pub async fn observe(
             } else {
                 tracing::debug!(status = status.as_u16(), millis, %route, "request finished");
             }
-            Ok(response)
+            Ok(response.map_body(move |_, body| Tracked { body, guard }))
         }
         Err(error) => {
             let status = error.as_response_error().status_code();

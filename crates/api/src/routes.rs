@@ -245,7 +245,7 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
     responses((status = 200, description = "Metrics", content_type = "application/openmetrics-text", body = String))
 )]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    let text = state.metrics.render(&state.service);
+    let text = state.metrics.render(&state.service, state.in_flight.get());
     HttpResponse::Ok()
         .insert_header((
             CONTENT_TYPE,

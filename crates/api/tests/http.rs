@@ -2,6 +2,8 @@
 //! server: the seed's endpoints, their errors, and what happens to abandoned and in-flight
 //! requests.
 
+#![allow(clippy::unwrap_used)] // A failed step is a failed test; unwrap says where.
+
 mod support;
 
 use std::time::Duration;
@@ -361,7 +363,7 @@ async fn shutdown_lets_an_in_flight_request_finish() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    app.handle.stop(true).await;
+    app.handle.shutdown().await;
     let response = request.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
     let body = json(response).await;

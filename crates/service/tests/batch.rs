@@ -1,5 +1,7 @@
 //! Batch summaries against a real PostgreSQL.
 
+#![allow(clippy::unwrap_used)] // A failed step is a failed test; unwrap says where.
+
 mod support;
 
 use rust_decimal::Decimal;

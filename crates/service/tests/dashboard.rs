@@ -3,6 +3,8 @@
 //! Time limits here are real (the database cannot run on tokio's paused clock), so each test
 //! asserts what happened (which source failed, how, what was cancelled), never how long it took.
 
+#![allow(clippy::unwrap_used)] // A failed step is a failed test; unwrap says where.
+
 mod support;
 
 use std::time::Duration;

@@ -6,10 +6,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use actix_web::dev::ServerHandle;
 use actix_web::web;
 use api::settings::Settings;
-use api::{AppState, Application};
+use api::{AppState, Application, ShutdownHandle};
 use testkit::TestDb;
 
 /// A running application and what it talks to.
@@ -18,7 +17,7 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub db: TestDb,
     pub upstream: upstream::Server,
-    pub handle: ServerHandle,
+    pub handle: ShutdownHandle,
     pub state: web::Data<AppState>,
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -90,9 +89,13 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     settings.service.dashboard.recommendations_timeout = Duration::from_millis(300);
     settings.service.db_slot_wait = Duration::from_secs(5);
     tweak(&mut settings);
+    if std::env::var_os("TEST_LOG").is_some() {
+        // Logs while debugging a test: TEST_LOG=1 RUST_LOG=debug cargo xtask test -- --nocapture
+        api::telemetry::init(&settings.telemetry).unwrap();
+    }
     let app = Application::build(settings).await.unwrap();
     let address = app.address();
-    let handle = app.handle();
+    let handle = app.shutdown_handle();
     let state = app.state();
     let server = tokio::spawn(app.run());
     TestApp {
