@@ -10,6 +10,7 @@ mod loadtest;
 mod migrate;
 mod pg;
 mod seed;
+mod stack;
 mod test;
 mod up;
 mod upstream;

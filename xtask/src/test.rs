@@ -42,7 +42,7 @@ impl Drop for ClusterGuard {
 
 /// Runs `cargo xtask test`.
 pub async fn run(args: TestArgs) -> Result<()> {
-    let port = free_port()?;
+    let port = crate::stack::free_port()?;
     let cluster = Cluster::new(
         Path::new(TEST_CLUSTER_DIR),
         port,
@@ -189,10 +189,4 @@ async fn run_cargo(args: &[String], database_url: &str) -> Result<ExitStatus> {
             bail!("interrupted");
         }
     }
-}
-
-/// A TCP port on 127.0.0.1 that nothing listens on right now.
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(listener.local_addr()?.port())
 }
