@@ -27,6 +27,44 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// The seed's section 九: mock queries run serially, with join_all, and in a task group.
     Fanout(FanoutArgs),
+    /// pgbench running the dashboard's three SELECTs, then the dashboard itself under the same
+    /// load: how close the service gets to PostgreSQL's own ceiling.
+    DbCeiling(crate::perf::PerfArgs),
+    /// Dashboard latency at a low open-loop rate with a slow recommendation service: about the
+    /// slowest source, not the sum.
+    Latency(LatencyArgs),
+    /// Dashboard throughput with the three reads pipelined on one connection vs on three.
+    Modes(crate::perf::PerfArgs),
+    /// Time per batch of ids, one statement per chunk vs one per id.
+    Batch(BatchArgs),
+    /// Every benchmark above, then the README's Performance table.
+    Report(crate::perf::ReportArgs),
+}
+
+/// Arguments of `cargo xtask bench latency`.
+#[derive(Debug, Args)]
+pub struct LatencyArgs {
+    #[command(flatten)]
+    perf: crate::perf::PerfArgs,
+    /// Latency the stand-in recommendation service adds, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    upstream_delay_ms: u64,
+    /// Open-loop arrival rate, requests per second.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+}
+
+/// Arguments of `cargo xtask bench batch`.
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    #[command(flatten)]
+    perf: crate::perf::PerfArgs,
+    /// Ids per batch (at most the API's limit, 1000).
+    #[arg(long, default_value_t = 1000)]
+    ids: usize,
+    /// Batches timed per configuration (after one warm-up batch).
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
 }
 
 /// Arguments of `cargo xtask bench fanout`.
@@ -44,6 +82,13 @@ pub struct FanoutArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Fanout(args) => fanout(args).await,
+        BenchCommand::DbCeiling(args) => crate::perf::run_db_ceiling(args).await,
+        BenchCommand::Latency(args) => {
+            crate::perf::run_latency(args.perf, args.upstream_delay_ms, args.rate).await
+        }
+        BenchCommand::Modes(args) => crate::perf::run_modes(args).await,
+        BenchCommand::Batch(args) => crate::perf::run_batch(args.perf, args.ids, args.rounds).await,
+        BenchCommand::Report(args) => crate::perf::run_report(args).await,
     }
 }
 

@@ -8,6 +8,7 @@ mod bench;
 mod db;
 mod loadtest;
 mod migrate;
+mod perf;
 mod pg;
 mod seed;
 mod stack;

@@ -1,0 +1,555 @@
+//! The service's performance benchmarks: `cargo xtask bench db-ceiling|latency|modes|batch|report`.
+//!
+//! Each one runs the real stack on this machine: the development PostgreSQL cluster (seeded with
+//! 100 000 users if empty), the stand-in recommendation service in this process, the API as a
+//! release-built child process on a free port, and the load generator in this process. They all
+//! share the CPU, which is the honest setting for a 2-core machine: the figures that matter are
+//! ratios measured in one run (the service against PostgreSQL's own ceiling, one query mode
+//! against the other), not absolute numbers.
+//!
+//! `report` runs them all and writes the README's Performance table
+//! (`target/bench/performance.md`, and the README itself with `--update-readme`).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use api::settings::Settings;
+use clap::Args;
+use loadtest::{Progress, Report, Scenario};
+use tokio::process::Command;
+
+use crate::stack::{self, ApiProcess};
+
+/// Options shared by the benchmarks.
+#[derive(Debug, Clone, Args)]
+pub struct PerfArgs {
+    /// Concurrent connections of closed-loop runs (and pgbench clients).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Measured duration of each run, in seconds.
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
+    /// Warm-up before each measured run, in seconds (excluded from the figures).
+    #[arg(long, default_value_t = 5)]
+    warmup: u64,
+    /// Users to seed when the database is empty.
+    #[arg(long, default_value_t = 100_000)]
+    users: u32,
+}
+
+/// Options of `report`.
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    perf: PerfArgs,
+    /// Also replace the Performance section of README.md with the new table.
+    #[arg(long)]
+    update_readme: bool,
+}
+
+/// Where the benchmarks write their reports.
+const OUT_DIR: &str = "target/bench";
+
+/// The dashboard's three statements, as pgbench runs them for a random user.
+const PGBENCH_SCRIPT: &str = "\\set uid random(1, :users)
+SELECT id, username, email, avatar FROM users WHERE id = :uid;
+SELECT id, product, amount, created_at FROM orders WHERE user_id = :uid ORDER BY created_at DESC, id DESC LIMIT 100;
+SELECT id, product_id, rating, content FROM reviews WHERE user_id = :uid ORDER BY id DESC LIMIT 100;
+";
+
+/// The running stack: settings, how many users there are, the stand-in.
+struct Bench {
+    settings: Settings,
+    users: u64,
+    upstream: upstream::Server,
+    args: PerfArgs,
+}
+
+impl Bench {
+    /// Starts the cluster, prepares the data, builds the API and starts the stand-in.
+    async fn start(args: &PerfArgs, upstream_delay: Duration) -> Result<Self> {
+        let settings = Settings::load().context("cannot load the settings")?;
+        let (cluster, database) = crate::db::dev_cluster(&settings)?;
+        crate::db::start(&cluster, &database).await?;
+        stack::prepare_database(&settings.database, args.users).await?;
+        let users = stack::user_count(&settings.database).await?;
+        if users == 0 {
+            bail!("the database has no users");
+        }
+        stack::build_api().await?;
+        let upstream = upstream::Server::start(upstream::Config {
+            delay: upstream_delay,
+            ..upstream::Config::default()
+        })
+        .await
+        .context("cannot start the stand-in recommendation service")?;
+        Ok(Self {
+            settings,
+            users,
+            upstream,
+            args: args.clone(),
+        })
+    }
+
+    /// Starts an API with these extra settings.
+    async fn api(&self, extra: &[(&str, String)]) -> Result<ApiProcess> {
+        let mut settings = vec![
+            ("APP__RECOMMENDATIONS__BASE_URL", self.upstream.base_url()),
+            ("APP__TELEMETRY__LEVEL", "warn".to_owned()),
+        ];
+        settings.extend(extra.iter().cloned());
+        ApiProcess::start(stack::free_port()?, &settings, true).await
+    }
+
+    fn load(&self, api: &ApiProcess, scenario: Scenario) -> loadtest::Config {
+        loadtest::Config {
+            url: api.base.clone(),
+            scenario,
+            duration: Duration::from_secs(self.args.duration),
+            warmup: Duration::from_secs(self.args.warmup),
+            connections: self.args.connections,
+            users: self.users,
+            ..loadtest::Config::default()
+        }
+    }
+
+    async fn stop(self) {
+        self.upstream.shutdown().await;
+    }
+}
+
+/// Runs a load and saves its report under [`OUT_DIR`].
+async fn measure(config: &loadtest::Config, name: &str) -> Result<Report> {
+    let report = loadtest::run(config, Progress::Auto)
+        .await
+        .with_context(|| format!("the {name} load run failed"))?;
+    loadtest::write(&report, Path::new(OUT_DIR), name)
+        .with_context(|| format!("cannot write the {name} report"))?;
+    Ok(report)
+}
+
+/// The result of `db-ceiling`.
+struct Ceiling {
+    pgbench_tps: f64,
+    dashboard_rps: f64,
+    dashboard_p99_ms: f64,
+    error_rate: f64,
+    peak_rss_mib: Option<f64>,
+}
+
+impl Ceiling {
+    fn ratio(&self) -> f64 {
+        self.dashboard_rps / self.pgbench_tps
+    }
+}
+
+/// pgbench's transactions per second for the dashboard's three statements.
+async fn pgbench(bench: &Bench) -> Result<f64> {
+    let pg = bench.settings.database.pg_config()?;
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let user = pg.get_user().unwrap_or("postgres").to_owned();
+    let dbname = pg.get_dbname().unwrap_or(&user).to_owned();
+    std::fs::create_dir_all(OUT_DIR)?;
+    let script = PathBuf::from(OUT_DIR).join("dashboard.pgbench");
+    std::fs::write(&script, PGBENCH_SCRIPT)?;
+    let clients = bench.args.connections.to_string();
+    let seconds = bench.args.duration.to_string();
+    println!("pgbench: the dashboard's 3 statements, -M prepared, {clients} clients, {seconds} s");
+    let output = Command::new("pgbench")
+        .env("PGPASSWORD", password)
+        .args([
+            "-n",
+            "-M",
+            "prepared",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .args(["-U", &user, "-c", &clients, "-j", "2", "-T", &seconds])
+        .arg("-D")
+        .arg(format!("users={}", bench.users))
+        .arg("-f")
+        .arg(&script)
+        .arg(&dbname)
+        .output()
+        .await
+        .context("cannot run pgbench (Debian package postgresql-client)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "pgbench failed: {}{}",
+            text,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    text.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix("tps = ")?;
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .with_context(|| format!("no tps line in pgbench's output:\n{text}"))
+}
+
+async fn db_ceiling(bench: &Bench) -> Result<Ceiling> {
+    // Let the previous phase's connections go before measuring PostgreSQL alone.
+    let pgbench_tps = pgbench(bench).await?;
+    println!("pgbench: {pgbench_tps:.0} transactions/s");
+    let api = bench.api(&[]).await?;
+    let report = measure(
+        &bench.load(&api, Scenario::Dashboard),
+        "db-ceiling-dashboard",
+    )
+    .await?;
+    let peak_rss_mib = api.peak_rss_kib().map(|kib| kib as f64 / 1024.0);
+    api.stop(Duration::from_secs(20)).await?;
+    println!("{}", report.summary());
+    Ok(Ceiling {
+        pgbench_tps,
+        dashboard_rps: report.measured.success_rps,
+        dashboard_p99_ms: report.measured.latency.p99_ms,
+        error_rate: report.measured.error_rate,
+        peak_rss_mib,
+    })
+}
+
+/// The result of `latency`.
+struct LatencyFigures {
+    delay_ms: u64,
+    rate: f64,
+    achieved: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: f64,
+}
+
+async fn latency(bench: &Bench, delay_ms: u64, rate: f64) -> Result<LatencyFigures> {
+    let api = bench.api(&[]).await?;
+    let config = loadtest::Config {
+        rate: Some(rate),
+        ..bench.load(&api, Scenario::Dashboard)
+    };
+    let report = measure(&config, "latency-dashboard").await?;
+    api.stop(Duration::from_secs(20)).await?;
+    println!("{}", report.summary());
+    Ok(LatencyFigures {
+        delay_ms,
+        rate,
+        achieved: report.measured.throughput_rps,
+        p50_ms: report.measured.latency.p50_ms,
+        p99_ms: report.measured.latency.p99_ms,
+        errors: report.measured.error_rate,
+    })
+}
+
+/// Throughput and latency of one query mode.
+struct ModeFigures {
+    mode: &'static str,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+async fn modes(bench: &Bench) -> Result<Vec<ModeFigures>> {
+    let mut figures = Vec::new();
+    for mode in ["pipelined", "pooled"] {
+        let api = bench
+            .api(&[("APP__SERVICE__QUERY_MODE", mode.to_owned())])
+            .await?;
+        let report = measure(
+            &bench.load(&api, Scenario::Dashboard),
+            &format!("mode-{mode}"),
+        )
+        .await?;
+        api.stop(Duration::from_secs(20)).await?;
+        println!("{mode}:\n{}", report.summary());
+        figures.push(ModeFigures {
+            mode,
+            rps: report.measured.success_rps,
+            p50_ms: report.measured.latency.p50_ms,
+            p99_ms: report.measured.latency.p99_ms,
+        });
+    }
+    Ok(figures)
+}
+
+/// Time per batch of `ids` ids, for one chunk size.
+struct BatchFigures {
+    chunk_size: usize,
+    mean_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+}
+
+async fn batch(bench: &Bench, ids: usize, rounds: usize) -> Result<Vec<BatchFigures>> {
+    let mut figures = Vec::new();
+    for chunk_size in [50usize, 1] {
+        let api = bench
+            .api(&[
+                ("APP__SERVICE__BATCH__CHUNK_SIZE", chunk_size.to_string()),
+                ("APP__SERVICE__BATCH__CONCURRENCY", "20".to_owned()),
+            ])
+            .await?;
+        let address = api.base.trim_start_matches("http://").to_owned();
+        let mut times = Vec::with_capacity(rounds);
+        for round in 0..rounds + 1 {
+            // Spread the ids over the table, a different slice each round.
+            let first = (round * ids) as u64 % bench.users.saturating_sub(ids as u64).max(1);
+            let body = format!(
+                "{{\"user_ids\":[{}]}}",
+                (0..ids as u64)
+                    .map(|i| (first + i + 1).to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let started = Instant::now();
+            let status = post(&address, "/api/users/batch", &body).await?;
+            let elapsed = started.elapsed();
+            if status != 200 {
+                bail!("a batch of {ids} ids answered {status}");
+            }
+            // The first round warms the pool and the statement caches.
+            if round > 0 {
+                times.push(elapsed.as_secs_f64() * 1000.0);
+            }
+        }
+        api.stop(Duration::from_secs(20)).await?;
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = times.iter().copied().fold(0.0, f64::max);
+        println!(
+            "batch of {ids} ids, concurrency 20, {chunk_size} id(s) per statement: \
+             mean {mean:.1} ms, min {min:.1} ms, max {max:.1} ms over {rounds} batches"
+        );
+        figures.push(BatchFigures {
+            chunk_size,
+            mean_ms: mean,
+            min_ms: min,
+            max_ms: max,
+        });
+    }
+    Ok(figures)
+}
+
+/// One POST with a JSON body over a fresh connection; returns the status code.
+async fn post(address: &str, path: &str, body: &str) -> Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(address).await?;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut answer))
+        .await
+        .context("the batch took longer than 30 s")??;
+    let head = String::from_utf8_lossy(&answer[..answer.len().min(32)]).into_owned();
+    head.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP answer: {head:?}"))
+}
+
+/// `cargo xtask bench db-ceiling`.
+pub async fn run_db_ceiling(args: PerfArgs) -> Result<()> {
+    let bench = Bench::start(&args, Duration::ZERO).await?;
+    let result = db_ceiling(&bench).await;
+    bench.stop().await;
+    let ceiling = result?;
+    println!(
+        "\npgbench ceiling: {:.0} tx/s; dashboard: {:.0} req/s; ratio {:.2} (target >= 0.80)",
+        ceiling.pgbench_tps,
+        ceiling.dashboard_rps,
+        ceiling.ratio()
+    );
+    Ok(())
+}
+
+/// `cargo xtask bench latency`.
+pub async fn run_latency(args: PerfArgs, delay_ms: u64, rate: f64) -> Result<()> {
+    let bench = Bench::start(&args, Duration::from_millis(delay_ms)).await?;
+    let result = latency(&bench, delay_ms, rate).await;
+    bench.stop().await;
+    let figures = result?;
+    println!(
+        "\nupstream delay {delay_ms} ms, open loop {rate:.0} req/s: p50 {:.1} ms, p99 {:.1} ms \
+         (target p50 <= {} ms)",
+        figures.p50_ms,
+        figures.p99_ms,
+        delay_ms + 2
+    );
+    Ok(())
+}
+
+/// `cargo xtask bench modes`.
+pub async fn run_modes(args: PerfArgs) -> Result<()> {
+    let bench = Bench::start(&args, Duration::ZERO).await?;
+    let result = modes(&bench).await;
+    bench.stop().await;
+    let figures = result?;
+    println!();
+    for f in &figures {
+        println!(
+            "{:>9}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+            f.mode, f.rps, f.p50_ms, f.p99_ms
+        );
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench batch`.
+pub async fn run_batch(args: PerfArgs, ids: usize, rounds: usize) -> Result<()> {
+    let bench = Bench::start(&args, Duration::ZERO).await?;
+    let result = batch(&bench, ids, rounds).await;
+    bench.stop().await;
+    result.map(|_| ())
+}
+
+/// `cargo xtask bench report`: every benchmark, then the Performance table.
+pub async fn run_report(args: ReportArgs) -> Result<()> {
+    let started = Instant::now();
+    let bench = Bench::start(&args.perf, Duration::ZERO).await?;
+    let result = async {
+        let ceiling = db_ceiling(&bench).await?;
+        let modes = modes(&bench).await?;
+        let batch = batch(&bench, 1000, 10).await?;
+        Ok::<_, anyhow::Error>((ceiling, modes, batch))
+    }
+    .await;
+    bench.stop().await;
+    let (ceiling, modes, batch) = result?;
+    let slow = Bench::start(&args.perf, Duration::from_millis(50)).await?;
+    let result = latency(&slow, 50, 200.0).await;
+    slow.stop().await;
+    let latency = result?;
+
+    let table = render(&args.perf, &ceiling, &latency, &modes, &batch);
+    std::fs::create_dir_all(OUT_DIR)?;
+    let path = PathBuf::from(OUT_DIR).join("performance.md");
+    std::fs::write(&path, &table)?;
+    println!("\n{table}");
+    println!(
+        "written to {} (all runs took {:.0} s)",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if args.update_readme {
+        update_readme(&table)?;
+        println!("README.md's Performance section updated");
+    }
+    Ok(())
+}
+
+fn render(
+    args: &PerfArgs,
+    ceiling: &Ceiling,
+    latency: &LatencyFigures,
+    modes: &[ModeFigures],
+    batch: &[BatchFigures],
+) -> String {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or_else(
+            || "?".to_owned(),
+            |kib| format!("{:.0} GiB", kib / 1024.0 / 1024.0),
+        );
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Measured by `cargo xtask bench report` on a {cores}-core machine with {memory} of RAM, \
+         release build. PostgreSQL 15, the API (actix-web, {cores} workers), the stand-in \
+         recommendation service and the load generator all share those cores, so absolute \
+         numbers are low; the ratios measured in one run are what carry over. Closed-loop runs \
+         use {} connections, {} s measured after a {} s warm-up, ids uniform over the seeded \
+         users. JSON and SVG reports of every run are in `target/bench/`.\n",
+        args.connections, args.duration, args.warmup
+    );
+    let _ = writeln!(out, "| what | figure | target | command |");
+    let _ = writeln!(out, "| --- | --- | --- | --- |");
+    let _ = writeln!(
+        out,
+        "| PostgreSQL ceiling: pgbench, the dashboard's 3 SELECTs, `-M prepared`, {} clients | {:.0} tx/s | | `cargo xtask bench db-ceiling` |",
+        args.connections, ceiling.pgbench_tps
+    );
+    let _ = writeln!(
+        out,
+        "| Dashboard throughput (upstream 0 ms) | {:.0} req/s, p99 {:.1} ms, errors {:.2}% | | `cargo xtask bench db-ceiling` |",
+        ceiling.dashboard_rps,
+        ceiling.dashboard_p99_ms,
+        ceiling.error_rate * 100.0
+    );
+    let _ = writeln!(
+        out,
+        "| Dashboard / pgbench ceiling | **{:.2}** | ≥ 0.80 | `cargo xtask bench db-ceiling` |",
+        ceiling.ratio()
+    );
+    let _ = writeln!(
+        out,
+        "| Dashboard latency, upstream {} ms, open loop {:.0} req/s (achieved {:.0}) | p50 **{:.1} ms**, p99 {:.1} ms, errors {:.2}% | p50 ≤ {} ms | `cargo xtask bench latency` |",
+        latency.delay_ms,
+        latency.rate,
+        latency.achieved,
+        latency.p50_ms,
+        latency.p99_ms,
+        latency.errors * 100.0,
+        latency.delay_ms + 2
+    );
+    for mode in modes {
+        let _ = writeln!(
+            out,
+            "| Dashboard, `query_mode = \"{}\"` | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | | `cargo xtask bench modes` |",
+            mode.mode, mode.rps, mode.p50_ms, mode.p99_ms
+        );
+    }
+    for b in batch {
+        let how = if b.chunk_size == 1 {
+            "one statement per id (the seed's way)".to_owned()
+        } else {
+            format!("{} ids per statement (`= ANY($1)`)", b.chunk_size)
+        };
+        let _ = writeln!(
+            out,
+            "| Batch of 1000 ids, concurrency 20, {how} | {:.1} ms per batch (min {:.1}, max {:.1}) | | `cargo xtask bench batch` |",
+            b.mean_ms, b.min_ms, b.max_ms
+        );
+    }
+    if let Some(rss) = ceiling.peak_rss_mib {
+        let _ = writeln!(
+            out,
+            "| Peak RSS of the API during the {}-connection run | {rss:.1} MiB | | `cargo xtask bench db-ceiling` |",
+            args.connections
+        );
+    }
+    out
+}
+
+const README_BEGIN: &str =
+    "<!-- performance:begin (written by cargo xtask bench report --update-readme) -->";
+const README_END: &str = "<!-- performance:end -->";
+
+fn update_readme(table: &str) -> Result<()> {
+    let readme = std::fs::read_to_string("README.md").context("cannot read README.md")?;
+    let (Some(begin), Some(end)) = (readme.find(README_BEGIN), readme.find(README_END)) else {
+        bail!("README.md has no {README_BEGIN} ... {README_END} markers");
+    };
+    let updated = format!(
+        "{}{README_BEGIN}\n{table}{}",
+        &readme[..begin],
+        &readme[end..]
+    );
+    std::fs::write("README.md", updated).context("cannot write README.md")
+}
