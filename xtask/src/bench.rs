@@ -37,6 +37,8 @@ pub enum BenchCommand {
     Modes(crate::perf::PerfArgs),
     /// Time per batch of ids, one statement per chunk vs one per id.
     Batch(BatchArgs),
+    /// The seed's own FastAPI service (bench/seed-fastapi) and this one, under the same load.
+    Peer(crate::perf::PerfArgs),
     /// Every benchmark above, then the README's Performance table.
     Report(crate::perf::ReportArgs),
 }
@@ -88,6 +90,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         BenchCommand::Modes(args) => crate::perf::run_modes(args).await,
         BenchCommand::Batch(args) => crate::perf::run_batch(args.perf, args.ids, args.rounds).await,
+        BenchCommand::Peer(args) => crate::perf::run_peer(args).await,
         BenchCommand::Report(args) => crate::perf::run_report(args).await,
     }
 }

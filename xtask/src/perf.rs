@@ -104,8 +104,12 @@ impl Bench {
     }
 
     fn load(&self, api: &ApiProcess, scenario: Scenario) -> loadtest::Config {
+        self.load_url(&api.base, scenario)
+    }
+
+    fn load_url(&self, url: &str, scenario: Scenario) -> loadtest::Config {
         loadtest::Config {
-            url: api.base.clone(),
+            url: url.to_owned(),
             scenario,
             duration: Duration::from_secs(self.args.duration),
             warmup: Duration::from_secs(self.args.warmup),
@@ -358,6 +362,144 @@ async fn post(address: &str, path: &str, body: &str) -> Result<u16> {
         .with_context(|| format!("not an HTTP answer: {head:?}"))
 }
 
+/// The seed's FastAPI service next to ours.
+struct PeerFigures {
+    ours_rps: f64,
+    ours_p99_ms: f64,
+    seed_rps: f64,
+    seed_p99_ms: f64,
+    seed_errors: f64,
+    workers: usize,
+}
+
+/// Where the seed's service and its Python environment live.
+const PEER_DIR: &str = "bench/seed-fastapi";
+const PEER_VENV: &str = "target/seed-fastapi-venv";
+
+/// Creates the Python virtual environment for the seed's service, once.
+async fn peer_venv() -> Result<PathBuf> {
+    let venv = PathBuf::from(PEER_VENV);
+    let uvicorn = venv.join("bin/uvicorn");
+    if uvicorn.is_file() {
+        return Ok(uvicorn);
+    }
+    println!("creating {PEER_VENV} with the seed's stack (FastAPI, uvicorn, asyncpg, httpx)");
+    let created = Command::new("python3")
+        .args(["-m", "venv", PEER_VENV])
+        .status()
+        .await
+        .context("cannot run python3 (CPython 3.11+ with venv is needed)")?;
+    if !created.success() {
+        bail!("python3 -m venv {PEER_VENV} failed");
+    }
+    let installed = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "-r"])
+        .arg(PathBuf::from(PEER_DIR).join("requirements.txt"))
+        .status()
+        .await
+        .context("cannot run pip")?;
+    if !installed.success() {
+        let _ = std::fs::remove_dir_all(&venv);
+        bail!("pip install failed (PyPI must be reachable)");
+    }
+    Ok(uvicorn)
+}
+
+async fn peer(bench: &Bench) -> Result<PeerFigures> {
+    let uvicorn = peer_venv().await?;
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+
+    let api = bench.api(&[]).await?;
+    let ours = measure(&bench.load(&api, Scenario::Dashboard), "peer-rust").await?;
+    api.stop(Duration::from_secs(20)).await?;
+    println!("this service:\n{}", ours.summary());
+
+    let port = stack::free_port()?;
+    let database_url = bench.settings.database.pg_config().map(|pg| {
+        let password = pg
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        format!(
+            "postgresql://{}:{}@127.0.0.1:{}/{}",
+            pg.get_user().unwrap_or("postgres"),
+            password,
+            pg.get_ports().first().copied().unwrap_or(5432),
+            pg.get_dbname().unwrap_or("postgres")
+        )
+    })?;
+    // The article runs uvicorn with --workers 4; one per core is the fair match for this
+    // service's one actix worker per core.
+    let mut seed = Command::new(&uvicorn)
+        .args(["app:app", "--app-dir", PEER_DIR, "--host", "127.0.0.1"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--workers",
+            &workers.to_string(),
+        ])
+        .args(["--no-access-log", "--log-level", "warning"])
+        .env("DATABASE_URL", database_url)
+        .env("RECOMMENDATIONS_URL", bench.upstream.base_url())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the seed's service with uvicorn")?;
+    let address = format!("127.0.0.1:{port}");
+    let mut ready = false;
+    for _ in 0..300 {
+        if let Some(status) = seed.try_wait()? {
+            bail!("the seed's service exited during start-up ({status})");
+        }
+        if stack::answers_200(&address, "/api/users/1/dashboard").await {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !ready {
+        bail!("the seed's service did not answer within 30 s");
+    }
+    let config = bench.load_url(&format!("http://{address}"), Scenario::Dashboard);
+    let theirs = measure(&config, "peer-seed-fastapi").await;
+    if let Some(pid) = seed.id() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), seed.wait()).await;
+    let _ = seed.kill().await;
+    let theirs = theirs?;
+    println!("the seed's FastAPI service:\n{}", theirs.summary());
+    Ok(PeerFigures {
+        ours_rps: ours.measured.success_rps,
+        ours_p99_ms: ours.measured.latency.p99_ms,
+        seed_rps: theirs.measured.success_rps,
+        seed_p99_ms: theirs.measured.latency.p99_ms,
+        seed_errors: theirs.measured.error_rate,
+        workers,
+    })
+}
+
+/// `cargo xtask bench peer`.
+pub async fn run_peer(args: PerfArgs) -> Result<()> {
+    let bench = Bench::start(&args, Duration::ZERO).await?;
+    let result = peer(&bench).await;
+    bench.stop().await;
+    let figures = result?;
+    println!(
+        "\nthis service: {:.0} req/s (p99 {:.1} ms); the seed's FastAPI service: {:.0} req/s \
+         (p99 {:.1} ms, errors {:.2}%); {:.1}x",
+        figures.ours_rps,
+        figures.ours_p99_ms,
+        figures.seed_rps,
+        figures.seed_p99_ms,
+        figures.seed_errors * 100.0,
+        figures.ours_rps / figures.seed_rps.max(1e-9)
+    );
+    Ok(())
+}
+
 /// `cargo xtask bench db-ceiling`.
 pub async fn run_db_ceiling(args: PerfArgs) -> Result<()> {
     let bench = Bench::start(&args, Duration::ZERO).await?;
@@ -421,17 +563,18 @@ pub async fn run_report(args: ReportArgs) -> Result<()> {
         let ceiling = db_ceiling(&bench).await?;
         let modes = modes(&bench).await?;
         let batch = batch(&bench, 1000, 10).await?;
-        Ok::<_, anyhow::Error>((ceiling, modes, batch))
+        let peer = peer(&bench).await?;
+        Ok::<_, anyhow::Error>((ceiling, modes, batch, peer))
     }
     .await;
     bench.stop().await;
-    let (ceiling, modes, batch) = result?;
+    let (ceiling, modes, batch, peer) = result?;
     let slow = Bench::start(&args.perf, Duration::from_millis(50)).await?;
     let result = latency(&slow, 50, 200.0).await;
     slow.stop().await;
     let latency = result?;
 
-    let table = render(&args.perf, &ceiling, &latency, &modes, &batch);
+    let table = render(&args.perf, &ceiling, &latency, &modes, &batch, &peer);
     std::fs::create_dir_all(OUT_DIR)?;
     let path = PathBuf::from(OUT_DIR).join("performance.md");
     std::fs::write(&path, &table)?;
@@ -454,6 +597,7 @@ fn render(
     latency: &LatencyFigures,
     modes: &[ModeFigures],
     batch: &[BatchFigures],
+    peer: &PeerFigures,
 ) -> String {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let memory = std::fs::read_to_string("/proc/meminfo")
@@ -527,6 +671,21 @@ fn render(
             b.mean_ms, b.min_ms, b.max_ms
         );
     }
+    let _ = writeln!(
+        out,
+        "| The seed's FastAPI + asyncpg + httpx service (`bench/seed-fastapi`, uvicorn, {} workers), same load | {:.0} req/s, p99 {:.1} ms, errors {:.2}% | | `cargo xtask bench peer` |",
+        peer.workers,
+        peer.seed_rps,
+        peer.seed_p99_ms,
+        peer.seed_errors * 100.0
+    );
+    let _ = writeln!(
+        out,
+        "| This service, same run | {:.0} req/s, p99 {:.1} ms: **{:.1}x** the seed's throughput | many times | `cargo xtask bench peer` |",
+        peer.ours_rps,
+        peer.ours_p99_ms,
+        peer.ours_rps / peer.seed_rps.max(1e-9)
+    );
     if let Some(rss) = ceiling.peak_rss_mib {
         let _ = writeln!(
             out,

@@ -168,12 +168,16 @@ impl ApiProcess {
 
 /// One `GET /healthz` over a raw connection (xtask needs no HTTP client for this).
 pub async fn healthz(address: &str) -> bool {
+    answers_200(address, "/healthz").await
+}
+
+/// Whether `GET path` answers 200 within a second.
+pub async fn answers_200(address: &str, path: &str) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
         let mut tcp = tokio::net::TcpStream::connect(address).await.ok()?;
-        tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: local\r\nconnection: close\r\n\r\n")
-            .await
-            .ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: local\r\nconnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.ok()?;
         let mut head = [0u8; 12];
         tcp.read_exact(&mut head).await.ok()?;
         Some(head.starts_with(b"HTTP/1.1 200"))
