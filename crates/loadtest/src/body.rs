@@ -54,14 +54,21 @@ impl SourceError<'_> {
 /// One failed id in a batch answer.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub(crate) struct IdError<'a> {
+    /// The failure's kind, e.g. `not_found`.
+    #[serde(default)]
+    pub kind: Option<Cow<'a, str>>,
     /// The error text.
     #[serde(default)]
     pub error: Option<Cow<'a, str>>,
 }
 
 impl IdError<'_> {
+    /// What to count it under: `kind`, or the error text when the kind is absent.
     pub(crate) fn text(&self) -> &str {
-        self.error.as_deref().unwrap_or("(unspecified)")
+        self.kind
+            .as_deref()
+            .or(self.error.as_deref())
+            .unwrap_or("(unspecified)")
     }
 }
 
@@ -173,12 +180,13 @@ mod tests {
     #[test]
     fn batch_id_errors_are_listed() {
         let body = br#"{"status":"success","data":{"results":[{"user_id":2}],
-            "errors":[{"user_id":1,"error":"user not found"},{"user_id":3,"error":"user not found"}]}}"#;
+            "errors":[{"user_id":1,"error":"user not found"},{"user_id":3,"kind":"not_found","error":"user not found"}]}}"#;
         let Findings::BatchIds(errors) = inspect(RequestKind::Batch, 200, body) else {
             panic!("not a batch finding");
         };
         assert_eq!(errors.len(), 2);
-        assert_eq!(errors[1].text(), "user not found");
+        assert_eq!(errors[0].text(), "user not found");
+        assert_eq!(errors[1].text(), "not_found");
     }
 
     #[test]

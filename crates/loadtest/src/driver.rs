@@ -89,7 +89,7 @@ async fn open_loop<E: Exchange>(
     stats: &Mutex<WorkerStats>,
 ) {
     let mut previous_done = plan.start;
-    let (mut sent_warmup, mut sent_measured) = (0u64, 0u64);
+    let mut sent_total = 0u64;
     for i in 0.. {
         let scheduled = schedule.at(i);
         if scheduled >= plan.end {
@@ -111,21 +111,22 @@ async fn open_loop<E: Exchange>(
             service: done - sent,
             send_lag: Some(lag),
         };
-        let phase = plan.phase(scheduled);
-        match phase {
-            Phase::Warmup => sent_warmup += 1,
-            Phase::Measured => sent_measured += 1,
-        }
-        record(stats, phase, &timing, &outcome);
+        // The window is that of the actual send, as in closed loop: when the connection is
+        // behind, sends due in the warm-up go out (and count) in the measured window, with their
+        // latency still counted from when they were due.
+        sent_total += 1;
+        record(stats, plan.phase(sent), &timing, &outcome);
         previous_done = done;
     }
+    let due = schedule.due_before(plan.end);
     let due_warmup = schedule.due_before(plan.warmup_end);
-    let due_measured = schedule.due_before(plan.end) - due_warmup;
     let mut stats = stats
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    stats.warmup.missed += due_warmup.saturating_sub(sent_warmup);
-    stats.measured.missed += due_measured.saturating_sub(sent_measured);
+    stats.warmup.scheduled += due_warmup;
+    stats.measured.scheduled += due - due_warmup;
+    // Sends due before the end that never went out: the run ended with them still queued.
+    stats.measured.missed += due.saturating_sub(sent_total);
 }
 
 fn record(stats: &Mutex<WorkerStats>, phase: Phase, timing: &Timing, outcome: &Outcome) {
@@ -264,6 +265,7 @@ mod tests {
         assert_eq!(stats.warmup.requests, 3);
         assert_eq!(stats.measured.requests, 7);
         assert_eq!(stats.warmup.missed + stats.measured.missed, 0);
+        assert_eq!((stats.warmup.scheduled, stats.measured.scheduled), (3, 7));
     }
 
     #[tokio::test(start_paused = true)]

@@ -28,6 +28,8 @@ pub(crate) fn rate(r: f64) -> String {
 pub(crate) fn latency(ms: f64) -> String {
     if !ms.is_finite() || ms < 0.0 {
         "-".to_owned()
+    } else if ms == 0.0 {
+        "0".to_owned()
     } else if ms < 1.0 {
         format!("{:.0}µs", ms * 1000.0)
     } else if ms < 10.0 {
@@ -94,6 +96,7 @@ mod tests {
         assert_eq!(count(1_234_567), "1,234,567");
         assert_eq!(rate(6172.84), "6,172.8");
         assert_eq!(latency(0.412), "412µs");
+        assert_eq!(latency(0.0), "0");
         assert_eq!(latency(9.814), "9.81ms");
         assert_eq!(latency(20.11), "20.1ms");
         assert_eq!(latency(250.4), "250ms");

@@ -171,7 +171,9 @@ pub(crate) struct PhaseStats {
     pub batch_id_error_texts: BTreeMap<String, u64>,
     /// Successful answers whose body was not the expected JSON.
     pub undecodable: u64,
-    /// Open loop: sends due in this window that never went out (the run ended first).
+    /// Open loop: sends due in this window.
+    pub scheduled: u64,
+    /// Open loop, measured window only: sends due before the end of the run that never went out.
     pub missed: u64,
 }
 
@@ -192,6 +194,7 @@ impl PhaseStats {
             batch_id_errors: 0,
             batch_id_error_texts: BTreeMap::new(),
             undecodable: 0,
+            scheduled: 0,
             missed: 0,
         }
     }
@@ -289,6 +292,7 @@ impl PhaseStats {
         self.batch_id_errors += other.batch_id_errors;
         merge_texts(&mut self.batch_id_error_texts, &other.batch_id_error_texts);
         self.undecodable += other.undecodable;
+        self.scheduled += other.scheduled;
         self.missed += other.missed;
     }
 }

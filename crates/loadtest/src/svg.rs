@@ -225,7 +225,8 @@ where
         .configure_mesh()
         .x_desc("seconds since start")
         .y_desc("requests per second")
-        .y_label_formatter(&|y| format::rate(*y))
+        // Whole requests per second read better on an axis than tenths.
+        .y_label_formatter(&|y| format::count(y.max(0.0).round() as u64))
         .draw()
         .map_err(render_error)?;
     chart
