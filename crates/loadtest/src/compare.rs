@@ -153,7 +153,14 @@ pub fn compare(base: &Report, base_label: &str, new: &Report, new_label: &str) -
     );
     for (name, kind, better, x, y) in rows {
         let (ratio, verdict) = if x == 0.0 {
-            let verdict = if y == 0.0 { "~" } else { "" };
+            // No ratio to a zero; the direction still says which way it went.
+            let verdict = if y == 0.0 {
+                "~"
+            } else if better == Better::Higher {
+                "better"
+            } else {
+                "worse"
+            };
             ("-".to_owned(), verdict)
         } else {
             let r = y / x;
@@ -197,11 +204,13 @@ fn differences(base: &Report, new: &Report) -> Vec<String> {
     );
     differ("threads", a.threads.to_string(), b.threads.to_string());
     differ("engine", a.engine.clone(), b.engine.clone());
-    differ(
-        "rate",
-        format!("{:?}", a.rate_rps),
-        format!("{:?}", b.rate_rps),
-    );
+    let rate = |r: Option<f64>| {
+        r.map_or_else(
+            || "closed loop".to_owned(),
+            |r| format!("{} req/s", format::rate(r)),
+        )
+    };
+    differ("rate", rate(a.rate_rps), rate(b.rate_rps));
     differ(
         "duration",
         format::seconds(a.duration_s),
@@ -263,6 +272,10 @@ mod tests {
             "{text}"
         );
         assert!(
+            text.contains("note: the runs differ in rate (closed loop vs 100.0 req/s)"),
+            "{text}"
+        );
+        assert!(
             text.contains("note: the runs differ in load model (closed vs open)"),
             "{text}"
         );
@@ -279,5 +292,6 @@ mod tests {
             .find(|l| l.starts_with("transport errors"))
             .unwrap();
         assert!(row.split_whitespace().any(|w| w == "-"), "{row}");
+        assert!(row.ends_with("worse"), "from none to one is worse: {row}");
     }
 }

@@ -1,7 +1,9 @@
 //! The errors a run, a report read or a report write can end with.
 //!
 //! Transport failures of single requests are not errors here: they are counted in the report by
-//! kind. An [`Error`] means the run itself could not start, finish or be written down.
+//! kind. An [`Error`] means the run itself could not start, finish or be written down. Messages
+//! do not repeat their cause; it is the error's `source()`, which `anyhow`'s `{:#}` prints after
+//! it.
 
 use std::{io, path::PathBuf, time::Duration};
 
@@ -18,7 +20,7 @@ pub enum Error {
         problem: String,
     },
     /// The target host name could not be resolved.
-    #[error("could not resolve {host}: {source}")]
+    #[error("could not resolve {host}")]
     Resolve {
         /// The host name from the URL.
         host: String,
@@ -40,14 +42,14 @@ pub enum Error {
         host: String,
     },
     /// A worker thread or its runtime could not be started.
-    #[error("could not start a worker: {0}")]
+    #[error("could not start a worker")]
     Spawn(#[source] io::Error),
     /// A worker failed while the run was in progress (a connection task panicked, or a worker
     /// did not stop by the drain deadline).
     #[error("a worker failed: {0}")]
     Worker(String),
     /// A report file could not be written.
-    #[error("could not write {}: {source}", path.display())]
+    #[error("could not write {}", path.display())]
     Write {
         /// The file.
         path: PathBuf,
@@ -55,7 +57,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A report file could not be read.
-    #[error("could not read {}: {source}", path.display())]
+    #[error("could not read {}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
@@ -63,7 +65,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A file is not a JSON report written by this crate.
-    #[error("{} is not a loadtest JSON report: {source}", path.display())]
+    #[error("{} is not a loadtest JSON report", path.display())]
     NotAReport {
         /// The file.
         path: PathBuf,
@@ -71,7 +73,7 @@ pub enum Error {
         source: serde_json::Error,
     },
     /// The report could not be encoded as JSON.
-    #[error("could not encode the report as JSON: {0}")]
+    #[error("could not encode the report as JSON")]
     Encode(#[source] serde_json::Error),
     /// The SVG report could not be drawn.
     #[error("could not draw the SVG report: {0}")]
