@@ -120,22 +120,21 @@ fn read(path: &Path) -> Result<(String, Report)> {
 
 /// Runs `cargo xtask loadtest`.
 pub async fn run(args: Args) -> Result<()> {
+    if args.compare.len() > 2 {
+        bail!("--compare takes one report (compared with this run) or two (with each other)");
+    }
     // Read the reports to compare with first, so a wrong path fails before a long run.
     let baselines = args
         .compare
         .iter()
         .map(|path| read(path))
         .collect::<Result<Vec<_>>>()?;
-    match baselines.as_slice() {
-        [] | [_] => {}
-        [(a_label, a), (b_label, b)] => {
-            if args.check.is_some() {
-                bail!("--check needs a run, and two --compare reports mean no run");
-            }
-            print!("{}", ::loadtest::compare(a, a_label, b, b_label));
-            return Ok(());
+    if let [(a_label, a), (b_label, b)] = baselines.as_slice() {
+        if args.check.is_some() {
+            bail!("--check needs a run, and two --compare reports mean no run");
         }
-        _ => bail!("--compare takes one report (compared with this run) or two (with each other)"),
+        print!("{}", ::loadtest::compare(a, a_label, b, b_label));
+        return Ok(());
     }
     let config = args.config();
     let progress = if args.quiet {
