@@ -1,7 +1,7 @@
 //! The parameters of a run, and parsers for the forms they take on the command line.
 //!
 //! Everything here is plain data: `cargo xtask loadtest` parses its flags into a [`Config`] with
-//! the [`FromStr`] impls below, and [`crate::run`] validates the whole before any connection opens.
+//! the [`FromStr`] impls below, and [`crate::run()`] validates the whole before any connection opens.
 
 use std::{fmt, str::FromStr, time::Duration};
 

@@ -2,7 +2,7 @@
 //!
 //! The loop is generic over [`Exchange`] (one request and its whole answer) so that its timing
 //! arithmetic can be tested on tokio's paused clock; the real exchange is
-//! [`crate::http::HttpExchange`].
+//! [`crate::raw::RawExchange`] (and [`crate::hyper_client::HyperExchange`]).
 
 use std::{future::Future, sync::Mutex, time::Duration};
 

@@ -24,7 +24,7 @@
 //!
 //! Outputs: [`Report::summary`] (a terminal table), [`write()`] (`NAME.json`, every figure and the
 //! parameters, and `NAME.svg`, the latency curve and throughput over time), [`Checks`]
-//! (`--check`), and [`compare`] (`--compare`).
+//! (`--check`), and [`compare()`] (`--compare`).
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), loadtest::Error> {

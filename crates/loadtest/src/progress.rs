@@ -54,7 +54,7 @@ impl Sampler {
                 if bar.is_hidden() {
                     (None, true)
                 } else {
-                    if let Ok(style) = ProgressStyle::with_template("{bar:24.cyan/blue} {msg}") {
+                    if let Ok(style) = ProgressStyle::with_template("{bar:12.cyan/blue} {msg}") {
                         bar.set_style(style.progress_chars("=> "));
                     }
                     (Some(bar), false)
@@ -137,10 +137,13 @@ impl Sampler {
         } else {
             "-".to_owned()
         };
+        // Short enough, with the bar, for an 80-column terminal: a wrapped line would redraw
+        // badly.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let rps = format::count(point.rps.max(0.0).round() as u64);
         let line = format!(
-            "{phase:<9} {:>5.1}s/{total:.0}s  {:>10} req/s  p99 {p99:>7}  errors {}",
+            "{phase:<9} {:>5.1}s/{total:.0}s {rps:>9} req/s  p99 {p99:>7}  errors {}",
             point.t_s.min(total),
-            format::rate(point.rps),
             format::count(self.errors),
         );
         if let Some(bar) = &self.bar {
