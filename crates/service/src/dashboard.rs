@@ -144,17 +144,34 @@ impl Service {
 
         // The recommendation call needs no database: it starts first, so its network round trip
         // overlaps with waiting for a connection.
+        //
+        // Its timeout is enforced by the client, not by the group: the client's deadline is the
+        // source's timeout (or the dashboard's deadline, if that comes first). A call cut off from
+        // outside is dropped, and a dropped call tells the client's circuit breaker nothing, so a
+        // service that hangs would never open the breaker and every dashboard would wait the full
+        // timeout for it. Ended by the client's own timer, the call counts as a failure.
         let recommendations = {
             let client = self.inner.client.clone();
             let watch = clocks.watch(Source::Recommendations);
+            let timeout = config.recommendations_timeout;
+            let dashboard_deadline = config.deadline;
             group
                 .child(Source::Recommendations.as_str())
-                .timeout(config.recommendations_timeout)
                 .spawn(async move {
                     let _watch = watch;
-                    Ok(client
-                        .recommendations_with_deadline(user_id, deadline)
-                        .await?)
+                    let own = Instant::now() + timeout;
+                    let (until, limit, after) = if own < deadline {
+                        (own, "recommendations timeout", timeout)
+                    } else {
+                        (deadline, "dashboard deadline", dashboard_deadline)
+                    };
+                    match client.recommendations_with_deadline(user_id, until).await {
+                        Ok(items) => Ok(items),
+                        Err(client::RecommendationError::Timeout { .. }) => {
+                            Err(SourceError::TimedOut { after, limit })
+                        }
+                        Err(error) => Err(error.into()),
+                    }
                 })
         };
 

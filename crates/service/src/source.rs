@@ -70,6 +70,16 @@ pub enum SourceError {
     /// The recommendation service failed.
     #[error(transparent)]
     Recommendations(#[from] client::RecommendationError),
+    /// The source was cut off by a time limit that it enforces itself rather than leaving it to
+    /// the task group (the recommendation call, so that the client's breaker sees the timeout).
+    /// It reads exactly as a timeout enforced by the group does.
+    #[error("timed out after {after:?} ({limit})")]
+    TimedOut {
+        /// The length of the limit.
+        after: Duration,
+        /// Which limit: `recommendations timeout` or `dashboard deadline`.
+        limit: &'static str,
+    },
 }
 
 impl SourceError {
@@ -80,6 +90,7 @@ impl SourceError {
             SourceError::Busy(_) => "busy",
             SourceError::Database(e) => e.kind(),
             SourceError::Recommendations(e) => e.kind().as_str(),
+            SourceError::TimedOut { .. } => "timeout",
         }
     }
 
@@ -218,6 +229,10 @@ pub(crate) fn describe<T>(
     };
     match outcome {
         Outcome::Ok(_) => (SourceStatus::Ok, None),
+        Outcome::Err(e @ SourceError::TimedOut { .. }) => (
+            SourceStatus::Timeout,
+            Some(failure(e.kind(), e.public_message())),
+        ),
         Outcome::Err(e) => (
             SourceStatus::Error,
             Some(failure(e.kind(), e.public_message())),

@@ -98,6 +98,35 @@ async fn a_hanging_upstream_is_a_recommendations_timeout_in_a_partial_dashboard(
 }
 
 #[tokio::test]
+async fn a_hanging_upstream_opens_the_breaker() {
+    // The source's timeout (300 ms) is far shorter than the client's own (5 s). A call cut off
+    // by it must still count as a failure in the breaker: otherwise a service that hangs would
+    // be waited on by every dashboard for ever, and never skipped.
+    let w = world(test_config()).await;
+    w.upstream.set_user_reply(1, Reply::fault(Fault::Hang));
+    let threshold = client::ClientConfig::default().breaker.failure_threshold;
+    for _ in 0..threshold {
+        let dashboard = w.service.dashboard(1).await.unwrap();
+        assert_eq!(dashboard.errors.len(), 1, "{:?}", dashboard.errors);
+        assert_eq!(dashboard.errors[0].kind, "timeout");
+        assert_eq!(
+            dashboard.errors[0].error,
+            "timed out after 300ms (recommendations timeout)"
+        );
+        assert_eq!(
+            status_of(&dashboard.timings, Source::Recommendations),
+            SourceStatus::Timeout
+        );
+    }
+    let breaker = w.service.recommendations_client().stats().breaker;
+    assert_eq!(breaker.state, client::BreakerState::Open, "{breaker:?}");
+    // Open: the next dashboard does not wait for the service at all.
+    let dashboard = w.service.dashboard(2).await.unwrap();
+    assert_eq!(dashboard.errors.len(), 1, "{:?}", dashboard.errors);
+    assert_eq!(dashboard.errors[0].kind, "circuit_open");
+}
+
+#[tokio::test]
 async fn upstream_faults_are_captured_per_source() {
     let w = world(test_config()).await;
     for (fault, kind) in [
