@@ -504,6 +504,51 @@ async fn connections_closed_by_the_server_are_reopened_without_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_the_server_closed_are_reopened_without_errors() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for engine in ENGINES {
+        eprintln!("engine: {engine}");
+        // Answers one request per connection, keep-alive by its headers, then closes the idle
+        // connection 10ms later: what a server's idle timeout does.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let served = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&served);
+        let server = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let count = Arc::clone(&count);
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    count.fetch_add(1, Relaxed);
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]";
+                    let _ = stream.write_all(answer).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                });
+            }
+        });
+        // 20 req/s over 2 connections: each sits idle 100ms between its sends.
+        let mut config = config(&url, Scenario::Recommendations, engine);
+        config.connections = 2;
+        config.rate = Some(20.0);
+        config.duration = Duration::from_millis(600);
+        let report = run(&config).await;
+        server.abort();
+        let m = &report.measured;
+        assert!(m.requests >= 6, "{} requests", m.requests);
+        assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
+        assert_eq!(status(&report, "200"), m.requests);
+        assert_eq!(served.load(Relaxed), m.requests);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_that_are_not_json_are_counted() {
     for engine in ENGINES {
         eprintln!("engine: {engine}");
