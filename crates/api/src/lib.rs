@@ -186,21 +186,35 @@ impl Application {
         self.state.clone()
     }
 
-    /// Serves until SIGTERM or SIGINT (or [`Application::handle`]'s `stop`), lets in-flight
-    /// requests finish within the grace period, then closes the pool.
+    /// Serves until SIGTERM or SIGINT (or a [`ShutdownHandle`]), lets in-flight requests finish
+    /// within the grace period, then closes the pool.
     ///
     /// # Errors
     ///
-    /// When the server fails or the signal handlers cannot be installed.
+    /// When the server fails.
     pub async fn run(self) -> std::io::Result<()> {
-        let handle = self.server.handle();
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `stop` resolves (to a word saying why, for the log) or a [`ShutdownHandle`]
+    /// stops the server, then shuts down as on SIGTERM: see [`ShutdownHandle::shutdown`]. The pool
+    /// is closed once the server has stopped.
+    ///
+    /// # Errors
+    ///
+    /// When the server fails.
+    pub async fn run_until(
+        self,
+        stop: impl Future<Output = &'static str> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let handle = self.shutdown_handle();
         let signals = tokio::spawn(async move {
-            let signal = shutdown_signal().await;
+            let reason = stop.await;
             tracing::info!(
-                signal,
+                reason,
                 "shutting down: no new connections, finishing in-flight requests"
             );
-            handle.stop(true).await;
+            handle.shutdown().await;
         });
         let served = self.server.await;
         signals.abort();
@@ -218,6 +232,12 @@ impl Application {
 /// stop message exits at once, dropping the requests it was serving (actix-server 2.6). So
 /// accepting is paused first, requests are counted out by the middleware (until each response
 /// body has been written), and only then are the workers stopped.
+///
+/// Pausing the accept loop does not stop keep-alive clients from sending more requests on the
+/// connections they have, and under steady load some request is always in flight: the count
+/// would never reach zero, and the grace period would end by cutting requests off. So while
+/// draining, every response says `Connection: close`, and each connection closes after the
+/// answer it is working on.
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
     server: ServerHandle,
@@ -228,6 +248,7 @@ pub struct ShutdownHandle {
 impl ShutdownHandle {
     /// Drains and stops the server; returns once it has stopped.
     pub async fn shutdown(&self) {
+        self.in_flight.start_draining();
         self.server.pause().await;
         let give_up = Instant::now() + self.grace;
         while self.in_flight.get() > 0 && Instant::now() < give_up {

@@ -9,14 +9,14 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::Method;
 use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::{ConnectionType, Method};
 use actix_web::middleware::Next;
 use actix_web::{Error, web};
 use tracing::Instrument as _;
@@ -54,22 +54,36 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// Requests accepted and not yet fully answered.
+/// Requests accepted and not yet fully answered, and whether the server is draining them.
 ///
 /// A request counts from the moment the middleware sees it until its response body has been
 /// written out and dropped, so a drained count means every accepted request got its whole answer.
+/// While draining, every response closes its connection (see [`crate::ShutdownHandle`]).
 #[derive(Debug, Clone, Default)]
-pub struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight {
+    count: Arc<AtomicUsize>,
+    draining: Arc<AtomicBool>,
+}
 
 impl InFlight {
     /// Requests in flight now.
     pub fn get(&self) -> usize {
-        self.0.load(Ordering::Acquire)
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// From now on, every response closes its connection.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether the server is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     fn enter(&self) -> InFlightGuard {
-        self.0.fetch_add(1, Ordering::AcqRel);
-        InFlightGuard(self.0.clone())
+        self.count.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self.count.clone())
     }
 }
 
@@ -149,6 +163,16 @@ pub async fn observe(
             }
             if let Ok(value) = HeaderValue::from_str(&request_id) {
                 response.headers_mut().insert(REQUEST_ID, value);
+            }
+            if state
+                .as_ref()
+                .is_some_and(|state| state.in_flight.is_draining())
+            {
+                // Shutting down: this connection takes no further request.
+                response
+                    .response_mut()
+                    .head_mut()
+                    .set_connection_type(ConnectionType::Close);
             }
             let millis = elapsed.as_secs_f64() * 1000.0;
             if status.is_server_error() {

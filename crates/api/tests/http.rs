@@ -379,6 +379,50 @@ async fn shutdown_lets_an_in_flight_request_finish() {
 }
 
 #[tokio::test]
+async fn shutdown_closes_keep_alive_connections_and_answers_what_they_sent() {
+    // As on SIGTERM: the server stops through `run_until`. A keep-alive client must get its
+    // in-flight answer in full, marked `Connection: close`, so that it sends nothing more on that
+    // connection: under steady keep-alive load the drain would otherwise never see zero requests
+    // in flight, and the grace period would end by cutting requests off.
+    let app = spawn_app_with(|settings| {
+        settings.service.dashboard.recommendations_timeout = Duration::from_secs(5);
+    })
+    .await;
+    app.upstream
+        .set_user_reply(1, Reply::ok().after(Duration::from_millis(500)));
+    let before = app.get("/api/users/2/dashboard").await;
+    assert_eq!(before.status(), 200);
+    assert_ne!(
+        before
+            .headers()
+            .get("connection")
+            .map(|v| v.to_str().unwrap()),
+        Some("close")
+    );
+    let request = tokio::spawn({
+        let http = app.http.clone();
+        let url = app.url("/api/users/1/dashboard");
+        async move { http.get(url).send().await }
+    });
+    for _ in 0..500 {
+        if app.state.in_flight.get() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.state.in_flight.get(), 1);
+    app.stop.notify_one();
+    let response = request.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["connection"], "close");
+    let body = json(response).await;
+    assert!(body["data"]["errors"].as_array().unwrap().is_empty());
+    app.server.await.unwrap().unwrap();
+    assert!(app.state.service.database().is_closed());
+    assert_eq!(app.state.in_flight.get(), 0);
+}
+
+#[tokio::test]
 async fn openapi_lists_every_route() {
     let app = spawn_app().await;
     let response = app.get("/openapi.json").await;

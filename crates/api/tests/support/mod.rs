@@ -18,6 +18,8 @@ pub struct TestApp {
     pub db: TestDb,
     pub upstream: upstream::Server,
     pub handle: ShutdownHandle,
+    /// Notified, stops the server as SIGTERM does (`Application::run_until`).
+    pub stop: std::sync::Arc<tokio::sync::Notify>,
     pub state: web::Data<AppState>,
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -97,13 +99,21 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let address = app.address();
     let handle = app.shutdown_handle();
     let state = app.state();
-    let server = tokio::spawn(app.run());
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let server = tokio::spawn(app.run_until({
+        let stop = stop.clone();
+        async move {
+            stop.notified().await;
+            "test"
+        }
+    }));
     TestApp {
         address,
         http: reqwest::Client::new(),
         db,
         upstream,
         handle,
+        stop,
         state,
         server,
     }
