@@ -6,7 +6,7 @@
 //! message says what the client can do about it; internals (SQL, driver messages, stack traces)
 //! are logged with the request id and never sent.
 
-use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
+use actix_web::error::{JsonPayloadError, PathError, PayloadError, QueryPayloadError};
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, ResponseError};
@@ -35,8 +35,8 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// A stable code: `invalid_user_id`, `invalid_batch`, `invalid_json`, `payload_too_large`,
-    /// `unsupported_media_type`, `not_found`, `user_not_found`, `method_not_allowed`,
-    /// `unavailable`, `deadline_exceeded`, `internal`.
+    /// `request_timeout`, `unsupported_media_type`, `not_found`, `user_not_found`,
+    /// `method_not_allowed`, `unavailable`, `deadline_exceeded`, `internal`.
     pub code: String,
     /// One sentence for a human.
     pub message: String,
@@ -146,6 +146,11 @@ pub fn json_error(error: JsonPayloadError, _request: &HttpRequest) -> actix_web:
             "payload_too_large",
             format!("the request body is larger than {limit} bytes"),
         ),
+        JsonPayloadError::Payload(PayloadError::Io(e))
+            if e.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            return request_timeout(error);
+        }
         JsonPayloadError::ContentType => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -162,6 +167,21 @@ pub fn json_error(error: JsonPayloadError, _request: &HttpRequest) -> actix_web:
         _ => ApiError::bad_request("invalid_body", "the request body could not be read"),
     };
     actix_web::error::InternalError::from_response(error, api.error_response()).into()
+}
+
+/// 408 for a body that did not arrive within the request timeout (see [`crate::middleware`]).
+/// The rest of the body may still be on its way, so the connection is closed rather than read on.
+fn request_timeout(error: JsonPayloadError) -> actix_web::Error {
+    let mut response = ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        "the request body was not received in time",
+    )
+    .error_response();
+    response
+        .head_mut()
+        .set_connection_type(actix_web::http::ConnectionType::Close);
+    actix_web::error::InternalError::from_response(error, response).into()
 }
 
 /// Maps actix's path extractor failures onto the JSON error shape.

@@ -43,6 +43,9 @@ pub struct AppState {
     pub openapi: String,
     /// Requests accepted and not yet fully answered.
     pub in_flight: middleware::InFlight,
+    /// How long a client may take to send a request's body, from the moment its headers are in
+    /// (`server.client_request_timeout`, which actix applies to the headers only).
+    pub body_timeout: Duration,
 }
 
 /// Why the application could not start.
@@ -109,6 +112,7 @@ impl Application {
             metrics: Metrics::new(),
             openapi: openapi::document(),
             in_flight: middleware::InFlight::default(),
+            body_timeout: settings.server.client_request_timeout,
         });
 
         let server_settings = &settings.server;

@@ -1,11 +1,17 @@
-//! One middleware around every request: request id, tracing span, metrics, access log, and the
-//! in-flight count that graceful shutdown waits on.
+//! One middleware around every request: request id, tracing span, metrics, access log, the
+//! in-flight count that graceful shutdown waits on, and a deadline on receiving the body.
 //!
 //! An incoming `X-Request-Id` that looks like an id (at most 128 characters of letters, digits and
 //! `-_.:`) is kept, anything else is replaced by a fresh one; either way it is returned in the
 //! response's `X-Request-Id` and recorded on the request's span, so every log line of the request
 //! carries it. Metrics are labelled by route pattern (`/api/users/{user_id}/dashboard`), never by
 //! raw path or arbitrary method, so hostile requests cannot grow the label set.
+//!
+//! actix-web cuts off a client that is slow to send its headers (`client_request_timeout`) but
+//! not one that sends its body a byte at a time: such a client would hold a connection and a
+//! handler for as long as it liked. So a request with a body must deliver all of it within the
+//! same timeout, counted from the moment its headers are in; after that, reading the body fails
+//! with [`BODY_TIMED_OUT`] and the request is answered 408 (see [`crate::error::json_error`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,11 +20,13 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use actix_web::body::{BodySize, MessageBody};
-use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::error::PayloadError;
+use actix_web::http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use actix_web::http::{ConnectionType, Method};
 use actix_web::middleware::Next;
-use actix_web::{Error, web};
+use actix_web::{Error, HttpMessage as _, web};
+use futures::Stream;
 use tracing::Instrument as _;
 
 use crate::AppState;
@@ -122,18 +130,81 @@ impl<B: MessageBody> MessageBody for Tracked<B> {
     }
 }
 
+/// The message of the I/O error a body that took too long to arrive ends with.
+pub const BODY_TIMED_OUT: &str = "the request body did not arrive in time";
+
+pin_project_lite::pin_project! {
+    /// A request body that fails once its deadline has passed.
+    pub struct BodyDeadline<S> {
+        #[pin]
+        body: S,
+        #[pin]
+        deadline: tokio::time::Sleep,
+        expired: bool,
+    }
+}
+
+impl<S> BodyDeadline<S> {
+    /// Wraps `body`, which must end within `timeout` from now.
+    pub fn new(body: S, timeout: std::time::Duration) -> Self {
+        Self {
+            body,
+            deadline: tokio::time::sleep(timeout),
+            expired: false,
+        }
+    }
+}
+
+impl<S: Stream<Item = Result<bytes::Bytes, PayloadError>>> Stream for BodyDeadline<S> {
+    type Item = Result<bytes::Bytes, PayloadError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.project();
+        if *this.expired {
+            return Poll::Ready(None);
+        }
+        // Data already there wins over the deadline, as with `tokio::time::timeout`.
+        if let Poll::Ready(item) = this.body.poll_next(cx) {
+            return Poll::Ready(item);
+        }
+        if this.deadline.poll(cx).is_ready() {
+            *this.expired = true;
+            return Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                BODY_TIMED_OUT,
+            )))));
+        }
+        Poll::Pending
+    }
+}
+
+/// Whether the request announces a body.
+fn has_body(request: &ServiceRequest) -> bool {
+    let headers = request.headers();
+    headers.contains_key(TRANSFER_ENCODING)
+        || headers
+            .get(CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0")
+}
+
 /// The middleware function; see the module documentation.
 ///
 /// # Errors
 ///
 /// Passes on the inner service's error.
 pub async fn observe(
-    request: ServiceRequest,
+    mut request: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let started = Instant::now();
     let state = request.app_data::<web::Data<AppState>>().cloned();
     let guard = state.as_ref().map(|state| state.in_flight.enter());
+    if let Some(state) = state.as_ref().filter(|_| has_body(&request)) {
+        let body = request.take_payload();
+        request.set_payload(Payload::Stream {
+            payload: Box::pin(BodyDeadline::new(body, state.body_timeout)),
+        });
+    }
     let request_id = request
         .headers()
         .get(&REQUEST_ID)

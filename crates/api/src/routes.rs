@@ -163,6 +163,7 @@ pub async fn dashboard(
     responses(
         (status = 200, description = "Summaries in input order (each id once); ids that could not be summarised are in `errors`", body = crate::openapi::BatchEnvelope),
         (status = 400, description = "Malformed JSON, or user_ids is not 1 to 1000 positive integers", body = crate::error::ErrorBody),
+        (status = 408, description = "The body did not arrive within the request timeout", body = crate::error::ErrorBody),
         (status = 413, description = "The body is larger than 64 KiB", body = crate::error::ErrorBody),
         (status = 415, description = "The body is not application/json", body = crate::error::ErrorBody),
         (status = 503, description = "The database is unavailable", body = crate::error::ErrorBody,

@@ -54,7 +54,8 @@ pub struct ServerSettings {
     /// How long an idle keep-alive connection stays open.
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
-    /// How long a client may take to send a request's headers (cuts off slow-header clients).
+    /// How long a client may take to send a request's headers, and then again its body (cuts
+    /// off clients that dribble either).
     #[serde(with = "humantime_serde")]
     pub client_request_timeout: Duration,
     /// How long a client may take to close its side after the response.
