@@ -5,6 +5,7 @@
 //! throwaway cluster, serving the stand-in recommendation service, load tests and benchmarks.
 
 mod bench;
+mod chaos;
 mod db;
 mod loadtest;
 mod migrate;
@@ -46,6 +47,10 @@ enum Command {
     Upstream(upstream::UpstreamArgs),
     /// Load the service (or the stand-in upstream) and report latency, throughput and errors.
     Loadtest(loadtest::Args),
+    /// Faults, overload and hostile clients against the real service (database restart, pool
+    /// exhaustion, upstream faults, abandoned requests, shutdown under load, slow clients), with a
+    /// PASS/FAIL report; exits non-zero on any FAIL.
+    Chaos(chaos::ChaosArgs),
     /// Wall-clock benchmarks, such as the seed's fan-out comparison (`bench fanout`).
     Bench(bench::BenchArgs),
 }
@@ -55,7 +60,11 @@ impl Command {
     fn wants_release_build(&self) -> bool {
         matches!(
             self,
-            Command::Up(_) | Command::Upstream(_) | Command::Loadtest(_) | Command::Bench(_)
+            Command::Up(_)
+                | Command::Upstream(_)
+                | Command::Loadtest(_)
+                | Command::Bench(_)
+                | Command::Chaos(_)
         )
     }
 }
@@ -104,5 +113,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Upstream(args) => upstream::run(args).await,
         Command::Loadtest(args) => loadtest::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Chaos(args) => chaos::run(args).await,
     }
 }

@@ -1,0 +1,588 @@
+//! A small HTTP/1.1 client for the chaos runs, written on raw sockets.
+//!
+//! The chaos checks need what a load generator's aggregate report throws away: for every single
+//! request, when it was sent, how long it took, its status and error code, and, when it got no
+//! answer, exactly how it failed (refused, reset, closed before or after the first byte of the
+//! answer, timed out). So the runs use this client rather than the `loadtest` crate. It speaks
+//! only what the dashboard API answers: `Content-Length` or chunked bodies, keep-alive or close.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64Mcg;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Largest response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// Largest response body kept (the API's bodies are far smaller).
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// Why a request got no complete answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Failure {
+    /// Nothing listened (connection refused).
+    Refused,
+    /// Connecting failed another way, or took longer than the timeout.
+    Connect,
+    /// The peer reset the connection.
+    Reset,
+    /// The peer closed the connection before the answer was complete.
+    Closed,
+    /// The timeout passed before the answer was complete.
+    Timeout,
+    /// The answer was not HTTP/1.1 as this client understands it.
+    Protocol,
+}
+
+impl Failure {
+    /// The failure's name in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Refused => "refused",
+            Failure::Connect => "connect_failed",
+            Failure::Reset => "reset",
+            Failure::Closed => "closed",
+            Failure::Timeout => "timeout",
+            Failure::Protocol => "protocol",
+        }
+    }
+
+    fn of(error: &std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        match error.kind() {
+            ErrorKind::ConnectionRefused => Failure::Refused,
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+                Failure::Reset
+            }
+            ErrorKind::UnexpectedEof => Failure::Closed,
+            _ => Failure::Protocol,
+        }
+    }
+}
+
+/// A complete HTTP answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The status code.
+    pub status: u16,
+    /// The body, de-chunked.
+    pub body: Vec<u8>,
+    /// Whether the server said it closes the connection after this answer.
+    pub close: bool,
+}
+
+impl Answer {
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The `error.code` of a JSON error body, if there is one.
+    pub fn error_code(&self) -> Option<String> {
+        json_string_after(&self.text(), "\"code\":\"")
+    }
+}
+
+/// The string value that follows `marker` in `text`, up to the next quote.
+pub fn json_string_after(text: &str, marker: &str) -> Option<String> {
+    let start = text.find(marker)? + marker.len();
+    let rest = &text[start..];
+    Some(rest[..rest.find('"')?].to_owned())
+}
+
+/// A request that got no complete answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lost {
+    /// How it failed.
+    pub failure: Failure,
+    /// Whether any byte of the answer had arrived.
+    pub answer_started: bool,
+}
+
+impl Lost {
+    fn new(failure: Failure, answer_started: bool) -> Self {
+        Self {
+            failure,
+            answer_started,
+        }
+    }
+}
+
+/// One client connection.
+#[derive(Debug)]
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    /// Connects within `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Failure::Refused`] or [`Failure::Connect`].
+    pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self, Failure> {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(Self {
+                    stream,
+                    buf: Vec::with_capacity(4096),
+                })
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Err(Failure::Refused)
+            }
+            Ok(Err(_)) | Err(_) => Err(Failure::Connect),
+        }
+    }
+
+    /// The socket, for tests that write by hand.
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
+    /// Sends `request` and reads the whole answer, all within `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Lost`] saying how the exchange failed.
+    pub async fn exchange(&mut self, request: &[u8], timeout: Duration) -> Result<Answer, Lost> {
+        self.exchange_until(request, Instant::now() + timeout).await
+    }
+
+    /// Sends `request` and reads the whole answer, giving up at `deadline`.
+    ///
+    /// # Errors
+    ///
+    /// [`Lost`] saying how the exchange failed.
+    pub async fn exchange_until(
+        &mut self,
+        request: &[u8],
+        deadline: Instant,
+    ) -> Result<Answer, Lost> {
+        if let Err(e) = tokio::time::timeout_at(deadline, self.stream.write_all(request))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        {
+            let failure = if e.kind() == std::io::ErrorKind::TimedOut {
+                Failure::Timeout
+            } else {
+                Failure::of(&e)
+            };
+            return Err(Lost::new(failure, false));
+        }
+        self.read_answer(deadline).await
+    }
+
+    /// Reads one whole answer, giving up at `deadline`.
+    ///
+    /// # Errors
+    ///
+    /// [`Lost`] saying how the read failed.
+    pub async fn read_answer(&mut self, deadline: Instant) -> Result<Answer, Lost> {
+        let mut started = !self.buf.is_empty();
+        loop {
+            if let Some(parsed) = parse(&self.buf).map_err(|f| Lost::new(f, true))? {
+                let (answer, used) = parsed;
+                self.buf.drain(..used);
+                return Ok(answer);
+            }
+            if self.buf.len() > MAX_HEAD + MAX_BODY {
+                return Err(Lost::new(Failure::Protocol, true));
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let read = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await;
+            match read {
+                Err(_) => return Err(Lost::new(Failure::Timeout, started)),
+                Ok(Ok(0)) => {
+                    // A body framed by the end of the connection ends here.
+                    if let Some((answer, _)) = parse_at_eof(&self.buf) {
+                        self.buf.clear();
+                        return Ok(answer);
+                    }
+                    return Err(Lost::new(Failure::Closed, started));
+                }
+                Ok(Ok(n)) => {
+                    started = true;
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+                Ok(Err(e)) => return Err(Lost::new(Failure::of(&e), started)),
+            }
+        }
+    }
+}
+
+/// How a body is framed.
+enum Framing {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+struct Head {
+    status: u16,
+    framing: Framing,
+    close: bool,
+    len: usize,
+}
+
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return if buf.len() > MAX_HEAD {
+            Err(Failure::Protocol)
+        } else {
+            Ok(None)
+        };
+    };
+    let text = std::str::from_utf8(&buf[..end]).map_err(|_| Failure::Protocol)?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().ok_or(Failure::Protocol)?;
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().ok_or(Failure::Protocol)?;
+    if !version.starts_with("HTTP/1.") {
+        return Err(Failure::Protocol);
+    }
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or(Failure::Protocol)?;
+    let mut framing = Framing::UntilClose;
+    let mut close = version == "HTTP/1.0";
+    for line in lines {
+        let (name, value) = line.split_once(':').ok_or(Failure::Protocol)?;
+        let name = name.trim().to_ascii_lowercase();
+        let value = value.trim();
+        match name.as_str() {
+            "content-length" => {
+                framing = Framing::Length(value.parse().map_err(|_| Failure::Protocol)?);
+            }
+            "transfer-encoding" if value.eq_ignore_ascii_case("chunked") => {
+                framing = Framing::Chunked;
+            }
+            "connection" => close = value.eq_ignore_ascii_case("close"),
+            _ => {}
+        }
+    }
+    if status == 204 || status == 304 || (100..200).contains(&status) {
+        framing = Framing::Length(0);
+    }
+    if matches!(framing, Framing::UntilClose) {
+        close = true;
+    }
+    Ok(Some(Head {
+        status,
+        framing,
+        close,
+        len: end + 4,
+    }))
+}
+
+/// A complete answer at the start of `buf` and the bytes it used, or `None` when more must be
+/// read.
+fn parse(buf: &[u8]) -> Result<Option<(Answer, usize)>, Failure> {
+    let Some(head) = parse_head(buf)? else {
+        return Ok(None);
+    };
+    let rest = &buf[head.len..];
+    let (body, used) = match head.framing {
+        Framing::Length(n) if n > MAX_BODY => return Err(Failure::Protocol),
+        Framing::Length(n) if rest.len() >= n => (rest[..n].to_vec(), n),
+        Framing::Length(_) | Framing::UntilClose => return Ok(None),
+        Framing::Chunked => match dechunk(rest)? {
+            Some(done) => done,
+            None => return Ok(None),
+        },
+    };
+    Ok(Some((
+        Answer {
+            status: head.status,
+            body,
+            close: head.close,
+        },
+        head.len + used,
+    )))
+}
+
+/// The answer in `buf` when the connection has ended, for bodies framed by the close.
+fn parse_at_eof(buf: &[u8]) -> Option<(Answer, usize)> {
+    let head = parse_head(buf).ok()??;
+    matches!(head.framing, Framing::UntilClose).then(|| {
+        (
+            Answer {
+                status: head.status,
+                body: buf[head.len..].to_vec(),
+                close: true,
+            },
+            buf.len(),
+        )
+    })
+}
+
+/// Decodes a chunked body: the body and the bytes used, or `None` when incomplete.
+fn dechunk(mut rest: &[u8]) -> Result<Option<(Vec<u8>, usize)>, Failure> {
+    let total = rest.len();
+    let mut body = Vec::new();
+    loop {
+        let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let size_text = std::str::from_utf8(&rest[..line_end]).map_err(|_| Failure::Protocol)?;
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| Failure::Protocol)?;
+        if body.len() + size > MAX_BODY {
+            return Err(Failure::Protocol);
+        }
+        let data_start = line_end + 2;
+        if size == 0 {
+            // No trailers are sent by the API: the body ends with an empty line.
+            if rest.len() < data_start + 2 {
+                return Ok(None);
+            }
+            let used = total - rest.len() + data_start + 2;
+            return Ok(Some((body, used)));
+        }
+        if rest.len() < data_start + size + 2 {
+            return Ok(None);
+        }
+        body.extend_from_slice(&rest[data_start..data_start + size]);
+        rest = &rest[data_start + size + 2..];
+    }
+}
+
+/// A `GET` request for `path`.
+pub fn get(path: &str, keep_alive: bool) -> Vec<u8> {
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    format!("GET {path} HTTP/1.1\r\nhost: chaos\r\nconnection: {connection}\r\n\r\n").into_bytes()
+}
+
+/// Sends one request on a connection of its own.
+///
+/// # Errors
+///
+/// [`Lost`] (with `answer_started` false for connect failures).
+pub async fn fetch(addr: SocketAddr, request: &[u8], timeout: Duration) -> Result<Answer, Lost> {
+    let deadline = Instant::now() + timeout;
+    let mut conn = Conn::connect(addr, timeout)
+        .await
+        .map_err(|f| Lost::new(f, false))?;
+    conn.exchange(request, deadline.saturating_duration_since(Instant::now()))
+        .await
+}
+
+/// What became of one request of a load.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// When it was sent (or the connection attempted), since the load's start.
+    pub sent: Duration,
+    /// How long until it was answered or failed.
+    pub latency: Duration,
+    /// Its answer, or how it failed.
+    pub outcome: Outcome,
+}
+
+impl Record {
+    /// When it ended, since the load's start.
+    pub fn ended(&self) -> Duration {
+        self.sent + self.latency
+    }
+}
+
+/// An answer's gist, or a failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A complete answer.
+    Answered {
+        /// Its status.
+        status: u16,
+        /// A 200 whose body lists no source errors (`"errors":[]`).
+        clean: bool,
+        /// The JSON error code of an error answer.
+        code: Option<String>,
+        /// The JSON error message of an error answer.
+        message: Option<String>,
+    },
+    /// No connection could be made; nothing was sent.
+    NotConnected(Failure),
+    /// Sent, and no complete answer came back.
+    Lost(Lost),
+}
+
+impl Outcome {
+    /// The report label: the status code, or the failure's name.
+    pub fn label(&self) -> String {
+        match self {
+            Outcome::Answered { status, .. } => status.to_string(),
+            Outcome::NotConnected(failure) => format!("not connected ({})", failure.as_str()),
+            Outcome::Lost(lost) => format!("lost ({})", lost.failure.as_str()),
+        }
+    }
+
+    /// Whether this is a 200 with nothing missing.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, Outcome::Answered { clean: true, .. })
+    }
+
+    /// The status, when answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Outcome::Answered { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// The gist of an answer.
+pub fn outcome_of(answer: &Answer) -> Outcome {
+    let clean = answer.status == 200 && {
+        let text = answer.text();
+        text.contains("\"errors\":[]") || !text.contains("\"errors\"")
+    };
+    let error = answer.status >= 400;
+    Outcome::Answered {
+        status: answer.status,
+        clean,
+        code: error.then(|| answer.error_code()).flatten(),
+        message: error
+            .then(|| json_string_after(&answer.text(), "\"message\":\""))
+            .flatten(),
+    }
+}
+
+/// A closed-loop load: `connections` keep-alive connections, each sending its next dashboard
+/// request when the last answer arrives, until `stop` is set.
+#[derive(Debug, Clone)]
+pub struct Load {
+    /// The API's address.
+    pub addr: SocketAddr,
+    /// Concurrent connections (requests in flight).
+    pub connections: usize,
+    /// User ids are drawn uniformly from `1..=users`.
+    pub users: u64,
+    /// Limit on one request, connect included.
+    pub timeout: Duration,
+    /// Seed of the id draws.
+    pub seed: u64,
+}
+
+impl Load {
+    /// Runs until `stop` is set, then lets each connection finish its request; returns every
+    /// request's record, timed from `start`.
+    pub async fn run(&self, start: Instant, stop: Arc<AtomicBool>) -> Vec<Record> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..self.connections {
+            let load = self.clone();
+            let stop = Arc::clone(&stop);
+            tasks.spawn(async move { load.connection(index as u64, start, &stop).await });
+        }
+        let mut records = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(mut part) = joined {
+                records.append(&mut part);
+            }
+        }
+        records.sort_by_key(|r| r.sent);
+        records
+    }
+
+    async fn connection(&self, index: u64, start: Instant, stop: &AtomicBool) -> Vec<Record> {
+        let mut rng = Pcg64Mcg::seed_from_u64(self.seed ^ index.wrapping_mul(0x9e37_79b9));
+        let mut records = Vec::new();
+        let mut conn: Option<Conn> = None;
+        while !stop.load(Ordering::Relaxed) {
+            let user = rng.random_range(1..=self.users);
+            let request = get(&format!("/api/users/{user}/dashboard"), true);
+            let sent_at = Instant::now();
+            let sent = sent_at - start;
+            let mut current = match conn.take() {
+                Some(c) => c,
+                None => match Conn::connect(self.addr, self.timeout).await {
+                    Ok(c) => c,
+                    Err(failure) => {
+                        records.push(Record {
+                            sent,
+                            latency: sent_at.elapsed(),
+                            outcome: Outcome::NotConnected(failure),
+                        });
+                        // Nothing listens: do not spin.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+            };
+            let remaining = self.timeout.saturating_sub(sent_at.elapsed());
+            let outcome = match current.exchange(&request, remaining).await {
+                Ok(answer) => {
+                    if !answer.close {
+                        conn = Some(current);
+                    }
+                    outcome_of(&answer)
+                }
+                Err(lost) => Outcome::Lost(lost),
+            };
+            records.push(Record {
+                sent,
+                latency: sent_at.elapsed(),
+                outcome,
+            });
+        }
+        records
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_length_chunked_and_close_framed_answers() {
+        let (answer, used) =
+            parse(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\nretry-after: 1\r\n\r\n{}extra")
+                .unwrap()
+                .unwrap();
+        assert_eq!((answer.status, used), (503, 77));
+        assert!(!answer.close);
+
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        let (answer, used) = parse(chunked).unwrap().unwrap();
+        assert_eq!(answer.body, b"abcde");
+        assert_eq!(used, chunked.len());
+        assert!(parse(&chunked[..chunked.len() - 1]).unwrap().is_none());
+
+        let eof = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n\r\nbye";
+        assert!(parse(eof).unwrap().is_none());
+        let (answer, _) = parse_at_eof(eof).unwrap();
+        assert_eq!((answer.status, answer.body.as_slice()), (408, &b"bye"[..]));
+        assert!(parse(b"garbage\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn reads_error_codes_and_clean_dashboards() {
+        let answer = Answer {
+            status: 503,
+            body: br#"{"status":"error","error":{"code":"unavailable","message":"x"}}"#.to_vec(),
+            close: false,
+        };
+        assert_eq!(answer.error_code().as_deref(), Some("unavailable"));
+        assert_eq!(
+            outcome_of(&answer),
+            Outcome::Answered {
+                status: 503,
+                clean: false,
+                code: Some("unavailable".to_owned()),
+                message: Some("x".to_owned()),
+            }
+        );
+        let ok = Answer {
+            status: 200,
+            body: br#"{"status":"success","data":{"errors":[]}}"#.to_vec(),
+            close: false,
+        };
+        assert!(outcome_of(&ok).is_clean());
+    }
+}

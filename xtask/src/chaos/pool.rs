@@ -1,0 +1,226 @@
+//! Scenario `pool-exhaustion`: 400 concurrent connections against a pool of 20, while the
+//! database is stalled from outside (an `ACCESS EXCLUSIVE` lock on `users`, so every profile read
+//! waits).
+//!
+//! Expected: requests that find no database slot wait at most `service.db_slot_wait` and answer
+//! 503; requests that got a slot are cut by the profile timeout and answer 503; no request waits
+//! forever (none beyond the 2 s dashboard deadline); the API's memory stays bounded (peak RSS,
+//! `VmHWM`, before and after the stall); once the lock goes, every request is a complete 200 again
+//! and nothing is left running, in the API or in the database.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use tokio::time::Instant;
+
+use super::Ctx;
+use super::client::{Load, Outcome};
+use super::db_restart::sample;
+use super::report::{self, ScenarioReport, describe_latency, latencies, ms, percentiles};
+
+/// `service.db_slot_wait` in `config/default.toml`, which this scenario runs with.
+const SLOT_WAIT: Duration = Duration::from_millis(500);
+/// The dashboard's deadline (`service.dashboard.deadline`).
+const DEADLINE: Duration = Duration::from_secs(2);
+/// Scheduling slack on a shared 2-core machine with 400 connections open.
+const SLACK: Duration = Duration::from_millis(500);
+/// Allowed growth of the peak RSS while the database is stalled.
+const RSS_GROWTH_KIB: u64 = 64 * 1024;
+
+/// Runs the scenario.
+pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
+    report.title = "400 connections against a pool of 20 while `users` is locked from outside";
+    let upstream = upstream::Server::start(upstream::Config::default()).await?;
+    let api = ctx
+        .rig
+        .api(
+            "pool-exhaustion",
+            &[("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url())],
+        )
+        .await?;
+    let warm = ctx.phase(Duration::from_secs(2), Duration::from_secs(1));
+    let stall = ctx.phase(Duration::from_secs(6), Duration::from_secs(3));
+    let after = ctx.phase(Duration::from_secs(3), Duration::from_secs(2));
+
+    let load = Load {
+        addr: api.addr,
+        connections: 400,
+        users: ctx.rig.users,
+        timeout: Duration::from_secs(10),
+        seed: 2,
+    };
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move { load.run(start, stop).await }
+    });
+    tokio::time::sleep(warm).await;
+    let peak_before = api.memory_kib("VmHWM");
+    let lock = ctx.rig.lock_table("users").await;
+    let locked_at = start.elapsed();
+    let mut during = None;
+    if lock.is_ok() {
+        tokio::time::sleep(stall / 2).await;
+        during = api.metrics().await.ok();
+        tokio::time::sleep(stall / 2).await;
+    }
+    let release_began = start.elapsed();
+    let released = match lock {
+        Ok(lock) => lock.release().await,
+        Err(e) => Err(e),
+    };
+    let released_at = start.elapsed();
+    tokio::time::sleep(after).await;
+    stop.store(true, Ordering::Relaxed);
+    let records = running.await.context("the load task failed")?;
+    released.context("the stall could not be made")?;
+    let peak_after = api.memory_kib("VmHWM");
+
+    report.count(&records);
+    report.lost = report::lost(&records);
+    report.figure(format!(
+        "users locked from {:.0} ms to {:.0} ms (from the load's start)",
+        ms(locked_at),
+        ms(release_began)
+    ));
+    if let Some(during) = &during {
+        report.figure(format!("mid-stall: {}", during.state_line()));
+    }
+
+    // Requests sent and answered while the lock held (those answered after the release may
+    // rightly be 200s: they were waiting within their bounds when the lock went).
+    let stalled: Vec<_> = records
+        .iter()
+        .filter(|r| r.sent >= locked_at && r.ended() < release_began)
+        .collect();
+    let is_busy = |o: &Outcome| matches!(o, Outcome::Answered { status: 503, message: Some(m), .. } if m.contains("busy"));
+    let busy = latencies(&records, |r| is_busy(&r.outcome));
+    let timed_out = latencies(&records, |r| {
+        r.outcome.status() == Some(503) && !is_busy(&r.outcome)
+    });
+    let stalled_labels: Vec<String> = stalled
+        .iter()
+        .map(|r| match &r.outcome {
+            Outcome::Answered {
+                status: 503,
+                message: Some(m),
+                ..
+            } if m.contains("busy") => "503 busy (no slot)".to_owned(),
+            Outcome::Answered { status: 503, .. } => "503 profile timed out".to_owned(),
+            other => other.label(),
+        })
+        .collect();
+    report.figure(format!(
+        "during the stall: {} requests: {}",
+        stalled.len(),
+        sample(&stalled_labels)
+    ));
+    report.figure(format!(
+        "503 busy (waited for a slot): {}",
+        describe_latency(busy.clone())
+    ));
+    report.figure(format!(
+        "503 after the profile timeout (had a slot): {}",
+        describe_latency(timed_out)
+    ));
+    let all = latencies(&records, |_| true);
+    let max_latency = percentiles(all).map_or(Duration::ZERO, |(_, _, max)| max);
+    report.figure(format!(
+        "latency of every request: {}",
+        describe_latency(latencies(&records, |_| true))
+    ));
+    let (recovery, clean_after) = report::recovery(&records, released_at);
+    report.recovery = Some(recovery);
+    let kib = |v: Option<u64>| {
+        v.map_or("unknown".to_owned(), |v| {
+            format!("{:.1} MiB", v as f64 / 1024.0)
+        })
+    };
+    report.figure(format!(
+        "API peak RSS (VmHWM): {} before the stall, {} after",
+        kib(peak_before),
+        kib(peak_after)
+    ));
+
+    let (metrics, settle, quiet) = api
+        .metrics_when(Duration::from_secs(5), |m| m.is_quiet())
+        .await?;
+    report.after = metrics.state_line();
+    let sessions = ctx.rig.sessions(&api.application_name).await?;
+    let active = sessions.get("active").copied().unwrap_or(0);
+    report.figure(format!(
+        "API sessions in pg_stat_activity after: {sessions:?}"
+    ));
+
+    report.check(
+        "no request lost",
+        report.lost == 0,
+        format!("{} lost", report.lost),
+    );
+    let not_503 = stalled
+        .iter()
+        .filter(|r| r.outcome.status() != Some(503))
+        .count();
+    report.check(
+        "requests sent and answered during the stall answer 503",
+        !stalled.is_empty() && not_503 == 0,
+        format!("{not_503} of {} were not 503", stalled.len()),
+    );
+    let busy_max = percentiles(busy.clone()).map(|(_, _, max)| max);
+    report.check(
+        format!(
+            "excess requests wait at most the slot wait ({} ms) then 503",
+            SLOT_WAIT.as_millis()
+        ),
+        busy_max.is_some_and(|max| max <= SLOT_WAIT + SLACK),
+        busy_max.map_or("no busy 503 at all".to_owned(), |max| {
+            format!("{} busy 503s, longest {:.0} ms", busy.len(), ms(max))
+        }),
+    );
+    report.check(
+        format!(
+            "no request waits forever (none beyond the {} s deadline)",
+            DEADLINE.as_secs()
+        ),
+        max_latency <= DEADLINE + SLACK,
+        format!("longest {:.0} ms", ms(max_latency)),
+    );
+    let growth = match (peak_before, peak_after) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+        _ => None,
+    };
+    report.check(
+        format!(
+            "memory bounded (peak RSS grows less than {} MiB during the stall)",
+            RSS_GROWTH_KIB / 1024
+        ),
+        growth.is_some_and(|g| g < RSS_GROWTH_KIB),
+        growth.map_or("VmHWM unreadable".to_owned(), |g| {
+            format!("grew {:.1} MiB", g as f64 / 1024.0)
+        }),
+    );
+    report.check(
+        "complete 200s again within 2 s of the release",
+        recovery <= Duration::from_secs(2) && clean_after > 0,
+        format!(
+            "last failure {:.0} ms after the release, {clean_after} complete 200s after it",
+            ms(recovery)
+        ),
+    );
+    report.check(
+        "nothing left behind in the API",
+        quiet,
+        format!("settled after {:.0} ms", ms(settle)),
+    );
+    report.check(
+        "no statement of the API still running in the database",
+        active == 0,
+        format!("{active} active"),
+    );
+    super::stop_api(api, report).await?;
+    upstream.shutdown().await;
+    Ok(())
+}
