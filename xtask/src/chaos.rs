@@ -9,11 +9,15 @@
 //! and fate), from `/metrics` (live task-group children, pool and database slots, breaker), from
 //! `pg_stat_activity` and from `/proc`. The report gives, per scenario, requests sent, answers by
 //! status, lost requests, recovery time and the state left behind, then PASS or FAIL per
-//! expectation; any FAIL makes the command exit non-zero. The whole run takes about two minutes
-//! (under one with `--quick`), and every wait in it is bounded.
+//! expectation; any FAIL makes the command exit non-zero, and the report is also written to
+//! `target/chaos/report.txt`. The scenarios that involve the database run under both query
+//! modes (`pipelined`, `pooled`). A whole run takes about two minutes on a 2-core machine (one
+//! with `--quick`, which keeps the default mode and shortens the phases); every wait in it is
+//! bounded, and Ctrl-C or SIGTERM cleans up as a normal end does.
 //!
 //! The scenarios are in `chaos/`: `db_restart`, `pool`, `upstream_faults`, `abandoned`,
-//! `shutdown` and `slow_clients`.
+//! `shutdown` and `slow_clients`; `client` is the HTTP client that records every request, `rig`
+//! the cluster, the API processes and the probes, `report` the report.
 
 mod abandoned;
 mod client;
@@ -88,6 +92,10 @@ impl Scenario {
     }
 }
 
+/// The query modes (`service.query_mode`) the database scenarios run under, the default first:
+/// the three reads pipelined on one connection, or on three pooled connections.
+const QUERY_MODES: [&str; 2] = ["pipelined", "pooled"];
+
 /// What every scenario gets.
 pub struct Ctx {
     /// The database and the API launcher.
@@ -116,36 +124,65 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     };
     eprintln!("chaos: building the API (release)");
     crate::stack::build_api().await?;
-    eprintln!(
-        "chaos: starting a throwaway PostgreSQL cluster and seeding {} users",
-        args.users
-    );
-    let rig = Rig::start(args.users).await?;
-    eprintln!(
-        "chaos: cluster on 127.0.0.1:{}; API logs in {}/",
-        rig.port(),
-        rig::LOG_DIR
-    );
-    let ctx = Ctx {
-        rig,
-        quick: args.quick,
-    };
-    let mut reports = Vec::new();
-    for scenario in scenarios {
-        eprintln!("chaos: {} ...", scenario.name());
-        let began = Instant::now();
-        let mut report = ScenarioReport::new(scenario.name(), "");
-        if let Err(error) = run_one(&ctx, scenario, &mut report).await {
-            // What was measured before the failure stays in the report.
-            report.check("the scenario runs to the end", false, format!("{error:#}"));
+    // Ctrl-C or SIGTERM drops the run: its API processes are killed, its stand-ins stopped and
+    // its cluster deleted on the way out, as when it ends by itself.
+    let work = async {
+        eprintln!(
+            "chaos: starting a throwaway PostgreSQL cluster and seeding {} users",
+            args.users
+        );
+        let rig = Rig::start(args.users).await?;
+        eprintln!(
+            "chaos: cluster on 127.0.0.1:{}; API logs in {}/",
+            rig.port(),
+            rig::LOG_DIR
+        );
+        let ctx = Ctx {
+            rig,
+            quick: args.quick,
+        };
+        let mut runs = Vec::new();
+        for scenario in scenarios {
+            match scenario {
+                // The database scenarios run under each query mode; --quick keeps the default.
+                Scenario::DbRestart | Scenario::PoolExhaustion | Scenario::Abandoned => {
+                    let modes = if ctx.quick {
+                        &QUERY_MODES[..1]
+                    } else {
+                        &QUERY_MODES[..]
+                    };
+                    runs.extend(modes.iter().map(|&mode| (scenario, mode)));
+                }
+                _ => runs.push((scenario, "")),
+            }
         }
-        report.elapsed = began.elapsed();
-        println!("{}", report.render());
-        let _ = std::io::stdout().flush();
-        reports.push(report);
-    }
-    // The cluster goes before the summary, so the time includes the clean-up.
-    drop(ctx);
+        let mut reports = Vec::new();
+        for (scenario, mode) in runs {
+            let name = if mode.is_empty() {
+                scenario.name().to_owned()
+            } else {
+                format!("{} ({mode})", scenario.name())
+            };
+            eprintln!("chaos: {name} ...");
+            let began = Instant::now();
+            let mut report = ScenarioReport::new(name, "");
+            if let Err(error) = run_one(&ctx, scenario, mode, &mut report).await {
+                // What was measured before the failure stays in the report.
+                report.check("the scenario runs to the end", false, format!("{error:#}"));
+            }
+            report.elapsed = began.elapsed();
+            println!("{}", report.render());
+            let _ = std::io::stdout().flush();
+            reports.push(report);
+        }
+        // The cluster goes before the summary, so the time includes the clean-up.
+        drop(ctx);
+        anyhow::Ok(reports)
+    };
+    let reports = tokio::select! {
+        reports = work => reports?,
+        signal = stop_signal() => bail!("{signal}: stopped; what this run started has been removed"),
+    };
     let summary = report::summary(&reports, started.elapsed());
     println!("{summary}");
     let text: String = reports
@@ -160,7 +197,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     let failed: Vec<&str> = reports
         .iter()
         .filter(|r| !r.passed())
-        .map(|r| r.name)
+        .map(|r| r.name.as_str())
         .collect();
     if !failed.is_empty() {
         bail!(
@@ -171,6 +208,21 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM, saying which.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "interrupted",
+            _ = terminate.recv() => "terminated",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupted"
+        }
+    }
 }
 
 /// Stops a scenario's API with SIGTERM and checks that it exits cleanly.
@@ -184,12 +236,17 @@ async fn stop_api(api: rig::Api, report: &mut ScenarioReport) -> Result<()> {
     Ok(())
 }
 
-async fn run_one(ctx: &Ctx, scenario: Scenario, report: &mut ScenarioReport) -> Result<()> {
+async fn run_one(
+    ctx: &Ctx,
+    scenario: Scenario,
+    mode: &'static str,
+    report: &mut ScenarioReport,
+) -> Result<()> {
     match scenario {
-        Scenario::DbRestart => db_restart::run(ctx, report).await,
-        Scenario::PoolExhaustion => pool::run(ctx, report).await,
+        Scenario::DbRestart => db_restart::run(ctx, report, mode).await,
+        Scenario::PoolExhaustion => pool::run(ctx, report, mode).await,
         Scenario::UpstreamFaults => upstream_faults::run(ctx, report).await,
-        Scenario::Abandoned => abandoned::run(ctx, report).await,
+        Scenario::Abandoned => abandoned::run(ctx, report, mode).await,
         Scenario::Shutdown => shutdown::run(ctx, report).await,
         Scenario::SlowClients => slow_clients::run(ctx, report).await,
     }

@@ -47,7 +47,7 @@ impl Seen {
 }
 
 /// Runs the scenario.
-pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
+pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> Result<()> {
     report.title = "1000 clients hang up after 200 ms; stand-in delayed 2 s, `users` locked";
     let upstream = upstream::Server::start(upstream::Config {
         delay: Duration::from_secs(2),
@@ -57,8 +57,11 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
     let api = ctx
         .rig
         .api(
-            "abandoned",
-            &[("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url())],
+            &format!("abandoned-{mode}"),
+            &[
+                ("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url()),
+                ("APP__SERVICE__QUERY_MODE", mode.to_owned()),
+            ],
         )
         .await?;
     let lock = ctx.rig.lock_table("users").await?;
@@ -121,7 +124,8 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
     while db_settled.elapsed() < SETTLE {
         sessions = ctx.rig.sessions(&api.application_name).await?;
         active = sessions.get("active").copied().unwrap_or(0);
-        if active == 0 {
+        let open: i64 = sessions.values().sum();
+        if active == 0 && open as f64 == metrics.get("db_pool_size") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -158,6 +162,12 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
         "every pooled connection returned (idle = size, no slot in use, nobody waiting)",
         quiet,
         metrics.state_line(),
+    );
+    let open: i64 = sessions.values().sum();
+    report.check(
+        "no connection leaked (the API's sessions in pg_stat_activity = the pool's size)",
+        open as f64 == metrics.get("db_pool_size"),
+        format!("{open} sessions, pool size {}", metrics.get("db_pool_size")),
     );
     report.check(
         "abandoned statements stopped on the server (no `active` row in pg_stat_activity)",

@@ -22,14 +22,17 @@ const RECOVERY_BOUND: Duration = Duration::from_secs(2);
 const QUICK_503: Duration = Duration::from_secs(1);
 
 /// Runs the scenario.
-pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
+pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> Result<()> {
     report.title = "PostgreSQL stopped (pg_ctl stop -m fast) and restarted under a 32-connection dashboard load";
     let upstream = upstream::Server::start(upstream::Config::default()).await?;
     let mut api = ctx
         .rig
         .api(
-            "db-restart",
-            &[("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url())],
+            &format!("db-restart-{mode}"),
+            &[
+                ("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url()),
+                ("APP__SERVICE__QUERY_MODE", mode.to_owned()),
+            ],
         )
         .await?;
     let warm = ctx.phase(Duration::from_secs(4), Duration::from_secs(2));

@@ -30,14 +30,17 @@ const SLACK: Duration = Duration::from_millis(500);
 const RSS_GROWTH_KIB: u64 = 64 * 1024;
 
 /// Runs the scenario.
-pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
+pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> Result<()> {
     report.title = "400 connections against a pool of 20 while `users` is locked from outside";
     let upstream = upstream::Server::start(upstream::Config::default()).await?;
     let api = ctx
         .rig
         .api(
-            "pool-exhaustion",
-            &[("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url())],
+            &format!("pool-exhaustion-{mode}"),
+            &[
+                ("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url()),
+                ("APP__SERVICE__QUERY_MODE", mode.to_owned()),
+            ],
         )
         .await?;
     let warm = ctx.phase(Duration::from_secs(2), Duration::from_secs(1));
@@ -214,6 +217,12 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
         "nothing left behind in the API",
         quiet,
         format!("settled after {:.0} ms", ms(settle)),
+    );
+    let open: i64 = sessions.values().sum();
+    report.check(
+        "no connection leaked (the API's sessions in pg_stat_activity = the pool's size)",
+        open as f64 == metrics.get("db_pool_size"),
+        format!("{open} sessions, pool size {}", metrics.get("db_pool_size")),
     );
     report.check(
         "no statement of the API still running in the database",

@@ -21,8 +21,8 @@ pub struct Check {
 /// The outcome of one scenario.
 #[derive(Debug, Clone, Default)]
 pub struct ScenarioReport {
-    /// The scenario's command-line name.
-    pub name: &'static str,
+    /// The scenario's command-line name, with the query mode it ran under, if any.
+    pub name: String,
     /// What it does, in one line.
     pub title: &'static str,
     /// Requests sent (or attempted).
@@ -45,9 +45,9 @@ pub struct ScenarioReport {
 
 impl ScenarioReport {
     /// An empty report for a scenario.
-    pub fn new(name: &'static str, title: &'static str) -> Self {
+    pub fn new(name: impl Into<String>, title: &'static str) -> Self {
         Self {
-            name,
+            name: name.into(),
             title,
             ..Self::default()
         }
@@ -193,7 +193,7 @@ pub fn summary(reports: &[ScenarioReport], total: Duration) -> String {
     let _ = writeln!(out, "== summary");
     let _ = writeln!(
         out,
-        "   {:<16} {:>8} {:>6} {:>10} {:>7}  verdict",
+        "   {:<26} {:>8} {:>6} {:>10} {:>7}  verdict",
         "scenario", "sent", "lost", "recovery", "took"
     );
     for report in reports {
@@ -215,7 +215,7 @@ pub fn summary(reports: &[ScenarioReport], total: Duration) -> String {
         };
         let _ = writeln!(
             out,
-            "   {:<16} {:>8} {:>6} {:>10} {:>6.1}s  {verdict}",
+            "   {:<26} {:>8} {:>6} {:>10} {:>6.1}s  {verdict}",
             report.name,
             report.sent,
             report.lost,
