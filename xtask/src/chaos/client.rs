@@ -361,6 +361,16 @@ pub fn get(path: &str, keep_alive: bool) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nhost: chaos\r\nconnection: {connection}\r\n\r\n").into_bytes()
 }
 
+/// A keep-alive `POST` of a JSON body.
+pub fn post_json(path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: chaos\r\nconnection: keep-alive\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// Sends one request on a connection of its own.
 ///
 /// # Errors
@@ -382,6 +392,8 @@ pub struct Record {
     pub sent: Duration,
     /// How long until it was answered or failed.
     pub latency: Duration,
+    /// A batch request (else a dashboard).
+    pub batch: bool,
     /// Its answer, or how it failed.
     pub outcome: Outcome,
 }
@@ -390,6 +402,15 @@ impl Record {
     /// When it ended, since the load's start.
     pub fn ended(&self) -> Duration {
         self.sent + self.latency
+    }
+
+    /// The report label: the outcome's, with `batch` in front for batch requests.
+    pub fn label(&self) -> String {
+        if self.batch {
+            format!("batch {}", self.outcome.label())
+        } else {
+            self.outcome.label()
+        }
     }
 }
 
@@ -400,7 +421,7 @@ pub enum Outcome {
     Answered {
         /// Its status.
         status: u16,
-        /// A 200 whose body lists no source errors (`"errors":[]`).
+        /// A 200 whose body lists no errors (`"errors":[]`: no failed source, no failed id).
         clean: bool,
         /// The JSON error code of an error answer.
         code: Option<String>,
@@ -417,6 +438,11 @@ impl Outcome {
     /// The report label: the status code, or the failure's name.
     pub fn label(&self) -> String {
         match self {
+            Outcome::Answered {
+                status: 200,
+                clean: false,
+                ..
+            } => "200 with errors listed".to_owned(),
             Outcome::Answered { status, .. } => status.to_string(),
             Outcome::NotConnected(failure) => format!("not connected ({})", failure.as_str()),
             Outcome::Lost(lost) => format!("lost ({})", lost.failure.as_str()),
@@ -454,8 +480,9 @@ pub fn outcome_of(answer: &Answer) -> Outcome {
     }
 }
 
-/// A closed-loop load: `connections` keep-alive connections, each sending its next dashboard
-/// request when the last answer arrives, until `stop` is set.
+/// A closed-loop load: `connections` keep-alive connections, each sending its next request (a
+/// dashboard, or a batch of [`BATCH_IDS`] ids for `batch_percent` of them) when the last answer
+/// arrives, until `stop` is set.
 #[derive(Debug, Clone)]
 pub struct Load {
     /// The API's address.
@@ -468,7 +495,12 @@ pub struct Load {
     pub timeout: Duration,
     /// Seed of the id draws.
     pub seed: u64,
+    /// Share of batch requests, in percent.
+    pub batch_percent: u32,
 }
+
+/// Ids per batch request of a [`Load`].
+pub const BATCH_IDS: usize = 20;
 
 impl Load {
     /// Runs until `stop` is set, then lets each connection finish its request; returns every
@@ -495,8 +527,19 @@ impl Load {
         let mut records = Vec::new();
         let mut conn: Option<Conn> = None;
         while !stop.load(Ordering::Relaxed) {
-            let user = rng.random_range(1..=self.users);
-            let request = get(&format!("/api/users/{user}/dashboard"), true);
+            let batch = rng.random_range(0..100) < self.batch_percent;
+            let request = if batch {
+                let ids: Vec<String> = (0..BATCH_IDS)
+                    .map(|_| rng.random_range(1..=self.users).to_string())
+                    .collect();
+                post_json(
+                    "/api/users/batch",
+                    &format!("{{\"user_ids\":[{}]}}", ids.join(",")),
+                )
+            } else {
+                let user = rng.random_range(1..=self.users);
+                get(&format!("/api/users/{user}/dashboard"), true)
+            };
             let sent_at = Instant::now();
             let sent = sent_at - start;
             let mut current = match conn.take() {
@@ -507,6 +550,7 @@ impl Load {
                         records.push(Record {
                             sent,
                             latency: sent_at.elapsed(),
+                            batch,
                             outcome: Outcome::NotConnected(failure),
                         });
                         // Nothing listens: do not spin.
@@ -528,6 +572,7 @@ impl Load {
             records.push(Record {
                 sent,
                 latency: sent_at.elapsed(),
+                batch,
                 outcome,
             });
         }

@@ -1,5 +1,5 @@
 //! Scenario `db-restart`: PostgreSQL stops (`pg_ctl stop -m fast`) for a few seconds while a
-//! closed-loop dashboard load runs, then starts again.
+//! closed-loop load runs (dashboards, and 10% batch requests), then starts again.
 //!
 //! Expected: the API does not crash; requests during the outage answer 503 quickly (well inside
 //! the 2 s dashboard deadline); within 2 s of the restart every request is a complete 200 again;
@@ -23,7 +23,7 @@ const QUICK_503: Duration = Duration::from_secs(1);
 
 /// Runs the scenario.
 pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> Result<()> {
-    report.title = "PostgreSQL stopped (pg_ctl stop -m fast) and restarted under a 32-connection dashboard load";
+    report.title = "PostgreSQL stopped (pg_ctl stop -m fast) and restarted under a 32-connection load (10% batches)";
     let upstream = upstream::Server::start(upstream::Config::default()).await?;
     let mut api = ctx
         .rig
@@ -45,6 +45,7 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> 
         users: ctx.rig.users,
         timeout: Duration::from_secs(5),
         seed: 1,
+        batch_percent: 10,
     };
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -92,7 +93,7 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> 
     let during_other: Vec<String> = during
         .iter()
         .filter(|r| r.outcome.status() != Some(503))
-        .map(|r| r.outcome.label())
+        .map(|r| r.label())
         .collect();
     let all_503 = latencies(&records, |r| r.outcome.status() == Some(503));
     let p99_503 = percentiles(all_503.clone()).map(|(_, p99, _)| p99);

@@ -76,7 +76,7 @@ impl ScenarioReport {
     pub fn count(&mut self, records: &[Record]) {
         self.sent += records.len() as u64;
         for record in records {
-            *self.outcomes.entry(record.outcome.label()).or_default() += 1;
+            *self.outcomes.entry(record.label()).or_default() += 1;
         }
     }
 

@@ -1,6 +1,6 @@
-//! Scenario `shutdown`: SIGTERM while a 64-connection dashboard load runs (the stand-in answers
-//! in 100 ms, so requests are in flight at the signal), and the load keeps going until the API
-//! has exited.
+//! Scenario `shutdown`: SIGTERM while a 64-connection load runs (dashboards, 10% batches; the
+//! stand-in answers in 100 ms, so requests are in flight at the signal), and the load keeps going
+//! until the API has exited.
 //!
 //! Expected: every request sent before the signal gets a complete answer; after the signal,
 //! requests are either answered in full or not accepted at all (connection refused, or closed
@@ -29,7 +29,7 @@ const GRACE_OVER: &str = "grace period over";
 
 /// Runs the scenario.
 pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
-    report.title = "SIGTERM during a 64-connection dashboard load (stand-in answers in 100 ms)";
+    report.title = "SIGTERM during a 64-connection load, 10% batches (stand-in answers in 100 ms)";
     let upstream = upstream::Server::start(upstream::Config {
         delay: Duration::from_millis(100),
         ..upstream::Config::default()
@@ -49,6 +49,7 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
         users: ctx.rig.users,
         timeout: GRACE + Duration::from_secs(5),
         seed: 5,
+        batch_percent: 10,
     };
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -82,7 +83,7 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
                 "not accepted after the signal ({} before any byte)",
                 lost.failure.as_str()
             ),
-            ref other => other.label(),
+            _ => record.label(),
         };
         report.count_label(label);
     }
@@ -92,12 +93,12 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
     let unanswered_before: Vec<String> = before
         .iter()
         .filter(|r| !matches!(r.outcome, Outcome::Answered { .. }))
-        .map(|r| r.outcome.label())
+        .map(|r| r.label())
         .collect();
     let cut_after: Vec<String> = after
         .iter()
         .filter(|r| matches!(r.outcome, Outcome::Lost(lost) if lost.answer_started))
-        .map(|r| r.outcome.label())
+        .map(|r| r.label())
         .collect();
     let not_accepted_after = after
         .iter()
