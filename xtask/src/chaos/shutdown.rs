@@ -130,7 +130,7 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
     ));
     let drain = exited_at.saturating_sub(signal_at);
     report.figure(format!(
-        "exit {status} {:.0} ms after the signal{}",
+        "{status} {:.0} ms after the signal{}",
         ms(drain),
         if graceful {
             ""
