@@ -525,7 +525,10 @@ impl Load {
     async fn connection(&self, index: u64, start: Instant, stop: &AtomicBool) -> Vec<Record> {
         let mut rng = Pcg64Mcg::seed_from_u64(self.seed ^ index.wrapping_mul(0x9e37_79b9));
         let mut records = Vec::new();
-        let mut conn: Option<Conn> = None;
+        // Connected before the first request, so that the burst of connects at the start (where
+        // the kernel may drop a SYN and the client retry it a second later) is not charged to
+        // the first request's latency. A failed connect is retried and recorded in the loop.
+        let mut conn: Option<Conn> = Conn::connect(self.addr, self.timeout).await.ok();
         while !stop.load(Ordering::Relaxed) {
             let batch = rng.random_range(0..100) < self.batch_percent;
             let request = if batch {
