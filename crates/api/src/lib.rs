@@ -99,14 +99,17 @@ impl Application {
     ///
     /// [`StartupError`] naming what is wrong: a setting, the database, or the address.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        // Every setting is checked before waiting for the database, so a bad key is reported at
+        // once rather than after `startup.db_wait`.
         let database = Database::connect_lazy(&settings.database)
             .map_err(|e| StartupError::Settings(e.to_string()))?;
-        wait_for_database(&database, &settings).await?;
         let client = RecommendationClient::new(settings.recommendations.clone()).map_err(|e| {
             StartupError::Settings(format!("invalid [recommendations] settings: {e}"))
         })?;
-        let service = Service::new(database, client, settings.service.clone())
+        let service = Service::new(database.clone(), client, settings.service.clone())
             .map_err(|e| StartupError::Settings(e.to_string()))?;
+        check_file_limit(&settings);
+        wait_for_database(&database, &settings).await?;
         let state = web::Data::new(AppState {
             service,
             metrics: Metrics::new(),
@@ -272,34 +275,72 @@ fn routes_config(config: &mut web::ServiceConfig) {
     config
         .service(
             web::resource("/api/users/batch")
+                .app_data(middleware::RouteLabel("/api/users/batch"))
                 .route(web::post().to(routes::batch))
                 .default_service(method_not_allowed()),
         )
         .service(
             web::resource("/api/users/{user_id}/dashboard")
+                .app_data(middleware::RouteLabel("/api/users/{user_id}/dashboard"))
                 .route(web::get().to(routes::dashboard))
                 .default_service(method_not_allowed()),
         )
         .service(
             web::resource("/healthz")
+                .app_data(middleware::RouteLabel("/healthz"))
                 .route(web::get().to(routes::healthz))
                 .default_service(method_not_allowed()),
         )
         .service(
             web::resource("/readyz")
+                .app_data(middleware::RouteLabel("/readyz"))
                 .route(web::get().to(routes::readyz))
                 .default_service(method_not_allowed()),
         )
         .service(
             web::resource("/metrics")
+                .app_data(middleware::RouteLabel("/metrics"))
                 .route(web::get().to(routes::metrics))
                 .default_service(method_not_allowed()),
         )
         .service(
             web::resource("/openapi.json")
+                .app_data(middleware::RouteLabel("/openapi.json"))
                 .route(web::get().to(routes::openapi))
                 .default_service(method_not_allowed()),
         );
+}
+
+/// Warns when the connection limits could run the process out of file descriptors: each client
+/// connection takes two (the socket and the duplicate that notices disconnects), on top of the
+/// pool and the recommendation client's connections.
+fn check_file_limit(settings: &Settings) {
+    let Some(limit) = open_files_limit() else {
+        return;
+    };
+    let workers = match settings.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let needed = workers * settings.server.max_connections_per_worker * 2
+        + settings.database.max_size
+        + settings.recommendations.max_in_flight
+        + 64;
+    if needed as u64 > limit {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open-files limit is below what server.max_connections_per_worker allows; \
+             raise it (ulimit -n) or lower the connection limit"
+        );
+    }
+}
+
+/// The soft limit on open files, from `/proc/self/limits`.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Retries the database with exponential backoff until it answers or `startup.db_wait` passes.

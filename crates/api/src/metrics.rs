@@ -20,8 +20,8 @@ use service::{Service, SourceFailure, SourceTiming};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpLabels {
-    route: String,
-    method: String,
+    route: &'static str,
+    method: &'static str,
     status: u16,
 }
 
@@ -67,6 +67,7 @@ pub struct Metrics {
     breaker_failures: Gauge,
     recommendation_calls: Counter<u64, AtomicU64>,
     recommendation_errors: Family<KindLabels, Counter<u64, AtomicU64>>,
+    sync: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -179,15 +180,22 @@ impl Metrics {
             breaker_failures,
             recommendation_calls,
             recommendation_errors,
+            sync: std::sync::Mutex::new(()),
         }
     }
 
     /// Records one HTTP request.
-    pub fn observe_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+    pub fn observe_request(
+        &self,
+        route: &'static str,
+        method: &'static str,
+        status: u16,
+        elapsed: Duration,
+    ) {
         self.http
             .get_or_create(&HttpLabels {
-                route: route.to_owned(),
-                method: method.to_owned(),
+                route,
+                method,
                 status,
             })
             .observe(elapsed.as_secs_f64());
@@ -234,7 +242,12 @@ impl Metrics {
         });
         self.breaker_failures
             .set(i64::from(stats.breaker.consecutive_failures));
-        // Counters only go up: bring ours level with the client's own totals.
+        // Counters only go up: bring ours level with the client's own totals, one scrape at a
+        // time (two concurrent scrapes would both add the same difference).
+        let _sync = self
+            .sync
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let calls = self.recommendation_calls.get();
         self.recommendation_calls
             .inc_by(stats.calls.saturating_sub(calls));

@@ -187,6 +187,11 @@ fn has_body(request: &ServiceRequest) -> bool {
             .is_some_and(|length| length.as_bytes() != b"0")
 }
 
+/// The route pattern a resource is registered under, as resource data: the metrics label, read
+/// without matching the path again.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLabel(pub &'static str);
+
 /// The middleware function; see the module documentation.
 ///
 /// # Errors
@@ -225,12 +230,12 @@ pub async fn observe(
             let status = response.status();
             let route = response
                 .request()
-                .match_pattern()
-                .unwrap_or_else(|| "unmatched".to_owned());
+                .app_data::<RouteLabel>()
+                .map_or("unmatched", |label| label.0);
             if let Some(state) = &state {
                 state
                     .metrics
-                    .observe_request(&route, method, status.as_u16(), elapsed);
+                    .observe_request(route, method, status.as_u16(), elapsed);
             }
             if let Ok(value) = HeaderValue::from_str(&request_id) {
                 response.headers_mut().insert(REQUEST_ID, value);

@@ -227,8 +227,14 @@ pub async fn healthz() -> HttpResponse {
     )
 )]
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    match tokio::time::timeout(READY_TIMEOUT, state.service.database().ping()).await {
-        Ok(Ok(())) => Ok(HttpResponse::Ok().json(Health { status: "ready" })),
+    let database = state.service.database();
+    let ready = || Ok(HttpResponse::Ok().json(Health { status: "ready" }));
+    match tokio::time::timeout(READY_TIMEOUT, database.ping()).await {
+        Ok(Ok(())) => ready(),
+        // Every connection busy serving requests is a loaded instance, not a broken one: taking
+        // it out of a load balancer would only push its load onto the others.
+        Ok(Err(repository::Error::PoolTimeout(_))) => ready(),
+        Err(_) if database.status().idle == 0 && database.status().size > 0 => ready(),
         Ok(Err(error)) => {
             tracing::warn!(%error, "not ready: database check failed");
             Err(ApiError::unavailable("the database does not answer", 1))

@@ -79,7 +79,7 @@ impl Default for ServerSettings {
             keep_alive: Duration::from_secs(5),
             client_request_timeout: Duration::from_secs(5),
             client_disconnect_timeout: Duration::from_secs(1),
-            max_connections_per_worker: 10_000,
+            max_connections_per_worker: 4096,
             backlog: 2048,
             json_limit: 64 * 1024,
         }
@@ -208,7 +208,7 @@ impl Settings {
             Environment::with_prefix("APP")
                 .prefix_separator("__")
                 .separator("__")
-                .try_parsing(true)
+                .try_parsing(false)
                 .source(Some(app_vars)),
         );
         if !env.contains_key("APP__DATABASE__URL") {
@@ -313,6 +313,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(settings.database.url, "postgres://x@y/z");
+    }
+
+    #[test]
+    fn environment_strings_are_not_reinterpreted() {
+        // A password that looks like a number, a boolean or a float stays exactly as typed.
+        for password in ["0123", "1e3", "TRUE", "nan", "007"] {
+            let settings = Settings::load_from(
+                &config_dir(),
+                &env(&[("APP__DATABASE__PASSWORD", password)]),
+            )
+            .unwrap();
+            assert_eq!(
+                settings.database.password.unwrap().expose(),
+                password,
+                "{password}"
+            );
+        }
+        let settings = Settings::load_from(
+            &config_dir(),
+            &env(&[("APP__RECOMMENDATIONS__HEDGE__ENABLED", "true")]),
+        )
+        .unwrap();
+        assert!(settings.recommendations.hedge.enabled);
     }
 
     #[test]

@@ -133,35 +133,49 @@ impl DbConfig {
         Ok(pg)
     }
 
-    /// The URL as it may be logged: any password replaced by `***`.
+    /// The URL as it may be logged: see [`mask_url`].
     pub fn masked_url(&self) -> String {
         mask_url(&self.url)
     }
 }
 
-/// Replaces the password of a `scheme://user:password@host/...` URL with `***`.
-///
-/// Anything that does not look like a URL with credentials is returned unchanged.
+/// A connection string as it may be logged: rebuilt from its parsed parts (user, hosts, ports,
+/// database), so no password survives, whichever form it was given in (`user:password@`,
+/// `?password=`, or `password=` in the key-value form). A password is shown as `***`.
 pub fn mask_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+    let Ok(pg) = tokio_postgres::Config::from_str(url) else {
+        return "<unparsable database URL>".to_owned();
     };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &userinfo[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
+    let mut text = String::from("postgres://");
+    if let Some(user) = pg.get_user() {
+        text.push_str(user);
+        if pg.get_password().is_some() {
+            text.push_str(":***");
+        }
+        text.push('@');
     }
+    let ports = pg.get_ports();
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let name = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            match ports.get(i).or(ports.first()) {
+                Some(port) => format!("{name}:{port}"),
+                None => name,
+            }
+        })
+        .collect();
+    text.push_str(&hosts.join(","));
+    if let Some(dbname) = pg.get_dbname() {
+        text.push('/');
+        text.push_str(dbname);
+    }
+    text
 }
 
 /// A secret string whose `Debug` and `Display` never show the value.
@@ -201,14 +215,23 @@ mod tests {
     fn masks_the_password_and_nothing_else() {
         assert_eq!(
             mask_url("postgres://app:s3cr%40t@db:5432/x?sslmode=disable"),
-            "postgres://app:***@db:5432/x?sslmode=disable"
+            "postgres://app:***@db:5432/x"
         );
         assert_eq!(
             mask_url("postgres://app@db:5432/x"),
             "postgres://app@db:5432/x"
         );
-        assert_eq!(mask_url("host=db user=app"), "host=db user=app");
-        assert_eq!(mask_url("postgres://a:b@c@h/d"), "postgres://a:***@h/d");
+        // Every form tokio-postgres accepts a password in.
+        for url in [
+            "postgres://app@db:5432/x?password=hunter2",
+            "host=db port=5432 user=app password=hunter2 dbname=x",
+            "postgres://app:hunter2@db:5432/x",
+        ] {
+            let masked = mask_url(url);
+            assert!(!masked.contains("hunter2"), "{masked}");
+            assert_eq!(masked, "postgres://app:***@db:5432/x");
+        }
+        assert_eq!(mask_url("not a url"), "<unparsable database URL>");
     }
 
     #[test]

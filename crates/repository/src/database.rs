@@ -134,6 +134,7 @@ impl Database {
             limits: self.limits,
             broken: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
+            held: None,
         })
     }
 
@@ -220,27 +221,67 @@ impl Database {
 /// cheap recycling check would hand it to the next caller.
 ///
 /// A statement whose future is dropped before it finished (its task group was cancelled, or the
-/// client of the HTTP request went away) would keep running on the server, and the connection
-/// would come back to the pool with an answer still on its way. So the connection is not reused:
-/// a cancel request is sent for the running statement and the connection is closed. Because the
-/// connection is never handed out again, the cancel request cannot hit somebody else's statement.
+/// client of the HTTP request went away) keeps running on the server. Nothing is done about it
+/// while the connection is still in use: a pipelined sibling (the profile, say) may be running on
+/// the same connection, and a cancel request would cancel whatever runs at that moment. When the
+/// connection is dropped, it is kept out of the pool until it is idle again, for at most
+/// [`SETTLE_TIMEOUT`]: an empty query, answered only after everything queued before it, tells when
+/// the abandoned statements are done. A connection that settles in time goes back to the pool
+/// (the common case: a user not found cancels two quick reads). One that does not gets a cancel
+/// request for its running statement and is closed; since it is never handed out again, the
+/// cancel cannot hit somebody else's statement.
 pub struct Conn {
     /// Always `Some` until dropped.
     client: Option<Object>,
     limits: Limits,
     broken: AtomicBool,
     abandoned: AtomicBool,
+    /// Released only when the connection is released (after settling, if it must settle).
+    held: Option<Box<dyn Send + Sync>>,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        let Some(object) = self.client.take() else {
+            return;
+        };
+        let held = self.held.take();
         if self.broken.load(Ordering::Relaxed) {
-            if let Some(object) = self.client.take() {
-                // Detached from the pool: the slot frees up and the connection closes.
-                drop(Object::take(object));
+            // Detached from the pool: the slot frees up and the connection closes.
+            drop(Object::take(object));
+        } else if self.abandoned.load(Ordering::Relaxed) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(settle(object, held));
+                }
+                Err(_) => drop(Object::take(object)),
             }
         }
     }
+}
+
+/// How long a connection with abandoned statements may take to become idle on its own before
+/// they are cancelled and the connection is closed.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Waits for a connection's abandoned statements to finish, then lets it go back to the pool;
+/// cancels them and closes the connection if they take longer than [`SETTLE_TIMEOUT`].
+async fn settle(object: Object, held: Option<Box<dyn Send + Sync>>) {
+    match tokio::time::timeout(SETTLE_TIMEOUT, object.simple_query("")).await {
+        // Idle again: dropping the object returns it to the pool.
+        Ok(Ok(_)) => drop(object),
+        _ => {
+            let token = object.cancel_token();
+            let client = Object::take(object);
+            // Bounded: a server that does not answer must not keep this task alive.
+            let sent = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls)).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                tracing::debug!("could not send a cancel request for an abandoned statement");
+            }
+            drop(client);
+        }
+    }
+    drop(held);
 }
 
 impl std::fmt::Debug for Conn {
@@ -390,7 +431,7 @@ impl Conn {
         self.broken.store(true, Ordering::Relaxed);
     }
 
-    /// Whether a statement on this connection was abandoned mid-flight (and cancelled).
+    /// Whether a statement on this connection was abandoned mid-flight.
     pub fn was_abandoned(&self) -> bool {
         self.abandoned.load(Ordering::Relaxed)
     }
@@ -403,23 +444,9 @@ impl Conn {
         }
     }
 
-    /// Called when a statement's future was dropped before it finished.
+    /// Called when a statement's future was dropped before it finished; see [`Conn`].
     fn abandon(&self) {
-        self.discard();
-        if self.abandoned.swap(true, Ordering::Relaxed) {
-            // Pipelined siblings share the connection: one cancel request covers them all.
-            return;
-        }
-        let token = self.cancel_token();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                // Bounded: a server that does not answer must not keep this task alive.
-                let sent = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls)).await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    tracing::debug!("could not send a cancel request for an abandoned statement");
-                }
-            });
-        }
+        self.abandoned.store(true, Ordering::Relaxed);
     }
 
     fn object(&self) -> &Object {
@@ -427,6 +454,13 @@ impl Conn {
         self.client
             .as_ref()
             .unwrap_or_else(|| unreachable!("Conn used after drop"))
+    }
+
+    /// Keeps `guard` alive until this connection is released, including the time it may spend
+    /// settling after an abandoned statement (so a concurrency slot is not handed on before the
+    /// connection it stands for is free).
+    pub fn hold(&mut self, guard: impl Send + Sync + 'static) {
+        self.held = Some(Box::new(guard));
     }
 
     /// Converts a driver result, marking the connection broken when the connection failed.

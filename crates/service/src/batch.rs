@@ -9,6 +9,7 @@
 //! dooms every chunk (the pool is closed, the server is down) cancels the rest at once.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use repository::{Profile, UserSummary};
 use rust_decimal::Decimal;
@@ -127,7 +128,7 @@ impl Service {
             .map_err(|error| match error.kind() {
                 GroupErrorKind::DeadlineExceeded => BatchError::DeadlineExceeded,
                 _ => match error.cause().map(|cause| &cause.outcome) {
-                    Some(Outcome::Err(cause)) => BatchError::Unavailable(cause.to_string()),
+                    Some(Outcome::Err(cause)) => BatchError::Unavailable(cause.public_message()),
                     Some(other) => BatchError::Internal(other.to_string()),
                     None => BatchError::Internal(error.to_string()),
                 },
@@ -158,20 +159,34 @@ impl Service {
         chunk: Vec<i64>,
         deadline: Instant,
     ) -> Result<ChunkResult, SourceError> {
+        let config = &self.inner.config;
+        let cut_off = (Instant::now() + config.batch.chunk_timeout).min(deadline);
         let fetched = async {
-            let lease = self
-                .inner
-                .gate
-                .lease(&self.inner.db, Some(deadline))
-                .await?;
+            // Batches share half the database slots, so a burst of them leaves room for
+            // dashboards.
+            let wait = config
+                .db_slot_wait
+                .min(cut_off.saturating_duration_since(Instant::now()));
+            let _share =
+                tokio::time::timeout(wait, Arc::clone(&self.inner.batch_slots).acquire_owned())
+                    .await
+                    .map_err(|_| SourceError::Busy(wait))?
+                    .map_err(|_| SourceError::Database(repository::Error::Closed))?;
+            let lease = self.inner.gate.lease(&self.inner.db, Some(cut_off)).await?;
             Ok::<_, SourceError>(lease.conn.user_summaries(&chunk).await?)
-        }
-        .await;
+        };
+        let fetched = tokio::time::timeout_at(cut_off, fetched)
+            .await
+            .unwrap_or(Err(SourceError::TimedOut {
+                after: config.batch.chunk_timeout,
+                limit: "batch chunk timeout",
+            }));
         let rows = match fetched {
             Ok(rows) => rows,
             Err(error) if is_fatal(&error) => return Err(error),
             Err(error) => {
-                let (kind, message) = (error.kind(), error.to_string());
+                error.log("batch");
+                let (kind, message) = (error.kind(), error.public_message());
                 return Ok(chunk
                     .into_iter()
                     .map(|user_id| {

@@ -72,7 +72,7 @@ impl Default for DashboardConfig {
     fn default() -> Self {
         Self {
             deadline: Duration::from_secs(2),
-            profile_timeout: Duration::from_secs(1),
+            profile_timeout: Duration::from_secs(2),
             orders_timeout: Duration::from_secs(1),
             reviews_timeout: Duration::from_secs(1),
             recommendations_timeout: Duration::from_secs(1),
@@ -84,13 +84,19 @@ impl Default for DashboardConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatchConfig {
-    /// Most chunks summarised at once (the seed's `max_concurrency = 20`).
+    /// Most chunks of one batch summarised at once (the seed's `max_concurrency = 20`). Across
+    /// all batches of the process, chunks may take at most half the database slots, so batches
+    /// cannot starve dashboards.
     pub concurrency: usize,
     /// Ids summarised by one statement (`id = ANY($1)`); 1 means one statement per id, as in the
     /// seed.
     pub chunk_size: usize,
     /// Most ids one batch may ask for.
     pub max_ids: usize,
+    /// How long one chunk's statement may take (waiting for a slot included); a chunk cut off
+    /// reports its ids as timed out, and the rest of the batch goes on.
+    #[serde(with = "humantime_serde")]
+    pub chunk_timeout: Duration,
     /// The whole batch's deadline.
     #[serde(with = "humantime_serde")]
     pub deadline: Duration,
@@ -102,6 +108,7 @@ impl Default for BatchConfig {
             concurrency: 20,
             chunk_size: 50,
             max_ids: 1000,
+            chunk_timeout: Duration::from_secs(2),
             deadline: Duration::from_secs(10),
         }
     }
@@ -142,6 +149,7 @@ impl ServiceConfig {
                 d.recommendations_timeout,
             ),
             ("service.batch.deadline", self.batch.deadline),
+            ("service.batch.chunk_timeout", self.batch.chunk_timeout),
         ] {
             if value.is_zero() {
                 return fail(format!("{key} must be greater than zero"));

@@ -178,7 +178,18 @@ impl Service {
         let db = match self.inner.config.query_mode {
             QueryMode::Pooled => Db::Own,
             QueryMode::Pipelined => {
-                match self.inner.gate.lease(&self.inner.db, Some(deadline)).await {
+                // Bounded by the deadline as a whole: the slot wait is, but taking a pooled
+                // connection (and perhaps opening one) comes on top of it.
+                let leased = tokio::time::timeout_at(
+                    deadline,
+                    self.inner.gate.lease(&self.inner.db, Some(deadline)),
+                )
+                .await
+                .unwrap_or(Err(SourceError::TimedOut {
+                    after: config.deadline,
+                    limit: "dashboard deadline",
+                }));
+                match leased {
                     Ok(lease) => Db::Shared(Arc::new(lease)),
                     Err(error) => {
                         // Without a connection there is no profile: stop the recommendation call
@@ -187,7 +198,7 @@ impl Service {
                         let failure = |source| SourceFailure {
                             source,
                             kind: error.kind(),
-                            error: error.to_string(),
+                            error: error.public_message(),
                         };
                         let errors = vec![
                             failure(Source::Profile),
@@ -206,6 +217,9 @@ impl Service {
                                 },
                             })
                             .collect();
+                        if matches!(error, SourceError::TimedOut { .. }) {
+                            return Err(DashboardError::DeadlineExceeded { errors, timings });
+                        }
                         return Err(DashboardError::Unavailable { errors, timings });
                     }
                 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use repository::{Conn, Database};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::SourceError;
@@ -23,13 +23,12 @@ pub(crate) struct DbGate {
     wait: Duration,
 }
 
-/// A pooled connection together with the slot it occupies; both are released on drop.
+/// A pooled connection together with the slot it occupies. The connection holds the slot, so the
+/// slot is released only when the connection is (after it settles, if a statement on it was
+/// abandoned), and the next slot holder finds a connection free.
 #[derive(Debug)]
 pub(crate) struct Lease {
-    // Field order matters: the connection goes back to the pool before the slot is released,
-    // so the next slot holder finds it idle.
     pub(crate) conn: Conn,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl DbGate {
@@ -58,11 +57,9 @@ impl DbGate {
                 .map_err(|_| SourceError::Busy(budget))?
                 // The semaphore is never closed; a closed one means the service is shutting down.
                 .map_err(|_| SourceError::Database(repository::Error::Closed))?;
-        let conn = db.conn().await?;
-        Ok(Lease {
-            conn,
-            _permit: permit,
-        })
+        let mut conn = db.conn().await?;
+        conn.hold(permit);
+        Ok(Lease { conn })
     }
 
     /// Slots in use right now.

@@ -43,6 +43,8 @@ struct Inner {
     db: Database,
     client: RecommendationClient,
     gate: DbGate,
+    /// The share of database slots batches may hold, across all batches.
+    batch_slots: Arc<tokio::sync::Semaphore>,
     config: ServiceConfig,
 }
 
@@ -69,11 +71,15 @@ impl Service {
     ) -> Result<Self, ConfigError> {
         config.validate(db.status().max_size)?;
         let gate = DbGate::new(config.db_concurrency, config.db_slot_wait);
+        let batch_slots = Arc::new(tokio::sync::Semaphore::new(
+            (config.db_concurrency / 2).max(1),
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
                 client,
                 gate,
+                batch_slots,
                 config,
             }),
         })

@@ -94,17 +94,34 @@ impl SourceError {
         }
     }
 
-    /// The message a client of the API may see: the error's own line, except that the start of
-    /// an error body the recommendation service sent back is left out (it is a third party's
-    /// text, logged but not passed on).
+    /// The message a client of the API may see: one line that says what failed, without what the
+    /// driver, the server or the recommendation service said (table names, types, login errors,
+    /// a third party's error body). The full error goes to the log.
     pub fn public_message(&self) -> String {
+        use client::RecommendationError as Rec;
+        use repository::Error as Db;
         match self {
-            SourceError::Recommendations(client::RecommendationError::Status {
-                status, ..
-            }) => {
+            SourceError::Recommendations(Rec::Status { status, .. }) => {
                 format!("recommendation service answered {status}")
             }
+            SourceError::Recommendations(Rec::Decode { .. }) => {
+                "recommendation service sent an invalid response".to_owned()
+            }
+            SourceError::Database(Db::Unavailable(_)) => "database unavailable".to_owned(),
+            SourceError::Database(Db::Query { code, .. }) => {
+                format!("database query failed (SQLSTATE {code})")
+            }
+            SourceError::Database(Db::Config(_)) => "database misconfigured".to_owned(),
             other => other.to_string(),
+        }
+    }
+
+    /// Logs the full error: at `warn` for database failures (a query error is a bug, an outage
+    /// needs attention), at `debug` for the rest, which metrics count anyway.
+    pub(crate) fn log(&self, source: &str) {
+        match self {
+            SourceError::Database(error) => tracing::warn!(source, %error, "source failed"),
+            error => tracing::debug!(source, %error, "source failed"),
         }
     }
 
@@ -233,10 +250,13 @@ pub(crate) fn describe<T>(
             SourceStatus::Timeout,
             Some(failure(e.kind(), e.public_message())),
         ),
-        Outcome::Err(e) => (
-            SourceStatus::Error,
-            Some(failure(e.kind(), e.public_message())),
-        ),
+        Outcome::Err(e) => {
+            e.log(source.as_str());
+            (
+                SourceStatus::Error,
+                Some(failure(e.kind(), e.public_message())),
+            )
+        }
         Outcome::TimedOut(timeout) => {
             // The configured length of the limit, not the group's measured budget, which starts
             // a few microseconds after the request did.
