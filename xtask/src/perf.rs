@@ -202,7 +202,6 @@ async fn pgbench(bench: &Bench) -> Result<f64> {
 }
 
 async fn db_ceiling(bench: &Bench) -> Result<Ceiling> {
-    // Let the previous phase's connections go before measuring PostgreSQL alone.
     let pgbench_tps = pgbench(bench).await?;
     println!("pgbench: {pgbench_tps:.0} transactions/s");
     let api = bench.api(&[]).await?;
@@ -441,9 +440,11 @@ async fn peer(bench: &Bench) -> Result<PeerFigures> {
         .args(["--no-access-log", "--log-level", "warning"])
         .env("DATABASE_URL", database_url)
         .env("RECOMMENDATIONS_URL", bench.upstream.base_url())
-        .kill_on_drop(true)
+        // A group of its own: uvicorn's worker processes go with it on every path.
+        .process_group(0)
         .spawn()
         .context("cannot start the seed's service with uvicorn")?;
+    let group = stack::ProcessGroup::of(&seed);
     let address = format!("127.0.0.1:{port}");
     let mut ready = false;
     for _ in 0..300 {
@@ -461,14 +462,10 @@ async fn peer(bench: &Bench) -> Result<PeerFigures> {
     }
     let config = bench.load_url(&format!("http://{address}"), Scenario::Dashboard);
     let theirs = measure(&config, "peer-seed-fastapi").await;
-    if let Some(pid) = seed.id() {
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await;
+    if let Some(group) = group {
+        group.stop(Duration::from_secs(10)).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(10), seed.wait()).await;
-    let _ = seed.kill().await;
+    let _ = seed.wait().await;
     let theirs = theirs?;
     println!("the seed's FastAPI service:\n{}", theirs.summary());
     Ok(PeerFigures {
@@ -615,7 +612,7 @@ fn render(
     let _ = writeln!(
         out,
         "Measured by `cargo xtask bench report` on a {cores}-core machine with {memory} of RAM, \
-         release build. PostgreSQL 15, the API (actix-web, {cores} workers), the stand-in \
+         release build. PostgreSQL, the API (actix-web, {cores} workers), the stand-in \
          recommendation service and the load generator all share those cores, so absolute \
          numbers are low; the ratios measured in one run are what carry over. Closed-loop runs \
          use {} connections, {} s measured after a {} s warm-up, ids uniform over the seeded \

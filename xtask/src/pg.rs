@@ -8,7 +8,7 @@
 //! system temp dir, named after the project path so every run finds it again.
 
 use std::io::Write as _;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -307,6 +307,22 @@ impl Cluster {
         Ok(())
     }
 
+    /// Destroys the cluster and removes its directories as well.
+    ///
+    /// # Errors
+    ///
+    /// When stopping fails or the directories cannot be removed.
+    pub fn remove_all(&self) -> Result<()> {
+        self.destroy()?;
+        for dir in [&self.server_dir, &self.state_dir] {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)
+                    .with_context(|| format!("cannot remove {}", dir.display()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The last `lines` lines of the server log, or a note that there is none.
     pub fn log_tail(&self, lines: usize) -> String {
         match std::fs::read_to_string(self.log_file()) {
@@ -460,19 +476,42 @@ fn reachable_server_dir(state_dir: &Path, system_user: &SystemUser) -> Result<Pa
             .join(format!("dashboard-pg-{tag:016x}"))
             .join(name)
     };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let chown = |path: &Path| {
-        std::os::unix::fs::chown(path, Some(system_user.uid), Some(system_user.gid))
+        // lchown: never follow a symbolic link planted in a shared directory.
+        std::os::unix::fs::lchown(path, Some(system_user.uid), Some(system_user.gid))
             .with_context(|| format!("cannot hand {} to {}", path.display(), system_user.name))
     };
-    if dir != state_dir {
-        if let Some(parent) = dir.parent() {
-            chown(parent)?;
+    if dir == state_dir {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    } else {
+        // Under the shared temp dir: create each level ourselves, refuse anything that was
+        // already there and is a symbolic link or belongs to someone else.
+        for level in [dir.parent().unwrap_or(&dir), dir.as_path()] {
+            match std::fs::symlink_metadata(level) {
+                Ok(meta) => {
+                    let ours = meta.uid() == 0 || meta.uid() == system_user.uid;
+                    if meta.file_type().is_symlink() || !meta.is_dir() || !ours {
+                        bail!(
+                            "{} exists and is not a directory owned by root or {}; remove it",
+                            level.display(),
+                            system_user.name
+                        );
+                    }
+                }
+                Err(_) => std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(level)
+                    .with_context(|| format!("cannot create {}", level.display()))?,
+            }
+            chown(level)?;
         }
     }
     chown(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("cannot set permissions of {}", dir.display()))?;
+    if dir == state_dir {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot set permissions of {}", dir.display()))?;
+    }
     if !can_reach(&dir) {
         bail!(
             "the postgres system user cannot reach {}; run as an ordinary user or move the project",

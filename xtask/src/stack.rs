@@ -23,13 +23,24 @@ pub async fn prepare_database(database: &DbConfig, users: u32) -> Result<()> {
     if !applied.is_empty() {
         println!("migrations: {} applied", applied.len());
     }
-    let existing: i64 = client
-        .query_one("SELECT count(*) FROM (SELECT 1 FROM users LIMIT 1) s", &[])
-        .await?
-        .get(0);
-    if existing == 0 {
+    // Seeding commits users first, then orders and reviews on other connections: users without
+    // any order or review mean a seeding run was interrupted, so it is done again from scratch.
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM users), EXISTS (SELECT 1 FROM orders), \
+                    EXISTS (SELECT 1 FROM reviews)",
+            &[],
+        )
+        .await?;
+    let (has_users, has_orders, has_reviews): (bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2));
+    let reseed = has_users && !(has_orders && has_reviews);
+    if !has_users || reseed {
+        if reseed {
+            println!("the last seeding was interrupted; seeding again from scratch");
+        }
         println!("seeding {users} users (once; the data stays for next time)");
-        let report = crate::seed::seed(database, users, false, true).await?;
+        let report = crate::seed::seed(database, users, reseed, true).await?;
         println!(
             "seeded {} rows ({:.0} rows/s)",
             report.rows(),
@@ -187,6 +198,60 @@ pub async fn answers_200(address: &str, path: &str) -> bool {
         .ok()
         .flatten()
         .unwrap_or(false)
+}
+
+/// A child started with `process_group(0)`: its whole group is signalled together, and killed
+/// when this value is dropped, so no grandchild (a test binary, a uvicorn worker) outlives it.
+#[derive(Debug)]
+pub struct ProcessGroup {
+    id: u32,
+    stopped: bool,
+}
+
+impl ProcessGroup {
+    /// The group led by `child`, if it is still running.
+    pub fn of(child: &Child) -> Option<Self> {
+        child.id().map(|id| Self { id, stopped: false })
+    }
+
+    /// Sends SIGTERM to the group, waits up to `grace` for it to go away, then sends SIGKILL.
+    pub async fn stop(mut self, grace: Duration) {
+        signal_group(self.id, "-TERM");
+        let gone = tokio::time::timeout(grace, async {
+            while group_alive(self.id) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        if gone.is_err() {
+            signal_group(self.id, "-KILL");
+        }
+        self.stopped = true;
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if !self.stopped {
+            signal_group(self.id, "-KILL");
+        }
+    }
+}
+
+fn signal_group(id: u32, signal: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([signal, "--", &format!("-{id}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Whether any process of the group is left (`kill -0` on the group).
+fn group_alive(id: u32) -> bool {
+    std::process::Command::new("kill")
+        .args(["-0", "--", &format!("-{id}")])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
 }
 
 /// A TCP port on 127.0.0.1 that nothing listens on right now.

@@ -5,8 +5,12 @@
 //! with `DATABASE_URL` pointing at that template; each database test copies the template into a
 //! database of its own. The cluster is stopped and deleted afterwards, whether the tests passed,
 //! failed, or were interrupted with Ctrl-C.
+//!
+//! Each run has a cluster of its own (`target/pg/test-<pid>`, held by a lock file), so two runs
+//! in one checkout do not remove each other's cluster; clusters whose run died are cleaned up by
+//! the next run.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
 use anyhow::{Context, Result, bail};
@@ -26,43 +30,81 @@ pub struct TestArgs {
 
 /// The template database the tests copy.
 const TEMPLATE: &str = "dashboard_template";
-/// The throwaway cluster's home, apart from the development cluster's.
-const TEST_CLUSTER_DIR: &str = "target/pg/test";
+/// Where the throwaway clusters live, apart from the development cluster.
+const TEST_CLUSTERS: &str = "target/pg";
+/// The prefix of a run's cluster directory; the process id follows.
+const TEST_PREFIX: &str = "test-";
+
+/// Server settings of a throwaway cluster.
+fn test_settings() -> Vec<String> {
+    vec![
+        // Durability is worthless for a cluster deleted after the run; speed is not.
+        "fsync=off".into(),
+        "synchronous_commit=off".into(),
+        "full_page_writes=off".into(),
+        "max_connections=300".into(),
+        "shared_buffers=128MB".into(),
+    ]
+}
 
 /// Stops and deletes the test cluster when dropped, so an error or a panic cannot leave it running.
-struct ClusterGuard(Cluster);
+struct ClusterGuard {
+    cluster: Cluster,
+    /// Held for the whole run: while it is locked, no other run removes this cluster.
+    _lock: std::fs::File,
+}
 
 impl Drop for ClusterGuard {
     fn drop(&mut self) {
-        if let Err(e) = self.0.destroy() {
+        if let Err(e) = self.cluster.remove_all() {
             eprintln!("warning: could not remove the test cluster: {e:#}");
         }
     }
 }
 
+/// Removes the clusters of runs that are gone (their lock file is no longer held).
+fn remove_stale_clusters() -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(TEST_CLUSTERS) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_run = name.starts_with(TEST_PREFIX) || name == "test";
+        if !is_run || !entry.path().is_dir() {
+            continue;
+        }
+        let lock_path = entry.path().join("lock");
+        if let Ok(lock) = std::fs::OpenOptions::new().write(true).open(&lock_path)
+            && lock.try_lock().is_err()
+        {
+            continue; // A live run holds it.
+        }
+        let cluster = Cluster::new(&entry.path(), 0, "dashboard", Vec::new())?;
+        cluster
+            .remove_all()
+            .with_context(|| format!("cannot remove the stale test cluster {name}"))?;
+    }
+    Ok(())
+}
+
 /// Runs `cargo xtask test`.
 pub async fn run(args: TestArgs) -> Result<()> {
+    remove_stale_clusters()?;
+    let dir = PathBuf::from(TEST_CLUSTERS).join(format!("{TEST_PREFIX}{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let lock = std::fs::File::create(dir.join("lock")).context("cannot create the lock file")?;
+    lock.try_lock()
+        .map_err(|e| anyhow::anyhow!("cannot lock {}: {e}", dir.display()))?;
     let port = crate::stack::free_port()?;
-    let cluster = Cluster::new(
-        Path::new(TEST_CLUSTER_DIR),
-        port,
-        "dashboard",
-        vec![
-            // Durability is worthless for a cluster deleted after the run; speed is not.
-            "fsync=off".into(),
-            "synchronous_commit=off".into(),
-            "full_page_writes=off".into(),
-            "max_connections=300".into(),
-            "shared_buffers=128MB".into(),
-        ],
-    )?;
-    // A previous run that was killed may have left its cluster behind.
-    cluster.destroy()?;
-    let guard = ClusterGuard(cluster);
+    let cluster = Cluster::new(&dir, port, "dashboard", test_settings())?;
+    let guard = ClusterGuard {
+        cluster,
+        _lock: lock,
+    };
     eprintln!("test cluster: starting on 127.0.0.1:{port}");
-    guard.0.start().await?;
-    crate::db::create_database(&guard.0, TEMPLATE, None).await?;
-    let template = guard.0.db_config(TEMPLATE)?;
+    guard.cluster.start().await?;
+    crate::db::create_database(&guard.cluster, TEMPLATE, None).await?;
+    let template = guard.cluster.db_config(TEMPLATE)?;
     {
         let mut client = repository::connect(&template).await?;
         let applied = apply(&mut client, Path::new(MIGRATIONS_DIR)).await?;
@@ -167,26 +209,27 @@ fn filter_for_doctests(args: &[String]) -> Vec<String> {
 /// Runs cargo with the test environment; Ctrl-C stops it and still lets the caller clean up.
 async fn run_cargo(args: &[String], database_url: &str) -> Result<ExitStatus> {
     let config_dir = std::env::current_dir()?.join("config");
+    // In a process group of its own, so that stopping it stops nextest and every test binary
+    // too, not just cargo.
     let mut child = Command::new("cargo")
         .args(args)
         .env("DATABASE_URL", database_url)
         .env("APP_CONFIG_DIR", config_dir)
-        .kill_on_drop(true)
+        .process_group(0)
         .spawn()
         .context("cannot run cargo")?;
+    let group = crate::stack::ProcessGroup::of(&child);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
-    tokio::select! {
-        status = child.wait() => Ok(status?),
-        _ = terminate.recv() => {
-            let _ = child.kill().await;
-            bail!("terminated");
-        }
-        _ = tokio::signal::ctrl_c() => {
-            // The terminal sent the interrupt to the test run too; make sure it is gone before
-            // the cluster is removed under it.
-            let _ = child.kill().await;
-            bail!("interrupted");
-        }
+    let stopped = tokio::select! {
+        status = child.wait() => return Ok(status?),
+        _ = terminate.recv() => "terminated",
+        _ = tokio::signal::ctrl_c() => "interrupted",
+    };
+    // Make sure every test process is gone before the cluster is removed under it.
+    if let Some(group) = group {
+        group.stop(std::time::Duration::from_secs(5)).await;
     }
+    let _ = child.wait().await;
+    bail!("{stopped}");
 }

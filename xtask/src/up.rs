@@ -56,7 +56,14 @@ pub async fn run(args: UpArgs) -> Result<()> {
 }
 
 async fn serve(settings: &Settings, args: &UpArgs) -> Result<()> {
-    stack::prepare_database(&settings.database, args.users).await?;
+    // Until the API runs, Ctrl-C stops the preparation; `run` then stops the cluster.
+    tokio::select! {
+        prepared = async {
+            stack::prepare_database(&settings.database, args.users).await?;
+            stack::build_api().await
+        } => prepared?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+    }
 
     // The stand-in recommendation service, where the settings expect it.
     let upstream_address = upstream_address(&settings.recommendations.base_url)?;
@@ -73,8 +80,7 @@ async fn serve(settings: &Settings, args: &UpArgs) -> Result<()> {
     })?;
     println!("recommendations stand-in: {}", upstream.base_url());
 
-    // The API, built in release mode, in the foreground.
-    stack::build_api().await?;
+    // The API, built in release mode above, in the foreground.
     let api = match stack::ApiProcess::start(settings.server.port, &[], false).await {
         Ok(api) => api,
         Err(e) => {

@@ -211,10 +211,10 @@ impl Settings {
                 .try_parsing(false)
                 .source(Some(app_vars)),
         );
-        if !env.contains_key("APP__DATABASE__URL") {
-            if let Some(url) = env.get("DATABASE_URL").filter(|v| !v.is_empty()) {
-                builder = builder.set_override("database.url", url.as_str())?;
-            }
+        if !env.contains_key("APP__DATABASE__URL")
+            && let Some(url) = env.get("DATABASE_URL").filter(|v| !v.is_empty())
+        {
+            builder = builder.set_override("database.url", url.as_str())?;
         }
         Ok(builder.build()?.try_deserialize()?)
     }

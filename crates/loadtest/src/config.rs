@@ -486,13 +486,13 @@ impl Config {
         if self.timeout.is_zero() || self.timeout > Duration::from_secs(3600) {
             return Err(bad("timeout", "must be longer than zero and at most 1h"));
         }
-        if let Some(rate) = self.rate {
-            if !(rate.is_finite() && rate > 0.0 && rate <= 10_000_000.0) {
-                return Err(bad(
-                    "rate",
-                    "must be a positive number of requests per second, at most 10,000,000",
-                ));
-            }
+        if let Some(rate) = self.rate
+            && !(rate.is_finite() && rate > 0.0 && rate <= 10_000_000.0)
+        {
+            return Err(bad(
+                "rate",
+                "must be a positive number of requests per second, at most 10,000,000",
+            ));
         }
         if self.users == 0 {
             return Err(bad("users", "must be at least 1"));
@@ -518,10 +518,10 @@ impl Config {
                 "cannot exceed --users: a batch holds distinct ids",
             ));
         }
-        if let Distribution::Zipf { exponent } = self.distribution {
-            if !(exponent.is_finite() && exponent > 0.0) {
-                return Err(bad("distribution", "the Zipf exponent must be positive"));
-            }
+        if let Distribution::Zipf { exponent } = self.distribution
+            && !(exponent.is_finite() && exponent > 0.0)
+        {
+            return Err(bad("distribution", "the Zipf exponent must be positive"));
         }
         Target::parse(&self.url)
     }

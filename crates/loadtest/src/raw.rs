@@ -91,13 +91,11 @@ impl RawExchange {
         let idle = previous_deadline
             .replace(deadline)
             .is_none_or(|previous| deadline.saturating_duration_since(previous) > IDLE_CHECK);
-        if idle {
-            if let Some(socket) = stream.as_ref() {
-                // A server may close a kept-alive connection while it is idle. Nothing was sent on
-                // it yet, so that is not an error: find out now and reconnect.
-                if !still_open(socket, read) {
-                    *stream = None;
-                }
+        if idle && let Some(socket) = stream.as_ref() {
+            // A server may close a kept-alive connection while it is idle. Nothing was sent on
+            // it yet, so that is not an error: find out now and reconnect.
+            if !still_open(socket, read) {
+                *stream = None;
             }
         }
         if stream.is_none() {

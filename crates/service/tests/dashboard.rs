@@ -309,7 +309,11 @@ async fn dropping_a_dashboard_mid_flight_leaves_no_child_and_no_statement() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(w.service.gate_stats().in_use, 0);
-    assert_eq!(w.service.database().status().size, 0, "the stuck connection was closed");
+    assert_eq!(
+        w.service.database().status().size,
+        0,
+        "the stuck connection was closed"
+    );
     lock.rollback().await.unwrap();
 }
 
@@ -342,5 +346,9 @@ async fn an_unknown_user_keeps_its_pipelined_connection() {
         }
     }
     assert_eq!(w.service.database().status().size, 1);
-    assert_eq!(pid(w.service.clone()).await, first, "the connection was replaced");
+    assert_eq!(
+        pid(w.service.clone()).await,
+        first,
+        "the connection was replaced"
+    );
 }
