@@ -163,10 +163,9 @@ impl Service {
         let cut_off = (Instant::now() + config.batch.chunk_timeout).min(deadline);
         let fetched = async {
             // Batches share half the database slots, so a burst of them leaves room for
-            // dashboards.
-            let wait = config
-                .db_slot_wait
-                .min(cut_off.saturating_duration_since(Instant::now()));
+            // dashboards. A chunk may wait for its share as long as its own time limit allows:
+            // a batch is bulk work, whose caller expects to wait longer than for a dashboard.
+            let wait = cut_off.saturating_duration_since(Instant::now());
             let _share =
                 tokio::time::timeout(wait, Arc::clone(&self.inner.batch_slots).acquire_owned())
                     .await
