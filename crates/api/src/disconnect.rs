@@ -9,7 +9,8 @@
 //! connection, the work's future is dropped: the task group aborts every child, and the
 //! repository cancels abandoned statements on the server.
 //!
-//! Only a closed or reset connection counts. Bytes waiting on the socket (a pipelined next
+//! Only a closed or reset connection counts. A client that half-closes its side after sending
+//! its request (allowed by TCP, rare in HTTP clients) is treated as gone, as hyper treats it. Bytes waiting on the socket (a pipelined next
 //! request) mean the client is still there; monitoring then stops for that request.
 
 use std::any::Any;
@@ -26,8 +27,9 @@ impl PeerSocket {
     /// Resolves when the client has closed or reset the connection; never resolves while it is
     /// connected.
     pub async fn closed(&self) {
-        // Wait for the reactor to report the socket readable before peeking: most requests end
-        // without that ever happening, so they cost no system call here.
+        // Wait for the reactor to report the socket readable before peeking. The request's own
+        // bytes usually leave that flag set, so a request typically costs one peek that finds
+        // nothing (EAGAIN) and then waits on the reactor without further system calls.
         if self.0.ready(tokio::io::Interest::READABLE).await.is_err() {
             return;
         }

@@ -75,8 +75,9 @@ impl ApiError {
         }
     }
 
-    /// 499 (nginx's "client closed request"): the client went away before the answer was ready,
-    /// so the work was cancelled. Nobody reads it; it exists for logs and metrics.
+    /// 499 (nginx's "client closed request"): the client went away (or half-closed its side)
+    /// before the answer was ready, so the work was cancelled. It is sent in case the client only
+    /// half-closed; mostly it exists for logs and metrics.
     pub fn client_closed() -> Self {
         Self::new(
             StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),

@@ -2,8 +2,9 @@
 //!
 //! Callers decide on the variant, not on text: a pool timeout and a server that is down are both
 //! "try again later", a statement timeout is "this query was too slow", and a query error is a bug
-//! or bad data. The `Display` strings are one line and contain no SQL text, so they can go into a
-//! response's `errors` list as they are.
+//! or bad data. The `Display` strings are one line and contain no SQL text; they are meant for
+//! logs. They may quote the server (a table or role name), so the service layer shows clients a
+//! fixed sentence per kind instead.
 
 use std::time::Duration;
 

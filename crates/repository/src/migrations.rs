@@ -100,7 +100,7 @@ fn load(dir: &Path) -> Result<Vec<Migration>, MigrationError> {
     })
 }
 
-fn classify(error: refinery::Error) -> MigrationError {
+fn classify(error: refinery::Error, dir: &Path) -> MigrationError {
     match error.kind() {
         Kind::DivergentVersion(applied, _) => MigrationError::Divergent {
             version: applied.version(),
@@ -112,7 +112,7 @@ fn classify(error: refinery::Error) -> MigrationError {
         },
         Kind::InvalidName | Kind::InvalidVersion | Kind::RepeatedVersion(_) => {
             MigrationError::Load {
-                dir: PathBuf::new(),
+                dir: dir.to_owned(),
                 message: error.to_string(),
             }
         }
@@ -141,7 +141,7 @@ pub async fn apply(
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
         .await;
-    let report = result.map_err(classify)?;
+    let report = result.map_err(|e| classify(e, dir))?;
     Ok(report
         .applied_migrations()
         .iter()
@@ -171,7 +171,7 @@ pub async fn status(
         Runner::new(&files)
             .get_applied_migrations_async(client)
             .await
-            .map_err(classify)?
+            .map_err(|e| classify(e, dir))?
     } else {
         Vec::new()
     };
