@@ -372,11 +372,7 @@ async fn an_abandoned_statement_is_cancelled_on_the_server_and_its_connection_cl
     let database = Database::connect_lazy(&config).unwrap();
 
     // Another session holds a lock that makes the profile read wait on the server.
-    let mut locker = repository::connect(&db.config()).await.unwrap();
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = testkit::TableLock::take(&db, "users").await;
 
     let conn = database.conn().await.unwrap();
     let abandoned = tokio::time::timeout(Duration::from_millis(200), conn.profile(1)).await;
@@ -407,6 +403,6 @@ async fn an_abandoned_statement_is_cancelled_on_the_server_and_its_connection_cl
     // The connection was closed, not returned to the pool.
     assert_eq!(database.status().size, 0);
 
-    lock.rollback().await.unwrap();
+    lock.release().await;
     assert_eq!(database.profile(1).await.unwrap().unwrap().id, 1);
 }

@@ -208,11 +208,7 @@ async fn the_deadline_passing_before_the_profile_is_known_is_deadline_exceeded()
     config.dashboard.deadline = Duration::from_millis(300);
     let w = world(config).await;
     // Another session locks the users table, so the profile read waits on the server.
-    let mut locker = repository::connect(&w.db.config()).await.unwrap();
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = testkit::TableLock::take(&w.db, "users").await;
     let err = w.service.dashboard(1).await.unwrap_err();
     let DashboardError::DeadlineExceeded { errors, timings } = &err else {
         panic!("expected DeadlineExceeded, got {err:?}");
@@ -221,7 +217,7 @@ async fn the_deadline_passing_before_the_profile_is_known_is_deadline_exceeded()
     assert_eq!(profile.kind, "timeout");
     assert_eq!(profile.error, "timed out after 300ms (dashboard deadline)");
     assert_eq!(status_of(timings, Source::Profile), SourceStatus::Timeout);
-    lock.rollback().await.unwrap();
+    lock.release().await;
 }
 
 #[tokio::test]
@@ -229,17 +225,13 @@ async fn a_source_timeout_on_the_profile_is_unavailable() {
     let mut config = test_config();
     config.dashboard.profile_timeout = Duration::from_millis(200);
     let w = world(config).await;
-    let mut locker = repository::connect(&w.db.config()).await.unwrap();
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = testkit::TableLock::take(&w.db, "users").await;
     let err = w.service.dashboard(1).await.unwrap_err();
     let DashboardError::Unavailable { errors, .. } = &err else {
         panic!("expected Unavailable, got {err:?}");
     };
     assert_eq!(errors[0].error, "timed out after 200ms (profile timeout)");
-    lock.rollback().await.unwrap();
+    lock.release().await;
 }
 
 #[tokio::test]
@@ -248,11 +240,7 @@ async fn database_slots_are_shared_by_all_requests() {
     config.db_concurrency = 1;
     config.db_slot_wait = Duration::from_millis(100);
     let w = world(config).await;
-    let mut locker = repository::connect(&w.db.config()).await.unwrap();
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = testkit::TableLock::take(&w.db, "users").await;
 
     // The first dashboard takes the only slot and waits on the lock.
     let first = tokio::spawn({
@@ -273,7 +261,7 @@ async fn database_slots_are_shared_by_all_requests() {
         "database busy: no connection slot free within 100ms"
     );
 
-    lock.rollback().await.unwrap();
+    lock.release().await;
     assert_eq!(first.await.unwrap().unwrap().profile.id, 1);
     assert_eq!(w.service.gate_stats().in_use, 0);
 }
@@ -283,11 +271,7 @@ async fn dropping_a_dashboard_mid_flight_leaves_no_child_and_no_statement() {
     let w = world(test_config()).await;
     w.upstream
         .set_user_reply(1, Reply::ok().after(Duration::from_secs(30)));
-    let mut locker = repository::connect(&w.db.config()).await.unwrap();
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = testkit::TableLock::take(&w.db, "users").await;
 
     let before = taskgroup::live_children();
     let abandoned = tokio::time::timeout(Duration::from_millis(200), w.service.dashboard(1)).await;
@@ -314,7 +298,7 @@ async fn dropping_a_dashboard_mid_flight_leaves_no_child_and_no_statement() {
         0,
         "the stuck connection was closed"
     );
-    lock.rollback().await.unwrap();
+    lock.release().await;
 }
 
 #[tokio::test]

@@ -121,6 +121,71 @@ impl Drop for TestDb {
     }
 }
 
+/// The small data set the service and API tests share: users 1 (`ada`: two orders, one review),
+/// 2 (`bob`: nothing, no avatar) and 3 (`cy`: one order); ids above 3 do not exist.
+///
+/// # Panics
+///
+/// When the rows cannot be inserted: the test fails.
+pub async fn insert_fixtures(db: &TestDb) {
+    let client = repository::connect(&db.config())
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", db.name()));
+    client
+        .batch_execute(
+            "INSERT INTO users (id, username, email, avatar) VALUES
+                 (1, 'ada', 'ada@example.com', 'https://img/ada.png'),
+                 (2, 'bob', 'bob@example.com', NULL),
+                 (3, 'cy', 'cy@example.com', NULL);
+             INSERT INTO orders (user_id, product, amount, created_at) VALUES
+                 (1, 'keyboard', 49.99, '2025-01-02 10:00:00+00'),
+                 (1, 'mouse', 0.10, '2025-03-04 10:00:00+00'),
+                 (3, 'lamp', 15.00, '2025-05-05 05:05:05+00');
+             INSERT INTO reviews (user_id, product_id, rating, content) VALUES
+                 (1, 501, 5, 'great');",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot insert the fixtures: {e}"));
+}
+
+/// A table locked by another session (`ACCESS EXCLUSIVE`), so that statements touching it wait
+/// on the server: a slow database, made on purpose. Released by [`TableLock::release`] or when
+/// dropped (the session then ends and the lock with it).
+#[derive(Debug)]
+pub struct TableLock(tokio_postgres::Client);
+
+impl TableLock {
+    /// Locks `table` in `db` from a session of its own.
+    ///
+    /// # Panics
+    ///
+    /// When the lock cannot be taken: the test fails.
+    pub async fn take(db: &TestDb, table: &str) -> Self {
+        let client = repository::connect(&db.config())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", db.name()));
+        client
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("cannot lock {table}: {e}"));
+        Self(client)
+    }
+
+    /// Releases the lock.
+    ///
+    /// # Panics
+    ///
+    /// When the session is gone: the test fails.
+    pub async fn release(self) {
+        self.0
+            .batch_execute("ROLLBACK")
+            .await
+            .unwrap_or_else(|e| panic!("cannot release the lock: {e}"));
+    }
+}
+
 /// The template database's URL from `DATABASE_URL`.
 ///
 /// # Panics

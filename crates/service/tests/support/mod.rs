@@ -17,24 +17,9 @@ pub struct World {
     pub service: Service,
 }
 
-/// Users 1 (two orders, one review), 2 (nothing), 3 (one order); ids above 3 do not exist.
+/// The shared fixtures (see `testkit::insert_fixtures`).
 pub async fn fixtures(db: &TestDb) {
-    let client = repository::connect(&db.config()).await.unwrap();
-    client
-        .batch_execute(
-            "INSERT INTO users (id, username, email, avatar) VALUES
-                 (1, 'ada', 'ada@example.com', 'https://img/ada.png'),
-                 (2, 'bob', 'bob@example.com', NULL),
-                 (3, 'cy', 'cy@example.com', NULL);
-             INSERT INTO orders (user_id, product, amount, created_at) VALUES
-                 (1, 'keyboard', 49.99, '2025-01-02 10:00:00+00'),
-                 (1, 'mouse', 0.10, '2025-03-04 10:00:00+00'),
-                 (3, 'lamp', 15.00, '2025-05-05 05:05:05+00');
-             INSERT INTO reviews (user_id, product_id, rating, content) VALUES
-                 (1, 501, 5, 'great');",
-        )
-        .await
-        .unwrap();
+    testkit::insert_fixtures(db).await;
 }
 
 /// Generous limits for the database (so a loaded machine does not trip them) and a short one
