@@ -144,7 +144,27 @@ impl Breaker {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Asks to make a call now. `Err` carries how long until a probe will be allowed.
+    /// Whether a call may go ahead now, without taking a permit: `Err` (counted as a rejection)
+    /// carries how long until a probe will be allowed. The client asks this before it queues for
+    /// an in-flight slot, so that an open circuit fails fast even when every slot is busy; the
+    /// permit itself is taken once the call has its slot, so that a permit, and above all the
+    /// probe's, stands for a request that is actually sent.
+    pub(crate) fn check(&self) -> Result<(), Duration> {
+        if !self.config.enabled {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let state = self.lock().state;
+        match state {
+            State::Closed => Ok(()),
+            State::Open { until } if now >= until => Ok(()),
+            State::Open { until } => Err(self.reject(until - now)),
+            State::HalfOpen => Err(self.reject(Duration::ZERO)),
+        }
+    }
+
+    /// Asks to make a call now. `Err` (counted as a rejection) carries how long until a probe
+    /// will be allowed.
     pub(crate) fn try_acquire(&self) -> Result<Permit<'_>, Duration> {
         if !self.config.enabled {
             return Ok(self.permit(false));
@@ -161,15 +181,18 @@ impl Breaker {
             }
             State::Open { until } => {
                 drop(inner);
-                self.rejected_total.fetch_add(1, Ordering::Relaxed);
-                Err(until - now)
+                Err(self.reject(until - now))
             }
             State::HalfOpen => {
                 drop(inner);
-                self.rejected_total.fetch_add(1, Ordering::Relaxed);
-                Err(Duration::ZERO)
+                Err(self.reject(Duration::ZERO))
             }
         }
+    }
+
+    fn reject(&self, retry_in: Duration) -> Duration {
+        self.rejected_total.fetch_add(1, Ordering::Relaxed);
+        retry_in
     }
 
     fn permit(&self, probe: bool) -> Permit<'_> {
@@ -312,6 +335,28 @@ mod tests {
         assert_eq!(snapshot.consecutive_failures, 0);
         assert_eq!(snapshot.probes_total, 2);
         assert_eq!(snapshot.rejected_total, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_rejects_like_a_permit_but_takes_nothing() {
+        let b = breaker(1);
+        assert_eq!(b.check(), Ok(()));
+        fail(&b);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(b.check(), Err(Duration::from_secs(6)));
+        assert_eq!(b.snapshot().rejected_total, 1);
+
+        // After the cool-down a check lets the call go on to ask for the probe, but does not
+        // become the probe itself.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(b.check(), Ok(()));
+        assert_eq!(b.snapshot().state, BreakerState::Open);
+        assert_eq!(b.snapshot().probes_total, 0);
+        let probe = b.try_acquire().unwrap();
+        assert_eq!(b.check(), Err(Duration::ZERO));
+        probe.record(Outcome::Success);
+        assert_eq!(b.check(), Ok(()));
+        assert_eq!(b.snapshot().rejected_total, 2);
     }
 
     #[tokio::test(start_paused = true)]

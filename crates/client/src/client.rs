@@ -1,12 +1,16 @@
 //! [`RecommendationClient`]: one pooled HTTP client per process, with a time budget per call, a
 //! body cap, a circuit breaker, optional hedging and optional connect retries.
 //!
-//! A call goes through these layers, outermost first:
+//! A call goes through these steps, all within one deadline (the configured timeout, or the
+//! caller's deadline if earlier), so no wait inside can outlive it:
 //!
-//! 1. the deadline (configured timeout, or the caller's deadline if earlier) wraps everything
-//!    below, so no wait inside can outlive it;
-//! 2. the circuit breaker may refuse the call without touching the network;
-//! 3. a slot among `max_in_flight` is taken, bounding connections and memory;
+//! 1. the circuit breaker may refuse the call at once, without touching the network or waiting
+//!    for anything;
+//! 2. a slot among `max_in_flight` is taken, bounding connections and memory. A call whose
+//!    deadline passes while it waits fails with `Saturated`: it never reached the service, so the
+//!    breaker does not hear of it;
+//! 3. the breaker gives the call its permit (the probe's, if the circuit is half-open), so that
+//!    only calls that really send a request report to it;
 //! 4. the request is sent on a pooled keep-alive connection (connect failures retried if
 //!    configured), hedged by a second request if enabled and slow;
 //! 5. the answer is checked (status, size) and decoded.
@@ -24,7 +28,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -218,6 +222,11 @@ impl RecommendationClient {
     /// [`RecommendationError::Timeout`] without sending anything (and without counting against
     /// the service in the breaker).
     ///
+    /// A timeout set by this deadline counts against the service in the breaker like one set by
+    /// the configured timeout, however much shorter it is (see
+    /// [`RecommendationError::is_service_failure`]): pass the time an answer is worth waiting
+    /// for, not a guess at how fast the service is.
+    ///
     /// # Errors
     ///
     /// A [`RecommendationError`] saying what went wrong; see [`RecommendationError::kind`].
@@ -277,28 +286,55 @@ impl Inner {
         user_id: i64,
         deadline: Option<Instant>,
     ) -> Result<Vec<Recommendation>, RecommendationError> {
-        let now = Instant::now();
-        let configured = now + self.config.timeout;
+        let started = Instant::now();
+        let configured = started + self.config.timeout;
         let deadline = deadline.map_or(configured, |deadline| deadline.min(configured));
-        let budget = deadline.saturating_duration_since(now);
+        let budget = deadline.saturating_duration_since(started);
         if budget.is_zero() {
-            return Err(RecommendationError::Timeout { after: budget });
+            return Err(RecommendationError::Timeout {
+                after: budget,
+                queued: budget,
+            });
         }
         let uri = self.uri(user_id)?;
-        let permit = self
-            .breaker
-            .try_acquire()
-            .map_err(|retry_in| RecommendationError::CircuitOpen { retry_in })?;
+        let circuit_open = |retry_in| RecommendationError::CircuitOpen { retry_in };
+        // An open circuit answers at once, before the call queues behind busy slots.
+        self.breaker.check().map_err(circuit_open)?;
+
+        // Waiting for a slot is waiting on this process, not on the service: a call that runs
+        // out of time here was never sent, and must not count as the service's failure.
+        let slot = match tokio::time::timeout_at(deadline, self.in_flight.acquire()).await {
+            Ok(Ok(slot)) if Instant::now() < deadline => slot,
+            // The semaphore is never closed; should it be, the call cannot be made.
+            Ok(Err(closed)) => return Err(RecommendationError::unavailable(closed)),
+            // Out of time while waiting, or a slot handed over at the deadline itself, which
+            // leaves no time to send anything.
+            Ok(Ok(_)) | Err(_) => {
+                let error = RecommendationError::Saturated { after: budget };
+                debug!(user_id, kind = %error.kind(), %error, "recommendation call failed");
+                return Err(error);
+            }
+        };
+        // The circuit may have opened while the call queued. Dropping the slot on this path
+        // hands it to the next call in line.
+        let permit = self.breaker.try_acquire().map_err(circuit_open)?;
+        let queued = started.elapsed();
 
         let result = match tokio::time::timeout_at(deadline, self.fetch(&uri)).await {
             Ok(result) => result,
-            Err(_elapsed) => Err(RecommendationError::Timeout { after: budget }),
+            Err(_elapsed) => Err(RecommendationError::Timeout {
+                after: budget,
+                queued,
+            }),
         };
         permit.record(match &result {
             Ok(_) => Outcome::Success,
             Err(error) if error.is_service_failure() => Outcome::Failure,
             Err(_) => Outcome::Neutral,
         });
+        // Released only now, so that a call woken by this slot (at once, on a multi-threaded
+        // runtime) already sees the circuit this outcome may have opened.
+        drop(slot);
         if let Err(error) = &result {
             debug!(user_id, kind = %error.kind(), %error, "recommendation call failed");
         }
@@ -311,14 +347,9 @@ impl Inner {
             .map_err(RecommendationError::unavailable)
     }
 
-    /// The request, with hedging if enabled.
+    /// The request, on the slot the caller holds, with hedging if enabled.
     async fn fetch(&self, uri: &Uri) -> Result<Vec<Recommendation>, RecommendationError> {
-        let slot = self
-            .in_flight
-            .acquire()
-            .await
-            .map_err(RecommendationError::unavailable)?;
-        let first = self.attempt(uri, slot);
+        let first = self.attempt(uri);
         if !self.config.hedge.enabled {
             return first.await;
         }
@@ -330,11 +361,11 @@ impl Inner {
         }
         // A hedge must not add load to a client that is already at its limit, where it would
         // only queue behind the requests it is meant to overtake.
-        let Ok(slot) = self.in_flight.try_acquire() else {
+        let Ok(_hedge_slot) = self.in_flight.try_acquire() else {
             return first.await;
         };
         bump(&self.counters.hedges);
-        let mut second = pin!(self.attempt(uri, slot));
+        let mut second = pin!(self.attempt(uri));
         // The first good answer wins and the loser is dropped, which closes its connection. If
         // one fails, the other may still succeed within the deadline.
         tokio::select! {
@@ -359,12 +390,8 @@ impl Inner {
         result
     }
 
-    /// One HTTP exchange, holding an in-flight slot until the body is read.
-    async fn attempt(
-        &self,
-        uri: &Uri,
-        _slot: SemaphorePermit<'_>,
-    ) -> Result<Vec<Recommendation>, RecommendationError> {
+    /// One HTTP exchange, body read included; the caller holds its in-flight slot.
+    async fn attempt(&self, uri: &Uri) -> Result<Vec<Recommendation>, RecommendationError> {
         let (parts, body) = self.send(uri).await?.into_parts();
         if parts.status != StatusCode::OK {
             let start = read_prefix(body, STATUS_BODY_PREFIX).await;

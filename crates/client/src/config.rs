@@ -46,7 +46,9 @@ pub struct ClientConfig {
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// The most requests (and therefore HTTP/1 connections) in flight at once. Callers beyond it
-    /// wait for a free slot within their own deadline; hedges are only sent when a slot is free.
+    /// wait for a free slot within their own deadline; one whose deadline passes while it waits
+    /// fails as `saturated` without sending anything, and does not count against the service in
+    /// the breaker. Hedges are only sent when a slot is free.
     pub max_in_flight: usize,
     /// The most idle keep-alive connections kept for reuse. Set it near `max_in_flight` so that a
     /// steady load does not keep closing and reopening connections.

@@ -22,10 +22,30 @@ pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 pub enum RecommendationError {
     /// No complete answer arrived within the call's time budget (the configured timeout, or the
-    /// caller's deadline if that came first).
-    #[error("recommendation service did not answer within {}", DisplayDuration(*.after))]
+    /// caller's deadline if that came first). The request had been sent, and `queued` says how
+    /// much of the budget went by before it could be; the one exception is a caller's deadline
+    /// that had already passed when the call started, which sends nothing and has a zero `after`.
+    #[error(
+        "recommendation service did not answer within {}{}",
+        DisplayDuration(*.after),
+        queued_suffix(*.queued)
+    )]
     Timeout {
         /// The budget the call had.
+        after: Duration,
+        /// How much of `after` the call spent waiting for a free in-flight slot in this client
+        /// before its request was sent; the service had the rest.
+        queued: Duration,
+    },
+    /// The call's whole budget went by waiting for a free in-flight slot in this client
+    /// (`max_in_flight` requests were already out), so no request was sent. This is about this
+    /// process's load, not the service's health.
+    #[error(
+        "recommendation client saturated: no connection slot within {}",
+        DisplayDuration(*.after)
+    )]
+    Saturated {
+        /// The budget the call had, all of it spent waiting.
         after: Duration,
     },
     /// The service could not be reached, or the connection broke before a complete answer.
@@ -72,6 +92,7 @@ impl RecommendationError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Timeout { .. } => ErrorKind::Timeout,
+            Self::Saturated { .. } => ErrorKind::Saturated,
             Self::Unavailable { .. } => ErrorKind::Unavailable,
             Self::Status { .. } => ErrorKind::Status,
             Self::TooLarge { .. } => ErrorKind::TooLarge,
@@ -81,18 +102,34 @@ impl RecommendationError {
     }
 
     /// Whether this outcome says the service is unhealthy, and so counts towards opening the
-    /// circuit. A 4xx answer (other than 429) is about the request, not the service; a circuit
-    /// rejection is not an outcome of the service at all.
+    /// circuit.
+    ///
+    /// Only what the service did, or failed to do with the time it was given, counts:
+    ///
+    /// - a 4xx answer (other than 429) is about the request, not the service;
+    /// - a circuit rejection, and a call that never got an in-flight slot
+    ///   ([`Saturated`](Self::Saturated)), never reached the service at all;
+    /// - a [`Timeout`](Self::Timeout) counts only if the service had more than half of the call's
+    ///   budget, i.e. the call queued here for less than half of it. A call that queued for most
+    ///   of its budget and then timed out says more about this client's queue than about the
+    ///   service: under a sustained overload the FIFO queue hands slots to calls near their
+    ///   deadline, and counting their timeouts would open the circuit on a healthy service. Calls
+    ///   that are sent promptly (the normal case, and every call while the service hangs) count
+    ///   in full.
+    ///
+    /// A timeout set by the caller's deadline counts like one set by the configured timeout, even
+    /// when it is much shorter: the deadline is how long an answer is worth waiting for, and the
+    /// service's dashboard passes its per-source timeout (by default 1 s, against the client's
+    /// 5 s) so that a hanging service opens the circuit. A deadline already past when the call
+    /// starts sends nothing and is not counted.
     pub fn is_service_failure(&self) -> bool {
         match self {
             Self::Status { status, .. } => {
                 !status.is_client_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
-            Self::CircuitOpen { .. } => false,
-            Self::Timeout { .. }
-            | Self::Unavailable { .. }
-            | Self::TooLarge { .. }
-            | Self::Decode { .. } => true,
+            Self::Timeout { after, queued } => *queued < after.saturating_sub(*queued),
+            Self::CircuitOpen { .. } | Self::Saturated { .. } => false,
+            Self::Unavailable { .. } | Self::TooLarge { .. } | Self::Decode { .. } => true,
         }
     }
 
@@ -122,20 +159,25 @@ pub enum ErrorKind {
     Decode,
     /// [`RecommendationError::CircuitOpen`]: `circuit_open`.
     CircuitOpen,
+    /// [`RecommendationError::Saturated`]: `saturated`.
+    Saturated,
 }
 
 impl ErrorKind {
-    /// Every kind, in a fixed order, so metrics can be registered up front.
-    pub const ALL: [ErrorKind; 6] = [
+    /// Every kind, in a fixed order, so metrics can be registered up front. New kinds are added
+    /// at the end, so existing positions never move.
+    pub const ALL: [ErrorKind; 7] = [
         ErrorKind::Timeout,
         ErrorKind::Unavailable,
         ErrorKind::Status,
         ErrorKind::TooLarge,
         ErrorKind::Decode,
         ErrorKind::CircuitOpen,
+        ErrorKind::Saturated,
     ];
 
-    /// The label: `timeout`, `unavailable`, `status`, `too_large`, `decode` or `circuit_open`.
+    /// The label: `timeout`, `unavailable`, `status`, `too_large`, `decode`, `circuit_open` or
+    /// `saturated`.
     pub const fn as_str(self) -> &'static str {
         match self {
             ErrorKind::Timeout => "timeout",
@@ -144,6 +186,7 @@ impl ErrorKind {
             ErrorKind::TooLarge => "too_large",
             ErrorKind::Decode => "decode",
             ErrorKind::CircuitOpen => "circuit_open",
+            ErrorKind::Saturated => "saturated",
         }
     }
 
@@ -193,6 +236,20 @@ impl fmt::Display for DisplayDuration {
         } else {
             write!(f, "{:.1}s", self.0.as_secs_f64())
         }
+    }
+}
+
+/// Says how much of a timed-out call's budget went by before its request was sent, when any
+/// noticeable part did: a message that only named the budget would overstate how long the service
+/// had.
+fn queued_suffix(queued: Duration) -> String {
+    if queued.as_millis() == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({} of it waiting for a connection slot)",
+            DisplayDuration(queued)
+        )
     }
 }
 
@@ -300,7 +357,8 @@ mod tests {
                 "status",
                 "too_large",
                 "decode",
-                "circuit_open"
+                "circuit_open",
+                "saturated"
             ]
         );
         for (index, kind) in ErrorKind::ALL.iter().enumerate() {
@@ -316,14 +374,29 @@ mod tests {
             (
                 RecommendationError::Timeout {
                     after: Duration::from_millis(250),
+                    queued: Duration::ZERO,
                 },
                 "recommendation service did not answer within 250ms",
             ),
             (
                 RecommendationError::Timeout {
                     after: Duration::from_millis(1500),
+                    queued: Duration::from_micros(999),
                 },
                 "recommendation service did not answer within 1.5s",
+            ),
+            (
+                RecommendationError::Timeout {
+                    after: Duration::from_millis(300),
+                    queued: Duration::from_millis(200),
+                },
+                "recommendation service did not answer within 300ms (200ms of it waiting for a connection slot)",
+            ),
+            (
+                RecommendationError::Saturated {
+                    after: Duration::from_millis(300),
+                },
+                "recommendation client saturated: no connection slot within 300ms",
             ),
             (
                 RecommendationError::unavailable(io::Error::from(io::ErrorKind::ConnectionRefused)),
@@ -382,6 +455,30 @@ mod tests {
             .is_service_failure()
         );
         assert!(RecommendationError::TooLarge { limit: 1 }.is_service_failure());
+        assert!(
+            !RecommendationError::Saturated {
+                after: Duration::from_secs(5)
+            }
+            .is_service_failure()
+        );
+    }
+
+    #[test]
+    fn a_timeout_counts_only_if_the_service_had_most_of_the_budget() {
+        let timeout = |after: u64, queued: u64| RecommendationError::Timeout {
+            after: Duration::from_millis(after),
+            queued: Duration::from_millis(queued),
+        };
+        assert!(timeout(5000, 0).is_service_failure());
+        assert!(timeout(300, 149).is_service_failure());
+        // Half the budget spent queueing is not enough to judge the service on.
+        assert!(!timeout(300, 150).is_service_failure());
+        assert!(!timeout(300, 200).is_service_failure());
+        assert!(!timeout(300, 300).is_service_failure());
+        // A budget already spent before the call started: nothing was sent.
+        assert!(!timeout(0, 0).is_service_failure());
+        // However short the caller's deadline, a request that went out promptly counts.
+        assert!(timeout(10, 0).is_service_failure());
     }
 
     #[test]

@@ -8,11 +8,13 @@
 //! - a time budget per call (configured, default 5 s, or shorter per call via a deadline) that
 //!   covers connecting, waiting, reading and retries;
 //! - keep-alive reuse with a cap on idle connections, a connect timeout and a cap on requests in
-//!   flight;
+//!   flight, beyond which calls queue within their budget;
 //! - a response-size cap (default 1 MiB), enforced before reading when the length is announced;
 //! - typed errors ([`RecommendationError`]) whose messages are one readable line and whose
 //!   [`ErrorKind`] labels metrics;
-//! - a circuit breaker that fails fast while the service keeps failing;
+//! - a circuit breaker that fails fast while the service keeps failing, and judges the service
+//!   only on requests it actually received (a call that ran out of time queueing in this client
+//!   is `saturated`, not a failure of the service);
 //! - optional hedged requests against a slow latency tail, and optional retries of failed
 //!   connects.
 //!

@@ -16,6 +16,7 @@ use client::{
     RecommendationError,
 };
 use http::StatusCode;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use upstream::{Config, Fault, Reply, Server};
 
@@ -49,8 +50,28 @@ fn message_of(error: &RecommendationError, kind: ErrorKind) -> String {
     assert_eq!(error.kind(), kind, "{error:?}");
     let message = error.to_string();
     assert!(!message.contains('\n'), "{message:?}");
-    assert!(message.starts_with("recommendation service "), "{message}");
+    // Only saturation is this client's own doing, and its message must not blame the service.
+    let subject = if kind == ErrorKind::Saturated {
+        "recommendation client "
+    } else {
+        "recommendation service "
+    };
+    assert!(message.starts_with(subject), "{message}");
     message
+}
+
+/// Starts `count` calls at once, for users 1, 2, …, in that order: on the test's single-threaded
+/// runtime each reaches the in-flight queue in the order it was spawned.
+fn spawn_calls(
+    client: &RecommendationClient,
+    count: i64,
+) -> Vec<JoinHandle<Result<Vec<Recommendation>, RecommendationError>>> {
+    (1..=count)
+        .map(|user_id| {
+            let client = client.clone();
+            tokio::spawn(async move { client.recommendations(user_id).await })
+        })
+        .collect()
 }
 
 /// Waits (boundedly) until the server has seen its connections close down to `open`.
@@ -244,9 +265,11 @@ async fn a_server_that_never_answers_times_out_after_the_configured_timeout() {
         message_of(&error, ErrorKind::Timeout),
         "recommendation service did not answer within 5s"
     );
-    assert!(
-        matches!(error, RecommendationError::Timeout { after } if after == Duration::from_secs(5))
-    );
+    assert!(matches!(
+        error,
+        RecommendationError::Timeout { after, queued }
+            if after == Duration::from_secs(5) && queued.is_zero()
+    ));
     // Giving up closes the connection, which frees the server's side of it too.
     until_open_connections(&server, 0).await;
     assert_eq!(client.stats().in_flight, 0);
@@ -272,6 +295,10 @@ async fn a_caller_deadline_shortens_the_budget_and_a_past_one_sends_nothing() {
         message_of(&error, ErrorKind::Timeout),
         "recommendation service did not answer within 250ms"
     );
+    // A caller's deadline, even one much shorter than the configured timeout, is how long an
+    // answer is worth waiting for: a request sent at once and not answered by then counts against
+    // the service (the API's dashboard relies on this to open the breaker on a hanging service).
+    assert_eq!(client.stats().breaker.consecutive_failures, 1);
 
     // A deadline later than the configured timeout does not extend it.
     let client = client_for(&server, |c| c.timeout = Duration::from_millis(400));
@@ -512,5 +539,160 @@ async fn a_failed_hedge_leaves_the_first_request_to_answer() {
     assert_eq!(items, expected_items(&server, 7));
     let stats = client.stats();
     assert_eq!((stats.hedges, stats.hedge_wins), (1, 0));
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_that_run_out_of_time_queueing_here_are_saturated_not_service_failures() {
+    // A healthy service that answers in 200 ms, a 300 ms budget, one request at a time, and
+    // eight calls at once.
+    let server = serve(Config {
+        delay: Duration::from_millis(200),
+        ..Config::default()
+    })
+    .await;
+    let client = client_for(&server, |c| {
+        c.timeout = Duration::from_millis(300);
+        c.max_in_flight = 1;
+    });
+    let started = Instant::now();
+    let mut calls = spawn_calls(&client, 8).into_iter();
+
+    // The first call has the slot and is answered.
+    let first = calls.next().unwrap().await.unwrap().unwrap();
+    assert_eq!(first, expected_items(&server, 1));
+    assert_eq!(started.elapsed(), Duration::from_millis(200));
+    // The second gets the slot at 200 ms and is sent, but the service, asked with only 100 ms of
+    // the budget left, cannot make it. Its message says where the time went, and, as the service
+    // had less than half of the budget, it does not count against it.
+    let error = calls.next().unwrap().await.unwrap().unwrap_err();
+    assert_eq!(
+        message_of(&error, ErrorKind::Timeout),
+        "recommendation service did not answer within 300ms (200ms of it waiting for a connection slot)"
+    );
+    assert!(!error.is_service_failure());
+    // The other six never got a slot, so nothing was sent for them.
+    for call in calls {
+        let error = call.await.unwrap().unwrap_err();
+        assert_eq!(
+            message_of(&error, ErrorKind::Saturated),
+            "recommendation client saturated: no connection slot within 300ms"
+        );
+        assert!(matches!(
+            error,
+            RecommendationError::Saturated { after } if after == Duration::from_millis(300)
+        ));
+    }
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+    assert_eq!(server.stats().requests, 2);
+
+    let stats = client.stats();
+    assert_eq!(stats.errors.get(ErrorKind::Saturated), 6);
+    assert_eq!(stats.errors.get(ErrorKind::Timeout), 1);
+    assert_eq!(stats.in_flight, 0);
+    // The breaker heard of two requests, one answered and one it cannot judge: the service is
+    // healthy, and the next call goes through.
+    assert_eq!(stats.breaker.state, BreakerState::Closed);
+    assert_eq!(stats.breaker.consecutive_failures, 0);
+    assert_eq!(
+        client.recommendations(99).await.unwrap(),
+        expected_items(&server, 99)
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_after_a_short_wait_for_a_slot_counts_against_the_service() {
+    let server = serve(Config::default()).await;
+    let client = client_for(&server, |c| {
+        c.timeout = Duration::from_millis(300);
+        c.max_in_flight = 1;
+    });
+    server.script([
+        Reply::ok().after(Duration::from_millis(100)),
+        Reply::ok().after(Duration::from_secs(1)),
+    ]);
+    let mut calls = spawn_calls(&client, 2).into_iter();
+    calls.next().unwrap().await.unwrap().unwrap();
+    // Sent after 100 ms in the queue, the second request had 200 ms, most of its budget.
+    let error = calls.next().unwrap().await.unwrap().unwrap_err();
+    assert_eq!(
+        message_of(&error, ErrorKind::Timeout),
+        "recommendation service did not answer within 300ms (100ms of it waiting for a connection slot)"
+    );
+    assert_eq!(client.stats().breaker.consecutive_failures, 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_circuit_that_opens_while_a_call_queues_stops_it_before_it_is_sent() {
+    let server = serve(Config::default()).await;
+    let client = client_for(&server, |c| {
+        c.max_in_flight = 1;
+        c.breaker.failure_threshold = 1;
+    });
+    server.script([
+        Reply::fault(Fault::Status(StatusCode::BAD_GATEWAY)).after(Duration::from_millis(100))
+    ]);
+    let started = Instant::now();
+    let mut calls = spawn_calls(&client, 2).into_iter();
+    let error = calls.next().unwrap().await.unwrap().unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Status);
+    // The second call queued behind the failure that opened the circuit: when it gets the slot,
+    // the breaker refuses it, and the service hears nothing.
+    let error = calls.next().unwrap().await.unwrap().unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::CircuitOpen);
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
+    assert_eq!(server.stats().requests, 1);
+    let stats = client.stats();
+    assert_eq!(
+        (stats.breaker.opened_total, stats.breaker.rejected_total),
+        (1, 1)
+    );
+    assert_eq!(stats.in_flight, 0);
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_circuit_fails_fast_even_when_every_slot_is_busy() {
+    let server = serve(Config::default()).await;
+    let client = client_for(&server, |c| {
+        c.max_in_flight = 2;
+        c.breaker.failure_threshold = 1;
+        c.breaker.cooldown = Duration::from_secs(1);
+    });
+    server.script([
+        // A slow call that started before the circuit opened, and outlives the cool-down.
+        Reply::ok().after(Duration::from_secs(3)),
+        Reply::fault(Fault::Status(StatusCode::BAD_GATEWAY)),
+        // The probe, slow too.
+        Reply::ok().after(Duration::from_secs(2)),
+    ]);
+    let slow = spawn_calls(&client, 1);
+    while server.stats().requests < 1 {
+        tokio::task::yield_now().await;
+    }
+    client.recommendations(2).await.unwrap_err();
+    assert_eq!(client.stats().breaker.state, BreakerState::Open);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let probe = spawn_calls(&client, 1);
+    while server.stats().requests < 3 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(client.stats().breaker.state, BreakerState::HalfOpen);
+    assert_eq!(client.stats().in_flight, 2);
+
+    // Both slots are busy and the probe is out: a new call is refused at once rather than
+    // queueing for a slot to learn that.
+    let started = Instant::now();
+    let error = client.recommendations(4).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert!(matches!(error, RecommendationError::CircuitOpen { retry_in } if retry_in.is_zero()));
+
+    for call in slow.into_iter().chain(probe) {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(client.stats().breaker.state, BreakerState::Closed);
+    assert_eq!(server.stats().requests, 3);
     server.shutdown().await;
 }
