@@ -143,7 +143,8 @@ impl SourceError {
 pub struct SourceFailure {
     /// The source that failed.
     pub source: Source,
-    /// A short, stable label: `timeout`, `unavailable`, `busy`, `status`, `circuit_open`, ...
+    /// A short, stable label: `timeout`, `unavailable`, `busy`, `status`, `circuit_open`,
+    /// `saturated`, ...
     pub kind: &'static str,
     /// What happened, in one line.
     pub error: String,
