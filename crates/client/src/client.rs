@@ -13,7 +13,8 @@
 //!    only calls that really send a request report to it;
 //! 4. the request is sent on a pooled keep-alive connection (connect failures retried if
 //!    configured), hedged by a second request if enabled and slow;
-//! 5. the answer is checked (status, size) and decoded.
+//! 5. the answer is checked (status, size) and decoded. An error answer's body is read for the
+//!    message and, if small, to its end, so that its connection goes back to the pool.
 
 use std::pin::pin;
 use std::sync::Arc;
@@ -36,9 +37,16 @@ use crate::breaker::{Breaker, BreakerSnapshot, Outcome};
 use crate::config::ClientConfig;
 use crate::error::{ConfigError, ErrorKind, RecommendationError, one_line_excerpt};
 
-/// How much of a non-200 body is read for the error message. The excerpt shown is shorter; the
+/// How much of a non-200 body is kept for the error message. The excerpt shown is shorter; the
 /// slack absorbs whitespace and multi-byte characters.
 const STATUS_BODY_PREFIX: usize = 1024;
+
+/// The largest non-200 body read to its end (and then discarded) so that its keep-alive
+/// connection can be reused. An abandoned body closes its connection, and during a storm of
+/// errors a new connection per error (handshake, slow start, a socket in `TIME_WAIT`) costs more
+/// than reading a few KiB: typical error pages, JSON or a proxy's HTML, are well below this. A
+/// larger body, announced or found out while reading, is abandoned after the excerpt.
+const STATUS_BODY_DRAIN: usize = 64 * 1024;
 
 const USER_AGENT_VALUE: &str = concat!("dashboard-recommendations/", env!("CARGO_PKG_VERSION"));
 
@@ -320,7 +328,7 @@ impl Inner {
         let permit = self.breaker.try_acquire().map_err(circuit_open)?;
         let queued = started.elapsed();
 
-        let result = match tokio::time::timeout_at(deadline, self.fetch(&uri)).await {
+        let result = match tokio::time::timeout_at(deadline, self.fetch(&uri, deadline)).await {
             Ok(result) => result,
             Err(_elapsed) => Err(RecommendationError::Timeout {
                 after: budget,
@@ -348,8 +356,12 @@ impl Inner {
     }
 
     /// The request, on the slot the caller holds, with hedging if enabled.
-    async fn fetch(&self, uri: &Uri) -> Result<Vec<Recommendation>, RecommendationError> {
-        let first = self.attempt(uri);
+    async fn fetch(
+        &self,
+        uri: &Uri,
+        deadline: Instant,
+    ) -> Result<Vec<Recommendation>, RecommendationError> {
+        let first = self.attempt(uri, deadline);
         if !self.config.hedge.enabled {
             return first.await;
         }
@@ -365,7 +377,7 @@ impl Inner {
             return first.await;
         };
         bump(&self.counters.hedges);
-        let mut second = pin!(self.attempt(uri));
+        let mut second = pin!(self.attempt(uri, deadline));
         // The first good answer wins and the loser is dropped, which closes its connection. If
         // one fails, the other may still succeed within the deadline.
         tokio::select! {
@@ -391,10 +403,15 @@ impl Inner {
     }
 
     /// One HTTP exchange, body read included; the caller holds its in-flight slot.
-    async fn attempt(&self, uri: &Uri) -> Result<Vec<Recommendation>, RecommendationError> {
+    async fn attempt(
+        &self,
+        uri: &Uri,
+        deadline: Instant,
+    ) -> Result<Vec<Recommendation>, RecommendationError> {
         let (parts, body) = self.send(uri).await?.into_parts();
         if parts.status != StatusCode::OK {
-            let start = read_prefix(body, STATUS_BODY_PREFIX).await;
+            let announced = content_length(&parts.headers);
+            let start = read_error_body(body, announced, deadline).await;
             return Err(RecommendationError::Status {
                 status: parts.status,
                 body: one_line_excerpt(&start),
@@ -450,21 +467,37 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-/// Reads at most `max` bytes of `body`, stopping early at its end or at an error: the caller
-/// only wants an excerpt for an error message.
-async fn read_prefix(mut body: Incoming, max: usize) -> Vec<u8> {
+/// Reads the start of an error answer's body for the message, and drains the rest if the whole
+/// body is at most [`STATUS_BODY_DRAIN`] bytes, so that its keep-alive connection can be reused.
+///
+/// The status is already known, so this never fails: it stops early at a read error, at a body
+/// that turns out larger than the drain cap (dropping it then closes the connection), or at
+/// `deadline`, and returns what it has. Stopping at the deadline itself, rather than leaving it
+/// to the call's timer, keeps a body that dribbles in from turning a known `503` into a timeout:
+/// at the same instant this inner timer is polled first, as it sits inside the call's future.
+async fn read_error_body(mut body: Incoming, announced: Option<u64>, deadline: Instant) -> Vec<u8> {
+    let drain = announced.is_none_or(|length| length <= STATUS_BODY_DRAIN as u64);
     let mut start = Vec::new();
-    while start.len() < max {
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    let take = data.len().min(max - start.len());
-                    start.extend_from_slice(&data[..take]);
-                }
+    let read = async {
+        let mut seen = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            let Ok(data) = frame.into_data() else {
+                // Trailers carry nothing for the message.
+                continue;
+            };
+            let take = data
+                .len()
+                .min(STATUS_BODY_PREFIX.saturating_sub(start.len()));
+            start.extend_from_slice(&data[..take]);
+            seen += data.len();
+            let excerpt_done = start.len() >= STATUS_BODY_PREFIX;
+            if excerpt_done && (!drain || seen > STATUS_BODY_DRAIN) {
+                break;
             }
-            Some(Err(_)) | None => break,
         }
-    }
+    };
+    // Running out of time is one of the ways to stop; what was read is still the excerpt.
+    let _ = tokio::time::timeout_at(deadline, read).await;
     start
 }
 

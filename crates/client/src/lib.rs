@@ -7,8 +7,9 @@
 //!
 //! - a time budget per call (configured, default 5 s, or shorter per call via a deadline) that
 //!   covers connecting, waiting, reading and retries;
-//! - keep-alive reuse with a cap on idle connections, a connect timeout and a cap on requests in
-//!   flight, beyond which calls queue within their budget;
+//! - keep-alive reuse with a cap on idle connections (error answers included: their small bodies
+//!   are read to the end so the connection stays open), a connect timeout and a cap on requests
+//!   in flight, beyond which calls queue within their budget;
 //! - a response-size cap (default 1 MiB), enforced before reading when the length is announced;
 //! - typed errors ([`RecommendationError`]) whose messages are one readable line and whose
 //!   [`ErrorKind`] labels metrics;

@@ -9,6 +9,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::error::Error as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use client::{
@@ -16,6 +18,8 @@ use client::{
     RecommendationError,
 };
 use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use upstream::{Config, Fault, Reply, Server};
@@ -83,6 +87,136 @@ async fn until_open_connections(server: &Server, open: u64) {
     })
     .await
     .unwrap_or_else(|_| panic!("open connections stuck at {:?}", server.stats()));
+}
+
+/// How [`CannedServer`] sends its error body.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    /// With `Content-Length`.
+    Announced,
+    /// With chunked transfer encoding, in 1 KiB chunks, so the length is unknown up front.
+    Chunked,
+    /// With `Content-Length`, but only the first 100 bytes are sent; then the connection stalls.
+    Stalled,
+}
+
+/// A real HTTP/1.1 server on loopback, written by hand so it can send what the `upstream`
+/// stand-in does not: error pages of any size (proxies send HTML pages of several KiB), chunked
+/// or announced, or cut short. It answers every request on a keep-alive connection with
+/// `503 Service Unavailable` and the same body, and counts connections and requests.
+struct CannedServer {
+    url: String,
+    connections: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+    accept: JoinHandle<()>,
+}
+
+impl CannedServer {
+    /// The 503 page: `page ` followed by `x` up to `size` bytes.
+    fn body(size: usize) -> Vec<u8> {
+        let mut body = b"page ".to_vec();
+        body.resize(size.max(body.len()), b'x');
+        body
+    }
+
+    async fn start(size: usize, framing: Framing) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let body = Self::body(size);
+        let head = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/html\r\n";
+        let response: Arc<[u8]> = match framing {
+            Framing::Announced | Framing::Stalled => {
+                let mut response = format!("{head}content-length: {size}\r\n\r\n").into_bytes();
+                let sent = if matches!(framing, Framing::Stalled) {
+                    100
+                } else {
+                    size
+                };
+                response.extend_from_slice(&body[..sent]);
+                response.into()
+            }
+            Framing::Chunked => {
+                let mut response = format!("{head}transfer-encoding: chunked\r\n\r\n").into_bytes();
+                for chunk in body.chunks(1024) {
+                    response.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                    response.extend_from_slice(chunk);
+                    response.extend_from_slice(b"\r\n");
+                }
+                response.extend_from_slice(b"0\r\n\r\n");
+                response.into()
+            }
+        };
+        let stall = matches!(framing, Framing::Stalled);
+        let connections = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
+        let accept = tokio::spawn({
+            let (connections, requests) = (connections.clone(), requests.clone());
+            async move {
+                loop {
+                    let (mut stream, _) = listener.accept().await.unwrap();
+                    connections.fetch_add(1, Ordering::Relaxed);
+                    let (response, requests) = (response.clone(), requests.clone());
+                    tokio::spawn(async move {
+                        // The client's requests are GETs without a body: a head ends the request.
+                        let mut buffer = Vec::new();
+                        let mut chunk = [0; 4096];
+                        loop {
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                            }
+                            if !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+                                continue;
+                            }
+                            buffer.clear();
+                            requests.fetch_add(1, Ordering::Relaxed);
+                            if stream.write_all(&response).await.is_err() {
+                                return;
+                            }
+                            if stall {
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            url,
+            connections,
+            requests,
+            accept,
+        }
+    }
+
+    /// (connections accepted, requests answered).
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.connections.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A client of `server`, without a breaker, which would stop calling it after five 503s.
+fn canned_client(
+    server: &CannedServer,
+    tweak: impl FnOnce(&mut ClientConfig),
+) -> RecommendationClient {
+    let mut config = ClientConfig {
+        base_url: server.url.clone(),
+        ..ClientConfig::default()
+    };
+    config.breaker.enabled = false;
+    tweak(&mut config);
+    RecommendationClient::new(config).unwrap()
+}
+
+impl Drop for CannedServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
 }
 
 /// A loopback port with nothing listening on it.
@@ -540,6 +674,73 @@ async fn a_failed_hedge_leaves_the_first_request_to_answer() {
     let stats = client.stats();
     assert_eq!((stats.hedges, stats.hedge_wins), (1, 0));
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sequential_503s_reuse_one_keep_alive_connection() {
+    // The stand-in's own error body is small.
+    let server = serve(Config::default()).await;
+    let client = client_for(&server, |c| c.breaker.enabled = false);
+    server.script([Reply::fault(Fault::Status(StatusCode::SERVICE_UNAVAILABLE)); 20]);
+    for _ in 0..20 {
+        let error = client.recommendations(7).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Status);
+    }
+    let stats = server.stats();
+    assert_eq!((stats.connections, stats.requests), (1, 20));
+    server.shutdown().await;
+
+    // Error pages of tens of KiB, announced or chunked, are read to their end so that the
+    // connection goes back to the pool instead of being closed: a 5xx storm must not also
+    // become a storm of new TCP connections.
+    for framing in [Framing::Announced, Framing::Chunked] {
+        let server = CannedServer::start(32 * 1024, framing).await;
+        let client = canned_client(&server, |_| {});
+        for _ in 0..20 {
+            let error = client.recommendations(7).await.unwrap_err();
+            let message = message_of(&error, ErrorKind::Status);
+            assert!(
+                message.starts_with(
+                    "recommendation service answered 503 Service Unavailable: page xxx"
+                ),
+                "{message}"
+            );
+            assert!(message.ends_with('…'), "{message}");
+        }
+        assert_eq!(server.counts(), (1, 20), "{framing:?}");
+    }
+}
+
+#[tokio::test]
+async fn large_error_bodies_are_not_drained() {
+    // Past the drain cap, reading on costs more than a new connection: the body is abandoned after
+    // the excerpt, whether its length was announced or found out by reading.
+    for framing in [Framing::Announced, Framing::Chunked] {
+        let server = CannedServer::start(1 << 20, framing).await;
+        let client = canned_client(&server, |_| {});
+        for _ in 0..3 {
+            let error = client.recommendations(7).await.unwrap_err();
+            message_of(&error, ErrorKind::Status);
+        }
+        assert_eq!(server.counts(), (3, 3), "{framing:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_body_that_stalls_still_gives_the_status_at_the_deadline() {
+    // The head announces a 4 KiB page, but only its first 100 bytes ever come.
+    let server = CannedServer::start(4096, Framing::Stalled).await;
+    let client = canned_client(&server, |c| c.timeout = Duration::from_millis(300));
+    let started = Instant::now();
+    let error = client.recommendations(7).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+    // The service did answer, with a 503: that, not a timeout, is what the call reports.
+    let excerpt = String::from_utf8(CannedServer::body(100)).unwrap();
+    assert_eq!(
+        message_of(&error, ErrorKind::Status),
+        format!("recommendation service answered 503 Service Unavailable: {excerpt}")
+    );
+    assert_eq!(server.counts(), (1, 1));
 }
 
 #[tokio::test(start_paused = true)]
