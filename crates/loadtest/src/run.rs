@@ -6,10 +6,15 @@
 //! into that worker's [`WorkerStats`], merged at the end.
 //!
 //! Every wait is bounded: a request by its timeout, the run by `end + timeout` (the drain), after
-//! which whatever is still in flight is cut and counted as unfinished.
+//! which whatever is still in flight is cut and counted as unfinished. A worker that fails,
+//! panics or never reports ends the run with an error: a report without one worker's counts
+//! would look complete and be wrong.
 
 use std::{
+    any::Any,
     net::SocketAddr,
+    ops::ControlFlow,
+    panic::AssertUnwindSafe,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -53,6 +58,9 @@ struct Shared {
     shards: Arc<[Mutex<WorkerStats>]>,
     drain_deadline: Instant,
 }
+
+/// What a worker thread reports when it ends.
+type Done = Result<(), Error>;
 
 /// Runs a load test as configured and reports on it.
 ///
@@ -105,16 +113,10 @@ pub async fn run(config: &Config, progress: Progress) -> Result<Report, Error> {
     let workers = layouts.len();
     for (index, (runtime_threads, connections)) in layouts.into_iter().enumerate() {
         let shared = Arc::clone(&shared);
-        let done = done_tx.clone();
         let flavor = config.runtime;
-        std::thread::Builder::new()
-            .name(format!("loadtest-{index}"))
-            .spawn(move || {
-                let result = worker(flavor, runtime_threads, &connections, shared);
-                // The channel holds one message per worker, so this cannot be full.
-                let _ = done.try_send(result);
-            })
-            .map_err(Error::Spawn)?;
+        spawn_worker(index, done_tx.clone(), move || {
+            worker(flavor, runtime_threads, &connections, shared)
+        })?;
     }
     drop(done_tx);
 
@@ -129,14 +131,11 @@ pub async fn run(config: &Config, progress: Progress) -> Result<Report, Error> {
     while finished < workers {
         tokio::select! {
             _ = ticker.tick() => sampler.sample(&shards),
-            message = done_rx.recv() => match message {
-                Some(Ok(())) => finished += 1,
-                Some(Err(e)) => {
-                    finished += 1;
-                    failure.get_or_insert(e);
+            message = done_rx.recv() => {
+                if note_done(message, &mut finished, &mut failure).is_break() {
+                    break;
                 }
-                None => break,
-            },
+            }
             () = &mut give_up => {
                 failure.get_or_insert(Error::Worker(
                     "a worker did not stop by the drain deadline".to_owned(),
@@ -191,6 +190,67 @@ async fn resolve(target: &Target) -> Result<SocketAddr, Error> {
     addrs.next().ok_or_else(|| Error::NoAddress {
         host: target.host.clone(),
     })
+}
+
+/// Starts worker thread `index` running `body`, which reports on `done` however it ends: with
+/// its result, or with an error if it panicked.
+fn spawn_worker<F>(index: usize, done: mpsc::Sender<Done>, body: F) -> Result<(), Error>
+where
+    F: FnOnce() -> Done + Send + 'static,
+{
+    std::thread::Builder::new()
+        .name(format!("loadtest-{index}"))
+        .spawn(move || {
+            // The body's state is dropped with the thread either way, so nothing observes it
+            // half-updated after a panic: unwind safety holds.
+            let result = std::panic::catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|panic| {
+                Err(Error::Worker(format!(
+                    "worker thread {index} panicked: {}",
+                    panic_message(panic.as_ref())
+                )))
+            });
+            // The channel holds one message per worker, so this cannot be full.
+            let _ = done.try_send(result);
+        })
+        .map_err(Error::Spawn)?;
+    Ok(())
+}
+
+/// The text of a panic's payload, when it has one.
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// Takes one message from the workers' channel: counts the worker as finished and keeps the
+/// first failure. `None` means every sender is gone while some worker has not reported, which
+/// [`spawn_worker`] never lets happen; should it happen anyway, it is a failure rather than a
+/// report missing that worker's counts.
+fn note_done(
+    message: Option<Done>,
+    finished: &mut usize,
+    failure: &mut Option<Error>,
+) -> ControlFlow<()> {
+    match message {
+        Some(Ok(())) => {
+            *finished += 1;
+            ControlFlow::Continue(())
+        }
+        Some(Err(e)) => {
+            *finished += 1;
+            failure.get_or_insert(e);
+            ControlFlow::Continue(())
+        }
+        None => {
+            failure.get_or_insert(Error::Worker(
+                "a worker thread ended without reporting its counts".to_owned(),
+            ));
+            ControlFlow::Break(())
+        }
+    }
 }
 
 /// One worker thread: builds its runtime and runs its connections to the end.
@@ -292,6 +352,46 @@ mod tests {
             std::hint::black_box(x);
             assert!(process_cpu_time().unwrap() >= before);
         }
+    }
+
+    #[tokio::test]
+    async fn a_worker_thread_that_panics_reports_an_error() {
+        let (done, mut reports) = mpsc::channel(1);
+        spawn_worker(7, done, || panic!("boom")).unwrap();
+        let report = timeout(Duration::from_secs(10), reports.recv())
+            .await
+            .unwrap();
+        let mut finished = 0;
+        let mut failure = None;
+        assert!(note_done(report, &mut finished, &mut failure).is_continue());
+        assert_eq!(finished, 1);
+        let message = failure.unwrap().to_string();
+        assert!(
+            message.contains("worker thread 7 panicked: boom"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_never_reports_is_an_error() {
+        // A thread that ends holding its sender without sending, as one that panicked past
+        // `spawn_worker`'s guard would.
+        let (done, mut reports) = mpsc::channel::<Done>(2);
+        spawn_worker(0, done.clone(), || Ok(())).unwrap();
+        std::thread::spawn(move || drop(done)).join().unwrap();
+        let mut finished = 0;
+        let mut failure = None;
+        let mut flow = ControlFlow::Continue(());
+        while flow.is_continue() && finished < 2 {
+            let message = timeout(Duration::from_secs(10), reports.recv())
+                .await
+                .unwrap();
+            flow = note_done(message, &mut finished, &mut failure);
+        }
+        assert!(flow.is_break());
+        assert_eq!(finished, 1);
+        let message = failure.unwrap().to_string();
+        assert!(message.contains("without reporting"), "{message}");
     }
 
     #[tokio::test]
