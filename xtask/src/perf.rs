@@ -244,7 +244,7 @@ async fn latency(bench: &Bench, delay_ms: u64, rate: f64) -> Result<LatencyFigur
     Ok(LatencyFigures {
         delay_ms,
         rate,
-        achieved: report.measured.throughput_rps,
+        achieved: report.measured.attempts_rps,
         p50_ms: report.measured.latency.p50_ms,
         p99_ms: report.measured.latency.p99_ms,
         errors: report.measured.error_rate,

@@ -2,6 +2,8 @@
 //!
 //! An expression is a comma-separated list of `metric operator value` clauses. Latency metrics
 //! take a duration with its unit, `error_rate` a percentage, rates and counts a plain number.
+//! `rps` counts answered requests, `success_rps` successful ones and `attempts_rps` every request
+//! sent.
 //!
 //! ```
 //! let checks: loadtest::Checks = "p99<50ms, error_rate<0.1%, rps>=1000".parse()?;
@@ -40,10 +42,12 @@ pub enum Metric {
     Mean,
     /// Share of requests without a successful answer.
     ErrorRate,
-    /// Requests per second.
+    /// Answered requests per second, whatever their status.
     Rps,
     /// Successful requests per second.
     SuccessRps,
+    /// Requests sent per second, answered or not.
+    AttemptsRps,
     /// Requests without a successful answer.
     Errors,
     /// Requests sent.
@@ -54,8 +58,8 @@ pub enum Metric {
 
 /// The metric names a check accepts, for error messages.
 const KNOWN: &str = "p50, p75, p90, p95, p99, p99.9, p99.99, max, mean (durations), error_rate \
-                     (a percentage), rps, success_rps (req/s), errors, requests, source_errors \
-                     (counts)";
+                     (a percentage), rps (answered), success_rps, attempts_rps (req/s), errors, \
+                     requests, source_errors (counts)";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unit {
@@ -80,6 +84,7 @@ impl Metric {
             "error_rate" => Self::ErrorRate,
             "rps" | "throughput" => Self::Rps,
             "success_rps" => Self::SuccessRps,
+            "attempts_rps" => Self::AttemptsRps,
             "errors" => Self::Errors,
             "requests" => Self::Requests,
             "source_errors" => Self::SourceErrors,
@@ -101,6 +106,7 @@ impl Metric {
             Self::ErrorRate => "error_rate",
             Self::Rps => "rps",
             Self::SuccessRps => "success_rps",
+            Self::AttemptsRps => "attempts_rps",
             Self::Errors => "errors",
             Self::Requests => "requests",
             Self::SourceErrors => "source_errors",
@@ -110,7 +116,7 @@ impl Metric {
     fn unit(self) -> Unit {
         match self {
             Self::ErrorRate => Unit::Ratio,
-            Self::Rps | Self::SuccessRps => Unit::Rate,
+            Self::Rps | Self::SuccessRps | Self::AttemptsRps => Unit::Rate,
             Self::Errors | Self::Requests | Self::SourceErrors => Unit::Count,
             _ => Unit::Duration,
         }
@@ -138,6 +144,7 @@ impl Metric {
             Self::ErrorRate => m.error_rate,
             Self::Rps => m.throughput_rps,
             Self::SuccessRps => m.success_rps,
+            Self::AttemptsRps => m.attempts_rps,
             Self::Errors => m.errors as f64,
             Self::Requests => m.requests as f64,
             Self::SourceErrors => m.source_error_total() as f64,
@@ -475,6 +482,18 @@ mod tests {
         assert_eq!(outcomes[1].expression, "p99<50ms");
         assert_eq!(outcomes[1].actual, "990ms");
         assert_eq!(outcomes[3].actual, "0.20%");
+    }
+
+    #[test]
+    fn throughput_checks_count_answers_not_attempts() {
+        // 1003 requests over 10s, of which 1002 answered and 1001 successful.
+        let report = sample_report(1000, None);
+        let outcomes = parse("rps>100.25,attempts_rps>100.25,success_rps>=100.1")
+            .unwrap()
+            .evaluate(&report);
+        let passed: Vec<bool> = outcomes.iter().map(|o| o.passed).collect();
+        assert_eq!(passed, [false, true, true]);
+        assert_eq!(outcomes[0].actual, "100.2 req/s");
     }
 
     #[test]

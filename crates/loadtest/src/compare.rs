@@ -195,6 +195,13 @@ fn differences(base: &Report, new: &Report) -> Vec<String> {
             out.push(format!("{name} ({x} vs {y})"));
         }
     };
+    // Format 2 counts throughput as answered requests; side by side with a format 1 report that
+    // row does not measure the same thing.
+    differ(
+        "report format",
+        base.format.to_string(),
+        new.format.to_string(),
+    );
     differ("scenario", a.scenario.to_string(), b.scenario.to_string());
     differ("load model", a.load_model.clone(), b.load_model.clone());
     differ(
@@ -246,9 +253,10 @@ mod tests {
         assert!(text.lines().next().unwrap().contains("base.json"));
         // 1003 vs 503 requests over the same 10s.
         assert_eq!(line("requests"), "requests 1,003 503 0.50× worse");
+        // Answered requests: 1002 vs 502.
         assert_eq!(
             line("throughput req/s"),
-            "throughput req/s 100.3 50.3 0.50× worse"
+            "throughput req/s 100.2 50.2 0.50× worse"
         );
         // Latencies halve: better.
         assert!(
@@ -277,6 +285,13 @@ mod tests {
         );
         assert!(
             text.contains("note: the runs differ in load model (closed vs open)"),
+            "{text}"
+        );
+        let mut old = sample_report(10, None);
+        old.format = 1;
+        let text = compare(&old, "a", &base, "b");
+        assert!(
+            text.contains("note: the runs differ in report format (1 vs 2)"),
             "{text}"
         );
     }

@@ -23,7 +23,10 @@ use crate::{
 };
 
 /// The JSON format's version; bumped when a field changes meaning.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// Version 2: `throughput_rps` counts answered requests (it counted every request sent); new:
+/// `attempts_rps`.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Send lag above this (p99) means the generator was short of CPU, not just at its timer's
 /// millisecond granularity.
@@ -180,7 +183,11 @@ pub struct Window {
     pub errors: u64,
     /// `errors / requests`.
     pub error_rate: f64,
-    /// `requests / duration`.
+    /// `requests / duration`: requests sent per second, answered or not.
+    #[serde(default)]
+    pub attempts_rps: f64,
+    /// `responses / duration`: answered requests per second, whatever their status. A server
+    /// that is down has none, however fast its refusals come.
     pub throughput_rps: f64,
     /// `successes / duration`.
     pub success_rps: f64,
@@ -447,7 +454,8 @@ fn window(m: &PhaseStats, duration_s: f64) -> Window {
         successes,
         errors,
         error_rate: ratio(errors, m.requests),
-        throughput_rps: m.requests as f64 / duration_s,
+        attempts_rps: m.requests as f64 / duration_s,
+        throughput_rps: m.responses as f64 / duration_s,
         success_rps: successes as f64 / duration_s,
         bytes_received: m.bytes,
         latency: Latency::of(&m.latency),
@@ -607,13 +615,21 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "  requests   {} in {}: {} req/s, {} req/s successful; errors {} ({})",
+            "  requests   {} sent in {} ({} req/s); {} answered: {} req/s, {} req/s successful",
             format::count(m.requests),
             format::seconds(m.duration_s),
+            format::rate(m.attempts_rps),
+            format::count(m.responses),
             format::rate(m.throughput_rps),
             format::rate(m.success_rps),
+        );
+        let _ = writeln!(
+            out,
+            "  errors     {} ({}): {} without an answer, {} error statuses",
             format::count(m.errors),
             format::percent(m.error_rate),
+            format::count(m.requests - m.responses),
+            format::count(m.responses - m.successes),
         );
         write_latency_table(&mut out, "latency", &m.latency);
         if let Some(open) = &self.open_loop {
@@ -872,7 +888,10 @@ pub(crate) mod tests {
         assert_eq!(m.responses, 1002);
         assert_eq!(m.successes, 1001);
         assert_eq!(m.errors, 2);
-        assert!((m.throughput_rps - 100.3).abs() < 1e-9);
+        // Throughput counts answers; the attempts are a figure of their own.
+        assert!((m.throughput_rps - 100.2).abs() < 1e-9);
+        assert!((m.attempts_rps - 100.3).abs() < 1e-9);
+        assert!((m.success_rps - 100.1).abs() < 1e-9);
         assert_eq!(m.statuses["200"], 1001);
         assert_eq!(m.transport_errors["timeout"], 1);
         assert_eq!(m.error_codes["404 not_found"], 1);
@@ -899,7 +918,8 @@ pub(crate) mod tests {
         let text = sample_report(1000, None).summary();
         for needle in [
             "loadtest dashboard: closed loop, 64 connections",
-            "1,003 in 10s: 100.3 req/s",
+            "1,003 sent in 10s (100.3 req/s); 1,002 answered: 100.2 req/s, 100.1 req/s successful",
+            "errors     2 (0.20%): 1 without an answer, 1 error statuses",
             "p99.9",
             "200 ×1,001, 404 ×1",
             "timeout ×1",

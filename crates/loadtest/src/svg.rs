@@ -83,7 +83,7 @@ where
         format::seconds(p.duration_s)
     );
     let figures = format!(
-        "{} req/s · p50 {} · p99 {} · p99.9 {} · max {} · errors {} · {}",
+        "{} req/s answered · p50 {} · p99 {} · p99.9 {} · max {} · errors {} · {}",
         format::rate(m.throughput_rps),
         format::latency(m.latency.p50_ms),
         format::latency(m.latency.p99_ms),

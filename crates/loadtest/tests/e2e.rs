@@ -25,7 +25,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use loadtest::{Config, Engine, Progress, Report, RuntimeFlavor, Scenario};
+use loadtest::{Checks, Config, Engine, Progress, Report, RuntimeFlavor, Scenario};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 const USERS: u64 = 1000;
@@ -613,6 +613,11 @@ async fn refused_connections_are_counted_by_kind() {
             Some(m.requests)
         );
         assert_eq!(m.errors, m.requests);
+        // Refusals are attempts, not throughput: nothing was answered.
+        assert_eq!(m.throughput_rps, 0.0);
+        assert!(m.attempts_rps > 0.0);
+        let outcomes = "rps>=1".parse::<Checks>().unwrap().evaluate(&report);
+        assert!(!outcomes[0].passed, "{outcomes:?}");
     }
 }
 
