@@ -2,12 +2,22 @@
 //!
 //! An expression is a comma-separated list of `metric operator value` clauses. Latency metrics
 //! take a duration with its unit, `error_rate` a percentage, rates and counts a plain number.
-//! `rps` counts answered requests, `success_rps` successful ones and `attempts_rps` every request
-//! sent.
+//!
+//! The latencies count every request, answered or not (see [`crate::Report`]); `rps` counts
+//! answered requests, `success_rps` successful ones and `attempts_rps` every request sent.
+//!
+//! In open loop a run is also checked for having applied the load it was asked for: the
+//! outcome `kept_up` fails when the generator did not send (almost) every request due, on
+//! time, whether the server held it back or its own CPU did. Thresholds met at a lower load
+//! than requested prove little. The clause `allow_behind` waives that check.
 //!
 //! ```
 //! let checks: loadtest::Checks = "p99<50ms, error_rate<0.1%, rps>=1000".parse()?;
 //! assert_eq!(checks.len(), 3);
+//! assert!(checks.requires_kept_up());
+//! let lenient: loadtest::Checks = "p99<50ms, allow_behind".parse()?;
+//! assert_eq!(lenient.len(), 1);
+//! assert!(!lenient.requires_kept_up());
 //! assert!("p99<50".parse::<loadtest::Checks>().is_err()); // no unit
 //! # Ok::<(), loadtest::CheckError>(())
 //! ```
@@ -40,7 +50,7 @@ pub enum Metric {
     Max,
     /// Mean latency.
     Mean,
-    /// Share of requests without a successful answer.
+    /// Share of requests without a successful answer, missed open-loop sends included.
     ErrorRate,
     /// Answered requests per second, whatever their status.
     Rps,
@@ -48,18 +58,26 @@ pub enum Metric {
     SuccessRps,
     /// Requests sent per second, answered or not.
     AttemptsRps,
-    /// Requests without a successful answer.
+    /// Requests without a successful answer, missed open-loop sends included.
     Errors,
     /// Requests sent.
     Requests,
+    /// Open-loop sends due that never went out.
+    Missed,
     /// Per-source errors inside dashboard answers.
     SourceErrors,
 }
 
+/// The clause that waives the `kept_up` check.
+const ALLOW_BEHIND: &str = "allow_behind";
+
+/// The name of the outcome that says whether an open-loop run applied its load.
+pub(crate) const KEPT_UP: &str = "kept_up";
+
 /// The metric names a check accepts, for error messages.
 const KNOWN: &str = "p50, p75, p90, p95, p99, p99.9, p99.99, max, mean (durations), error_rate \
                      (a percentage), rps (answered), success_rps, attempts_rps (req/s), errors, \
-                     requests, source_errors (counts)";
+                     requests, missed, source_errors (counts), and the clause allow_behind";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unit {
@@ -87,6 +105,7 @@ impl Metric {
             "attempts_rps" => Self::AttemptsRps,
             "errors" => Self::Errors,
             "requests" => Self::Requests,
+            "missed" => Self::Missed,
             "source_errors" => Self::SourceErrors,
             _ => return None,
         })
@@ -109,6 +128,7 @@ impl Metric {
             Self::AttemptsRps => "attempts_rps",
             Self::Errors => "errors",
             Self::Requests => "requests",
+            Self::Missed => "missed",
             Self::SourceErrors => "source_errors",
         }
     }
@@ -117,13 +137,13 @@ impl Metric {
         match self {
             Self::ErrorRate => Unit::Ratio,
             Self::Rps | Self::SuccessRps | Self::AttemptsRps => Unit::Rate,
-            Self::Errors | Self::Requests | Self::SourceErrors => Unit::Count,
+            Self::Errors | Self::Requests | Self::Missed | Self::SourceErrors => Unit::Count,
             _ => Unit::Duration,
         }
     }
 
     /// The metric's value in a report (milliseconds for latencies, a fraction for the error
-    /// rate), or `None` for a latency of a run without answers.
+    /// rate), or `None` for a latency of a run that sent nothing.
     #[allow(clippy::cast_precision_loss)]
     fn value(self, report: &Report) -> Option<f64> {
         let m = &report.measured;
@@ -147,6 +167,7 @@ impl Metric {
             Self::AttemptsRps => m.attempts_rps,
             Self::Errors => m.errors as f64,
             Self::Requests => m.requests as f64,
+            Self::Missed => m.missed as f64,
             Self::SourceErrors => m.source_error_total() as f64,
         })
     }
@@ -218,35 +239,46 @@ impl fmt::Display for Check {
     }
 }
 
-/// A parsed `--check` expression: every clause must hold.
+/// A parsed `--check` expression: every clause must hold, and an open-loop run must have kept
+/// up with its rate unless the expression says `allow_behind`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checks {
     checks: Vec<Check>,
+    allow_behind: bool,
 }
 
 impl Checks {
-    /// The clauses.
+    /// The threshold clauses.
     #[must_use]
     pub fn checks(&self) -> &[Check] {
         &self.checks
     }
 
-    /// Number of clauses.
+    /// Number of threshold clauses (`allow_behind` is not one).
     #[must_use]
     pub fn len(&self) -> usize {
         self.checks.len()
     }
 
-    /// Whether there are none (never true for a parsed expression).
+    /// Whether there are no threshold clauses (only `allow_behind`).
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.checks.is_empty()
     }
 
-    /// Tests every clause against a report.
+    /// Whether an open-loop run fails the checks when the generator did not keep up with the
+    /// requested rate (true unless the expression says `allow_behind`).
+    #[must_use]
+    pub fn requires_kept_up(&self) -> bool {
+        !self.allow_behind
+    }
+
+    /// Tests every clause against a report, and for an open-loop run whether it kept up (the
+    /// outcome named `kept_up`, unless waived).
     #[must_use]
     pub fn evaluate(&self, report: &Report) -> Vec<CheckOutcome> {
-        self.checks
+        let mut outcomes: Vec<CheckOutcome> = self
+            .checks
             .iter()
             .map(|check| match check.metric.value(report) {
                 Some(actual) => CheckOutcome {
@@ -256,11 +288,34 @@ impl Checks {
                 },
                 None => CheckOutcome {
                     expression: check.to_string(),
-                    actual: "no answers to measure".to_owned(),
+                    actual: "nothing was sent to measure".to_owned(),
                     passed: false,
                 },
             })
-            .collect()
+            .collect();
+        if let Some(open) = report.open_loop.as_ref().filter(|_| !self.allow_behind) {
+            let actual = if open.kept_up {
+                format!(
+                    "yes: {} of the sends due went out, send lag p99 {}",
+                    format::percent(open.achieved_ratio),
+                    format::latency(open.send_lag.p99_ms)
+                )
+            } else {
+                format!(
+                    "no: {} of the sends due went out ({} missed), send lag p99 {}; the load \
+                     asked for was not applied (add {ALLOW_BEHIND} to accept that)",
+                    format::percent(open.achieved_ratio),
+                    format::count(open.missed),
+                    format::latency(open.send_lag.p99_ms)
+                )
+            };
+            outcomes.push(CheckOutcome {
+                expression: KEPT_UP.to_owned(),
+                actual,
+                passed: open.kept_up,
+            });
+        }
+        outcomes
     }
 }
 
@@ -318,11 +373,19 @@ impl FromStr for Checks {
         if s.trim().is_empty() {
             return Err(CheckError::Empty);
         }
-        let checks = s
-            .split(',')
-            .map(|clause| parse_clause(s, clause.trim()))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { checks })
+        let mut allow_behind = false;
+        let mut checks = Vec::new();
+        for clause in s.split(',').map(str::trim) {
+            if clause == ALLOW_BEHIND {
+                allow_behind = true;
+            } else {
+                checks.push(parse_clause(s, clause)?);
+            }
+        }
+        Ok(Self {
+            checks,
+            allow_behind,
+        })
     }
 }
 
@@ -485,23 +548,60 @@ mod tests {
     }
 
     #[test]
-    fn throughput_checks_count_answers_not_attempts() {
-        // 1003 requests over 10s, of which 1002 answered and 1001 successful.
-        let report = sample_report(1000, None);
-        let outcomes = parse("rps>100.25,attempts_rps>100.25,success_rps>=100.1")
-            .unwrap()
-            .evaluate(&report);
-        let passed: Vec<bool> = outcomes.iter().map(|o| o.passed).collect();
-        assert_eq!(passed, [false, true, true]);
-        assert_eq!(outcomes[0].actual, "100.2 req/s");
-    }
-
-    #[test]
     fn latency_checks_fail_without_answers() {
         let mut report = sample_report(1, None);
         report.measured.latency = crate::report::Latency::default();
         let outcome = &parse("p99<1s").unwrap().evaluate(&report)[0];
         assert!(!outcome.passed);
-        assert_eq!(outcome.actual, "no answers to measure");
+        assert_eq!(outcome.actual, "nothing was sent to measure");
+    }
+
+    #[test]
+    fn throughput_checks_count_answers_not_attempts() {
+        // 1003 requests over 10s, of which 1002 answered and 1001 successful.
+        let report = sample_report(1000, None);
+        let outcomes = parse("rps>100.25,attempts_rps>100.25,success_rps>=100.1,missed<1")
+            .unwrap()
+            .evaluate(&report);
+        let passed: Vec<bool> = outcomes.iter().map(|o| o.passed).collect();
+        assert_eq!(passed, [false, true, true, true]);
+        assert_eq!(outcomes[0].actual, "100.2 req/s");
+    }
+
+    #[test]
+    fn open_loop_runs_must_keep_up_unless_waived() {
+        let mut report = sample_report(1000, Some(100.0));
+        let outcomes = parse("p50<600ms").unwrap().evaluate(&report);
+        assert_eq!(outcomes.len(), 2);
+        assert_eq!(outcomes[1].expression, KEPT_UP);
+        assert!(outcomes[1].passed, "{:?}", outcomes[1]);
+        assert!(outcomes[1].actual.starts_with("yes"), "{:?}", outcomes[1]);
+        // The same figures, but the load asked for did not go out.
+        let open = report.open_loop.as_mut().unwrap();
+        open.kept_up = false;
+        open.missed = 500;
+        let outcomes = parse("p50<600ms").unwrap().evaluate(&report);
+        assert!(outcomes[0].passed);
+        assert!(!outcomes[1].passed);
+        assert!(
+            outcomes[1].actual.contains("500 missed"),
+            "{:?}",
+            outcomes[1]
+        );
+        assert!(outcomes[1].actual.contains(ALLOW_BEHIND));
+        // Waived: only the thresholds count.
+        let waived = parse("p50<600ms, allow_behind").unwrap();
+        assert!(!waived.requires_kept_up());
+        assert_eq!(waived.len(), 1);
+        let outcomes = waived.evaluate(&report);
+        assert_eq!(outcomes.len(), 1);
+        assert!(outcomes[0].passed);
+        // Closed-loop runs have no schedule to keep up with.
+        let closed = parse("p50<600ms")
+            .unwrap()
+            .evaluate(&sample_report(10, None));
+        assert_eq!(closed.len(), 1);
+        // A lone waiver parses, and checks nothing else.
+        assert!(parse("allow_behind").unwrap().is_empty());
     }
 }

@@ -195,8 +195,8 @@ fn differences(base: &Report, new: &Report) -> Vec<String> {
             out.push(format!("{name} ({x} vs {y})"));
         }
     };
-    // Format 2 counts throughput as answered requests; side by side with a format 1 report that
-    // row does not measure the same thing.
+    // Format 2 counts throughput as answered requests and puts unanswered requests in the
+    // latency; side by side with a format 1 report those rows do not measure the same thing.
     differ(
         "report format",
         base.format.to_string(),

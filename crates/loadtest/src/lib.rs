@@ -9,7 +9,13 @@
 //!   from each request's *scheduled* send, so a stall is charged to every request queued behind
 //!   it rather than hidden (coordinated omission, as wrk2 corrects it). The generator's own
 //!   lateness in sending (timer granularity, a starved CPU) is measured separately as *send lag*
-//!   and left out of the latency; the report says plainly when the generator could not keep up.
+//!   and left out of the latency; the report says plainly when the generator could not keep up,
+//!   and whether the server or the generator's CPU held it back.
+//! - **Nothing unanswered hides.** A request without an answer counts in the latency at the time
+//!   it failed and at least the timeout; an open-loop send that never went out counts as an
+//!   error and, at the end, in the latency from when it was due (a lower bound). Throughput
+//!   counts answers, not attempts, and in open loop `--check` fails when the requested load was
+//!   not applied.
 //! - **Exact statistics.** One HDR histogram per worker (nanoseconds, 3 significant digits),
 //!   merged exactly at the end; the warm-up is counted apart and excluded.
 //! - **Bounded.** Every request has a timeout covering connect, send and the whole answer; the run

@@ -3,7 +3,20 @@
 //!
 //! Latencies are in milliseconds (fractional, so microseconds survive), rates in requests per
 //! second, durations in seconds. The JSON is [`Report`] serialized as is; `--compare` reads it
-//! back, so its fields only grow.
+//! back, so its fields only grow (fields added since version 1 default when absent).
+//!
+//! What the headline figures count (format 2):
+//!
+//! - `requests` are the requests sent, answered or not; `attempts_rps` is their rate.
+//!   `throughput_rps` counts *answered* requests (any status) and `success_rps` successful ones,
+//!   so a server that is down has a throughput of zero, however fast its refusals come.
+//! - In open loop, `missed` sends were due and never went out: the run ended with them queued
+//!   behind requests still unanswered, or the generator was late. They count as errors
+//!   (`error_rate = errors / (requests + missed)`) and in the latency.
+//! - `latency` covers every request: answers to their end, requests without an answer to their
+//!   failure and at least the timeout, and missed sends to the time their connection stopped (a
+//!   lower bound, as wrk2 and HdrHistogram recommend). `success_latency` is the successful
+//!   answers alone.
 
 use std::{
     collections::BTreeMap,
@@ -19,13 +32,16 @@ use crate::{
     Config, Error, Scenario,
     check::CheckOutcome,
     format,
-    stats::{PhaseStats, TransportError, WorkerStats, is_success},
+    stats::{PhaseStats, TransportError, WorkerStats},
 };
 
 /// The JSON format's version; bumped when a field changes meaning.
 ///
-/// Version 2: `throughput_rps` counts answered requests (it counted every request sent); new:
-/// `attempts_rps`.
+/// Version 2: `throughput_rps` counts answered requests (it counted every request sent), the
+/// latency figures include requests without an answer and missed open-loop sends, `errors` and
+/// `error_rate` include missed sends, and `achieved_ratio` is the share of due sends that went
+/// out. New: `attempts_rps`, `missed`, `success_latency`, and in open loop
+/// `missed_on_busy_connections` and `capacity_rps`.
 pub const FORMAT_VERSION: u32 = 2;
 
 /// Send lag above this (p99) means the generator was short of CPU, not just at its timer's
@@ -54,7 +70,7 @@ pub struct Report {
     pub warmup: Warmup,
     /// Open loop only: requested against achieved rate, and the generator's own lag.
     pub open_loop: Option<OpenLoop>,
-    /// Requests still in flight when the drain deadline ended the run; not in any other figure.
+    /// Requests still in flight when the drain deadline ended the run; counted as timeouts.
     pub unfinished: u64,
     /// Throughput and latency over time, warm-up and drain included.
     pub timeline: Vec<TimelinePoint>,
@@ -173,15 +189,18 @@ pub struct BatchIdErrors {
 pub struct Window {
     /// Its length.
     pub duration_s: f64,
-    /// Requests sent in it.
+    /// Requests sent in it, answered or not.
     pub requests: u64,
     /// Of which answered over HTTP.
     pub responses: u64,
     /// Of which with a 2xx or 3xx status.
     pub successes: u64,
-    /// Requests without a successful answer: transport errors plus 4xx and 5xx.
+    /// Open loop: sends due before the end that never went out (0 in closed loop).
+    #[serde(default)]
+    pub missed: u64,
+    /// Requests without a successful answer (transport errors, 4xx and 5xx) plus missed sends.
     pub errors: u64,
-    /// `errors / requests`.
+    /// `errors / (requests + missed)`.
     pub error_rate: f64,
     /// `requests / duration`: requests sent per second, answered or not.
     #[serde(default)]
@@ -193,10 +212,15 @@ pub struct Window {
     pub success_rps: f64,
     /// Body bytes received.
     pub bytes_received: u64,
-    /// Latency of answered requests; in open loop from their scheduled send.
+    /// Latency of every request, in open loop from its scheduled send: answered ones to the end
+    /// of the answer, unanswered ones to their failure and at least the timeout, missed sends to
+    /// when their connection stopped (a lower bound).
     pub latency: Latency,
     /// The same as a curve, for plotting and comparing.
     pub latency_curve: Vec<CurvePoint>,
+    /// Latency of the successful answers alone.
+    #[serde(default)]
+    pub success_latency: Latency,
     /// Answers by status code.
     pub statuses: BTreeMap<String, u64>,
     /// Requests without an answer, by kind.
@@ -251,18 +275,28 @@ pub struct OpenLoop {
     /// connections were behind).
     pub sent: u64,
     /// Sends due before the end of the run that never went out: still queued behind slow
-    /// answers when it ended.
+    /// answers when it ended, or not sent in time by the generator.
     pub missed: u64,
+    /// Of the missed sends, those whose connection was still carrying an earlier request when
+    /// the run ended: held back by the server, not by the generator.
+    #[serde(default)]
+    pub missed_on_busy_connections: u64,
     /// `sent / duration`.
     pub achieved_rps: f64,
-    /// `sent / scheduled`.
+    /// The share of the sends due in the run (warm-up included) that went out; at most 1.
     pub achieved_ratio: f64,
-    /// Whether the generator sent (almost) everything, on time.
+    /// Whether the generator sent (almost) everything, on time: the requested load was applied.
     pub kept_up: bool,
-    /// Latency from the actual send, which hides queueing behind slow answers; for contrast.
+    /// How long each send occupied its connection, from the actual send to its answer or
+    /// failure (timeouts included). It hides queueing behind slow answers: for contrast, and
+    /// for [`OpenLoop::capacity_rps`].
     pub service_time: Latency,
     /// The same as a curve.
     pub service_curve: Vec<CurvePoint>,
+    /// What the connections could carry at the mean service time, one request in flight on
+    /// each: `connections / mean service time`. `None` without sends.
+    #[serde(default)]
+    pub capacity_rps: Option<f64>,
     /// The generator's own delay in sending, excluded from the latency figures.
     pub send_lag: Latency,
     /// What the figures above mean, in a sentence or two.
@@ -428,12 +462,7 @@ fn ratio(part: u64, whole: u64) -> f64 {
 
 #[allow(clippy::cast_precision_loss)]
 fn window(m: &PhaseStats, duration_s: f64) -> Window {
-    let successes: u64 = m
-        .statuses
-        .iter()
-        .filter(|(status, _)| is_success(**status))
-        .map(|(_, n)| n)
-        .sum();
+    let successes = m.successes();
     let errors = m.errors();
     let mut source_errors: Vec<SourceErrorCount> = m
         .source_errors
@@ -452,14 +481,16 @@ fn window(m: &PhaseStats, duration_s: f64) -> Window {
         requests: m.requests,
         responses: m.responses,
         successes,
+        missed: m.missed,
         errors,
-        error_rate: ratio(errors, m.requests),
+        error_rate: ratio(errors, m.requests + m.missed),
         attempts_rps: m.requests as f64 / duration_s,
         throughput_rps: m.responses as f64 / duration_s,
         success_rps: successes as f64 / duration_s,
         bytes_received: m.bytes,
         latency: Latency::of(&m.latency),
         latency_curve: curve(&m.latency),
+        success_latency: Latency::of(&m.success),
         statuses: m
             .statuses
             .iter()
@@ -495,20 +526,27 @@ fn open_loop(config: &Config, rate: f64, m: &PhaseStats, scheduled_total: u64) -
     let scheduled = m.scheduled;
     let sent = m.requests;
     let achieved_rps = sent as f64 / duration_s;
-    let achieved_ratio = if scheduled == 0 {
+    // Measured against the whole run's schedule: sends due in the warm-up may go out in the
+    // measured window, so `sent / scheduled` alone could exceed 1.
+    let achieved_ratio = if scheduled_total == 0 {
         1.0
     } else {
-        ratio(sent, scheduled)
+        ratio(scheduled_total.saturating_sub(m.missed), scheduled_total)
     };
     let service_time = Latency::of(&m.service);
     let send_lag = Latency::of(&m.send_lag);
+    // Each connection carries one request at a time, so the connections can carry at most
+    // connections / mean service time requests per second. Timeouts are in the mean: a request
+    // that times out holds its connection for the whole timeout.
+    let capacity_rps = (service_time.mean_ms > 0.0)
+        .then(|| config.connections as f64 / (service_time.mean_ms / 1000.0));
     let sent_all = m.missed as f64 <= MISSED_TOLERANCE * scheduled_total as f64;
     let on_time = send_lag.p99_ms <= LAG_WARNING_MS;
     let kept_up = sent_all && on_time;
     let figures = if m.missed > 0 {
         format!(
-            "sent {} req/s of the {} requested ({}), and {} sends due before the end never went \
-             out",
+            "sent {} req/s of the {} requested ({} of the sends due), and {} sends due before the \
+             end never went out",
             format::rate(achieved_rps),
             format::rate(rate),
             format::percent(achieved_ratio),
@@ -516,7 +554,7 @@ fn open_loop(config: &Config, rate: f64, m: &PhaseStats, scheduled_total: u64) -
         )
     } else {
         format!(
-            "sent {} req/s of the {} requested ({})",
+            "sent {} req/s of the {} requested ({} of the sends due)",
             format::rate(achieved_rps),
             format::rate(rate),
             format::percent(achieved_ratio),
@@ -527,30 +565,51 @@ fn open_loop(config: &Config, rate: f64, m: &PhaseStats, scheduled_total: u64) -
         format::latency(send_lag.p99_ms),
         format::latency(send_lag.max_ms)
     );
-    let statement = if !sent_all {
-        // Each connection carries one request at a time, so the connections can carry at most
-        // connections / mean service time requests per second.
-        let capacity = if service_time.mean_ms > 0.0 {
-            config.connections as f64 / (service_time.mean_ms / 1000.0)
-        } else {
-            f64::INFINITY
-        };
-        if capacity < rate * 1.05 {
+    let timeouts = m.transport_count(TransportError::Timeout);
+    let missed_idle = m.missed - m.missed_busy;
+    let statement = if !sent_all && (timeouts > 0 || m.missed_busy >= missed_idle) {
+        // The sends that never went out were queued behind requests the server had not
+        // answered: the generator was waiting on the server, not short of CPU.
+        let timed_out = if timeouts > 0 {
             format!(
-                "The generator could not keep up with the requested rate: it {figures}. Every \
-                 connection was busy: with one request in flight on each of {} connections and a \
-                 mean service time of {}, they carry at most about {} req/s. Use more \
-                 --connections or a lower --rate.",
+                ", and {} requests timed out after {}",
+                format::count(timeouts),
+                format::latency(config.timeout.as_secs_f64() * 1000.0)
+            )
+        } else {
+            String::new()
+        };
+        let capacity = capacity_rps.map_or_else(String::new, |capacity| {
+            format!(
+                " With one request in flight on each of {} connections and a mean service time of \
+                 {} (timeouts included), they carry at most about {} req/s.",
                 config.connections,
                 format::latency(service_time.mean_ms),
                 format::rate(capacity),
             )
+        });
+        let advice = if timeouts > 0 {
+            " The missed sends and the timeouts count as errors and in the latency."
         } else {
-            format!(
-                "The generator could not keep up with the requested rate: it {figures}, with a \
-                 {lag}. It was short of CPU: give it more --threads, or lower the --rate."
-            )
-        }
+            " More --connections would offer the server more requests at once, if it can take \
+             them; the missed sends count as errors and in the latency."
+        };
+        let also_late = if on_time {
+            String::new()
+        } else {
+            format!(" The generator was also late sending, with a {lag}: give it more --threads.")
+        };
+        format!(
+            "The server is the bottleneck, not the generator: the generator {figures}, because \
+             their connections were still waiting for earlier requests{timed_out}.{capacity}\
+             {advice}{also_late}"
+        )
+    } else if !sent_all {
+        format!(
+            "The generator could not keep up with the requested rate: it {figures}, with a {lag}, \
+             while its connections were free to send. It was short of CPU: give it more \
+             --threads, or lower the --rate."
+        )
     } else if !on_time {
         format!(
             "The generator kept the rate on average ({figures}) but was late sending, with a \
@@ -567,11 +626,13 @@ fn open_loop(config: &Config, rate: f64, m: &PhaseStats, scheduled_total: u64) -
         scheduled,
         sent,
         missed: m.missed,
+        missed_on_busy_connections: m.missed_busy,
         achieved_rps,
         achieved_ratio,
         kept_up,
         service_time,
         service_curve: curve(&m.service),
+        capacity_rps,
         send_lag,
         statement,
     }
@@ -623,21 +684,38 @@ impl Report {
             format::rate(m.throughput_rps),
             format::rate(m.success_rps),
         );
+        let unanswered = m.requests - m.responses;
+        let failed_answers = m.responses - m.successes;
+        let missed = if m.missed > 0 {
+            format!(", {} due sends never went out", format::count(m.missed))
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "  errors     {} ({}): {} without an answer, {} error statuses",
+            "  errors     {} ({}): {} without an answer, {} error statuses{missed}",
             format::count(m.errors),
             format::percent(m.error_rate),
-            format::count(m.requests - m.responses),
-            format::count(m.responses - m.successes),
+            format::count(unanswered),
+            format::count(failed_answers),
         );
         write_latency_table(&mut out, "latency", &m.latency);
+        if m.errors > 0 {
+            write_latency_table(&mut out, "successful", &m.success_latency);
+        }
         if let Some(open) = &self.open_loop {
             write_latency_table(&mut out, "service", &open.service_time);
             let _ = writeln!(
                 out,
                 "  (latency counts from each request's scheduled send, so queueing behind a slow \
                  answer is included; service time counts from the actual send)"
+            );
+        }
+        if unanswered + m.missed > 0 {
+            let _ = writeln!(
+                out,
+                "  (latency includes every request: those without an answer at their failure and \
+                 at least the timeout, sends that never went out until the run ended)"
             );
         }
         let _ = writeln!(out, "  status     {}", counts(&m.statuses, "no answers"));
@@ -696,8 +774,8 @@ impl Report {
         if self.unfinished > 0 {
             let _ = writeln!(
                 out,
-                "  drain      {} requests were still unanswered at the drain deadline and are not \
-                 counted",
+                "  drain      {} requests were still unanswered at the drain deadline: counted as \
+                 timeouts",
                 format::count(self.unfinished)
             );
         }
@@ -888,10 +966,14 @@ pub(crate) mod tests {
         assert_eq!(m.responses, 1002);
         assert_eq!(m.successes, 1001);
         assert_eq!(m.errors, 2);
+        assert_eq!(m.missed, 0);
         // Throughput counts answers; the attempts are a figure of their own.
         assert!((m.throughput_rps - 100.2).abs() < 1e-9);
         assert!((m.attempts_rps - 100.3).abs() < 1e-9);
         assert!((m.success_rps - 100.1).abs() < 1e-9);
+        // Every request is in the latency, the timeout too; the successful answers apart.
+        assert_eq!(m.latency.count, 1003);
+        assert_eq!(m.success_latency.count, 1001);
         assert_eq!(m.statuses["200"], 1001);
         assert_eq!(m.transport_errors["timeout"], 1);
         assert_eq!(m.error_codes["404 not_found"], 1);
@@ -920,6 +1002,8 @@ pub(crate) mod tests {
             "loadtest dashboard: closed loop, 64 connections",
             "1,003 sent in 10s (100.3 req/s); 1,002 answered: 100.2 req/s, 100.1 req/s successful",
             "errors     2 (0.20%): 1 without an answer, 1 error statuses",
+            "successful",
+            "latency includes every request",
             "p99.9",
             "200 ×1,001, 404 ×1",
             "timeout ×1",
@@ -951,11 +1035,15 @@ pub(crate) mod tests {
         stats.measured.requests = r.measured.requests;
         stats.measured.scheduled = 2000;
         stats.measured.missed = 997;
+        stats.measured.missed_busy = 997;
         let _ = stats.measured.service.record(100_000_000);
+        // Every missed send was queued behind an unanswered request: the server held it back.
         let open = open_loop(&config, 200.0, &stats.measured, 2000);
         assert!(!open.kept_up);
+        assert_eq!(open.missed_on_busy_connections, 997);
         assert!(
-            open.statement.contains("Every connection was busy"),
+            open.statement
+                .starts_with("The server is the bottleneck, not the generator"),
             "{}",
             open.statement
         );
@@ -965,10 +1053,31 @@ pub(crate) mod tests {
             "{}",
             open.statement
         );
+        // One connection at 100ms a request carries 10 req/s.
+        let capacity = open.capacity_rps.unwrap();
+        assert!((capacity - 10.0).abs() < 0.01, "{capacity}");
+        assert!(
+            open.statement
+                .contains("they carry at most about 10.0 req/s"),
+            "{}",
+            open.statement
+        );
+        assert!(!open.statement.contains("CPU"), "{}", open.statement);
+        // The connections were free and the sends still did not go out: the generator's CPU.
+        stats.measured.missed_busy = 0;
         config.connections = 1000;
         let open = open_loop(&config, 200.0, &stats.measured, 2000);
         assert!(
             open.statement.contains("short of CPU"),
+            "{}",
+            open.statement
+        );
+        // Timeouts mean the server, even when the sends were missed on free connections.
+        stats.measured.transport[TransportError::Timeout as usize] = 3;
+        let open = open_loop(&config, 200.0, &stats.measured, 2000);
+        assert!(
+            open.statement.starts_with("The server is the bottleneck")
+                && open.statement.contains("3 requests timed out"),
             "{}",
             open.statement
         );

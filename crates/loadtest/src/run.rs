@@ -6,9 +6,9 @@
 //! into that worker's [`WorkerStats`], merged at the end.
 //!
 //! Every wait is bounded: a request by its timeout, the run by `end + timeout` (the drain), after
-//! which whatever is still in flight is cut and counted as unfinished. A worker that fails,
-//! panics or never reports ends the run with an error: a report without one worker's counts
-//! would look complete and be wrong.
+//! which whatever is still in flight is cut and counted as unfinished (and as a timeout). A
+//! worker that fails, panics or never reports ends the run with an error: a report without one
+//! worker's counts would look complete and be wrong.
 
 use std::{
     any::Any,
@@ -21,21 +21,19 @@ use std::{
 
 use tokio::{
     sync::mpsc,
-    task::JoinSet,
-    time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout, timeout_at},
+    time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout},
 };
 
 use crate::{
     Config, Engine, Error, Progress, Report, RuntimeFlavor,
     config::Target,
-    driver::{Plan, drive},
+    driver::{Exchange, Fleet, Plan, drive_all},
     hyper_client::HyperExchange,
     progress::{Sampler, tick_for},
     raw::RawExchange,
     report::{self, Inputs},
     requests::RequestPlan,
-    schedule::Schedule,
-    stats::WorkerStats,
+    stats::{Outcome, WorkerStats},
 };
 
 /// Time between spawning the workers and the first send, so every thread is up when it starts.
@@ -47,16 +45,12 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 /// How long resolving the target's host name may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What every connection task shares.
+/// What every worker shares.
 struct Shared {
-    plan: Plan,
-    rate: Option<f64>,
-    connections: usize,
+    fleet: Arc<Fleet>,
     addr: SocketAddr,
     requests: RequestPlan,
     engine: Engine,
-    shards: Arc<[Mutex<WorkerStats>]>,
-    drain_deadline: Instant,
 }
 
 /// What a worker thread reports when it ends.
@@ -92,15 +86,18 @@ pub async fn run(config: &Config, progress: Progress) -> Result<Report, Error> {
         end: start + config.warmup + config.duration,
         timeout: config.timeout,
     };
+    let drain_deadline = plan.end + config.timeout + DRAIN_GRACE;
     let shared = Arc::new(Shared {
-        plan,
-        rate: config.rate,
-        connections: config.connections,
+        fleet: Arc::new(Fleet {
+            plan,
+            rate: config.rate,
+            connections: config.connections,
+            shards: Arc::clone(&shards),
+            drain_deadline,
+        }),
         addr,
         requests,
         engine: config.engine,
-        shards: Arc::clone(&shards),
-        drain_deadline: plan.end + config.timeout + DRAIN_GRACE,
     });
 
     let layouts: Vec<(usize, Vec<usize>)> = match config.runtime {
@@ -115,16 +112,17 @@ pub async fn run(config: &Config, progress: Progress) -> Result<Report, Error> {
         let shared = Arc::clone(&shared);
         let flavor = config.runtime;
         spawn_worker(index, done_tx.clone(), move || {
-            worker(flavor, runtime_threads, &connections, shared)
+            worker(flavor, runtime_threads, &connections, &shared)
         })?;
     }
     drop(done_tx);
+    drop(shared);
 
     let mut sampler = Sampler::new(plan, progress);
     let tick = tick_for(plan.end - plan.start);
     let mut ticker = interval_at(start + tick, tick);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let give_up = sleep_until(shared.drain_deadline + DRAIN_GRACE);
+    let give_up = sleep_until(drain_deadline + DRAIN_GRACE);
     tokio::pin!(give_up);
     let mut finished = 0;
     let mut failure = None;
@@ -258,7 +256,7 @@ fn worker(
     flavor: RuntimeFlavor,
     runtime_threads: usize,
     connections: &[usize],
-    shared: Arc<Shared>,
+    shared: &Shared,
 ) -> Result<(), Error> {
     let runtime = match flavor {
         RuntimeFlavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
@@ -274,53 +272,35 @@ fn worker(
     runtime.block_on(run_connections(connections, shared))
 }
 
-async fn run_connections(connections: &[usize], shared: Arc<Shared>) -> Result<(), Error> {
-    let mut tasks = JoinSet::new();
-    for &index in connections {
-        let shared = Arc::clone(&shared);
-        tasks.spawn(async move {
+async fn run_connections(connections: &[usize], shared: &Shared) -> Result<(), Error> {
+    let exchanges = connections
+        .iter()
+        .map(|&index| {
             let requests = shared.requests.for_connection(index);
-            let schedule = shared
-                .rate
-                .map(|rate| Schedule::new(shared.plan.start, rate, shared.connections, index));
-            let shard = &shared.shards[index % shared.shards.len()];
-            match shared.engine {
-                Engine::Raw => {
-                    let mut exchange = RawExchange::new(shared.addr, requests);
-                    drive(&mut exchange, &shared.plan, schedule, shard).await;
-                }
-                Engine::Hyper => {
-                    let mut exchange = HyperExchange::new(shared.addr, requests);
-                    drive(&mut exchange, &shared.plan, schedule, shard).await;
-                }
-            }
-        });
-    }
-    let mut panicked = None;
-    let drained = timeout_at(shared.drain_deadline, async {
-        while let Some(joined) = tasks.join_next().await {
-            if let Err(e) = joined {
-                panicked.get_or_insert_with(|| e.to_string());
-            }
+            let exchange = match shared.engine {
+                Engine::Raw => AnyExchange::Raw(RawExchange::new(shared.addr, requests)),
+                Engine::Hyper => AnyExchange::Hyper(HyperExchange::new(shared.addr, requests)),
+            };
+            (index, exchange)
+        })
+        .collect();
+    drive_all(&shared.fleet, exchanges)
+        .await
+        .map_err(|message| Error::Worker(format!("a connection task failed: {message}")))
+}
+
+/// Either engine's exchange.
+enum AnyExchange {
+    Raw(RawExchange),
+    Hyper(HyperExchange),
+}
+
+impl Exchange for AnyExchange {
+    async fn exchange(&mut self, deadline: Instant) -> Outcome {
+        match self {
+            Self::Raw(raw) => raw.exchange(deadline).await,
+            Self::Hyper(hyper) => hyper.exchange(deadline).await,
         }
-    })
-    .await;
-    if drained.is_err() {
-        // Each task still running has one request in flight past the drain deadline.
-        let unfinished = tasks.len() as u64;
-        tasks.abort_all();
-        if let Some(shard) = shared.shards.first() {
-            shard
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .unfinished += unfinished;
-        }
-    }
-    match panicked {
-        Some(message) => Err(Error::Worker(format!(
-            "a connection task failed: {message}"
-        ))),
-        None => Ok(()),
     }
 }
 

@@ -4,6 +4,12 @@
 //! progress sampler ever take, for a few hundred nanoseconds each. Latencies go into HDR
 //! histograms in nanoseconds (3 significant digits, up to an hour), which merge exactly: the
 //! merged percentiles are those of one histogram fed every sample.
+//!
+//! Every request counts in the latency histogram, answered or not: a request without an answer
+//! is recorded at the time it failed, and never below the timeout (see
+//! [`crate::driver`]), so a server that stops answering shows in the percentiles rather than
+//! only in the error count. Open-loop sends that never went out are recorded at the end as a
+//! lower bound, as wrk2 and HdrHistogram recommend.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -124,9 +130,11 @@ pub(crate) type Outcome = Result<Answer, TransportError>;
 /// When the request counted as begun, and how it went.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timing {
-    /// From the latency origin (the scheduled send in open loop) to the end of the answer.
+    /// From the latency origin (the scheduled send in open loop) to the end of the answer or the
+    /// failure; for a request without an answer at least the timeout.
     pub latency: Duration,
-    /// From the actual send to the end of the answer.
+    /// From the actual send to the end of the answer or the failure: how long the request
+    /// occupied its connection.
     pub service: Duration,
     /// Open loop only: the generator's own delay in sending (see [`crate::schedule`]).
     pub send_lag: Option<Duration>,
@@ -143,9 +151,14 @@ pub(crate) enum Phase {
 /// Everything counted in one window of the run.
 #[derive(Debug, Clone)]
 pub(crate) struct PhaseStats {
-    /// Latency of answered requests, from the latency origin.
+    /// Latency of every request, from the latency origin: answered ones to the end of their
+    /// answer, unanswered ones to their failure (at least the timeout), and in open loop the
+    /// sends that never went out to when their connection stopped (a lower bound).
     pub latency: Histogram<u64>,
-    /// Open loop: latency of answered requests, from the actual send.
+    /// Latency of successful answers (2xx, 3xx) only, from the latency origin.
+    pub success: Histogram<u64>,
+    /// Open loop: how long each request sent occupied its connection, from the actual send to
+    /// its answer or failure (timeouts included).
     pub service: Histogram<u64>,
     /// Open loop: the generator's send lag, every send.
     pub send_lag: Histogram<u64>,
@@ -175,12 +188,16 @@ pub(crate) struct PhaseStats {
     pub scheduled: u64,
     /// Open loop, measured window only: sends due before the end of the run that never went out.
     pub missed: u64,
+    /// Of [`PhaseStats::missed`], those whose connection was still carrying an earlier request
+    /// when the run ended: held back by the server, not by the generator.
+    pub missed_busy: u64,
 }
 
 impl PhaseStats {
     pub(crate) fn new() -> Self {
         Self {
             latency: histogram(),
+            success: histogram(),
             service: histogram(),
             send_lag: histogram(),
             requests: 0,
@@ -196,10 +213,13 @@ impl PhaseStats {
             undecodable: 0,
             scheduled: 0,
             missed: 0,
+            missed_busy: 0,
         }
     }
 
-    /// Requests without a successful answer: transport errors and statuses outside 200..=399.
+    /// Requests without a successful answer: transport errors, statuses outside 200..=399, and
+    /// open-loop sends that never went out (each of them a request a client wanted and did not
+    /// get answered).
     pub(crate) fn errors(&self) -> u64 {
         let failed: u64 = self
             .statuses
@@ -207,7 +227,27 @@ impl PhaseStats {
             .filter(|(status, _)| !is_success(**status))
             .map(|(_, n)| n)
             .sum();
-        failed + self.transport.iter().sum::<u64>()
+        failed + self.transport.iter().sum::<u64>() + self.missed
+    }
+
+    /// Successful answers.
+    pub(crate) fn successes(&self) -> u64 {
+        self.statuses
+            .iter()
+            .filter(|(status, _)| is_success(**status))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Counts one open-loop send that never went out, `latency` after it was due (a lower bound:
+    /// it was still waiting then). `busy` says whether its connection was still carrying an
+    /// earlier request when the run ended.
+    pub(crate) fn record_missed(&mut self, latency: Duration, busy: bool) {
+        self.missed += 1;
+        if busy {
+            self.missed_busy += 1;
+        }
+        self.latency.saturating_record(nanos(latency));
     }
 
     /// Requests without an answer of the given kind.
@@ -217,8 +257,12 @@ impl PhaseStats {
 
     fn record(&mut self, timing: &Timing, outcome: &Outcome, findings: &Findings<'_>) {
         self.requests += 1;
+        self.latency.saturating_record(nanos(timing.latency));
+        // In closed loop the latency and the service time are the same; the service histogram
+        // is only read in open loop, so skip the second record there.
         if let Some(lag) = timing.send_lag {
             self.send_lag.saturating_record(nanos(lag));
+            self.service.saturating_record(nanos(timing.service));
         }
         let answer = match outcome {
             Ok(answer) => answer,
@@ -230,11 +274,8 @@ impl PhaseStats {
         self.responses += 1;
         self.bytes += answer.bytes;
         *self.statuses.entry(answer.status).or_insert(0) += 1;
-        self.latency.saturating_record(nanos(timing.latency));
-        // In closed loop the two are the same instant; the service histogram is only read in
-        // open loop, so skip the second record there.
-        if timing.send_lag.is_some() {
-            self.service.saturating_record(nanos(timing.service));
+        if is_success(answer.status) {
+            self.success.saturating_record(nanos(timing.latency));
         }
         match findings {
             Findings::Nothing => {}
@@ -271,6 +312,7 @@ impl PhaseStats {
         // The histograms share one configuration, so adding cannot fail; if it somehow did,
         // the samples would be dropped, never mis-counted.
         let _ = self.latency.add(&other.latency);
+        let _ = self.success.add(&other.success);
         let _ = self.service.add(&other.service);
         let _ = self.send_lag.add(&other.send_lag);
         self.requests += other.requests;
@@ -294,6 +336,7 @@ impl PhaseStats {
         self.undecodable += other.undecodable;
         self.scheduled += other.scheduled;
         self.missed += other.missed;
+        self.missed_busy += other.missed_busy;
     }
 }
 
@@ -326,7 +369,7 @@ fn merge_texts(mine: &mut BTreeMap<String, u64>, theirs: &BTreeMap<String, u64>)
 /// The progress sampler's share: what happened since it last looked.
 #[derive(Debug, Clone)]
 pub(crate) struct Interval {
-    /// Latencies of the answers since the last sample.
+    /// Latencies of the requests finished since the last sample, answered or not.
     pub latency: Histogram<u64>,
     /// Requests finished since the last sample.
     pub requests: u64,
@@ -340,7 +383,7 @@ pub(crate) struct WorkerStats {
     pub warmup: PhaseStats,
     pub measured: PhaseStats,
     pub interval: Interval,
-    /// Requests still in flight when the drain deadline cut the run.
+    /// Requests still in flight when the drain deadline cut the run (also counted as timeouts).
     pub unfinished: u64,
 }
 
@@ -372,16 +415,11 @@ impl WorkerStats {
         };
         stats.record(timing, outcome, findings);
         self.interval.requests += 1;
-        match outcome {
-            Ok(answer) => {
-                self.interval
-                    .latency
-                    .saturating_record(nanos(timing.latency));
-                if !is_success(answer.status) {
-                    self.interval.errors += 1;
-                }
-            }
-            Err(_) => self.interval.errors += 1,
+        self.interval
+            .latency
+            .saturating_record(nanos(timing.latency));
+        if !matches!(outcome, Ok(answer) if is_success(answer.status)) {
+            self.interval.errors += 1;
         }
     }
 
@@ -492,11 +530,34 @@ mod tests {
         assert_eq!(m.source_errors["recommendations"]["timeout"], 1);
         assert_eq!(m.source_errors["reviews"]["connection refused"], 1);
         assert_eq!(m.partial_answers, 1);
-        assert_eq!(m.latency.len(), 3, "no latency without an answer");
+        assert_eq!(
+            m.latency.len(),
+            4,
+            "unanswered requests count in the latency"
+        );
+        assert_eq!(m.success.len(), 2, "only successful answers");
         assert_eq!(w.warmup.requests, 1);
         assert_eq!(w.warmup.errors(), 1);
         assert_eq!(w.interval.requests, 5);
         assert_eq!(w.interval.errors, 3);
+    }
+
+    #[test]
+    fn missed_sends_are_errors_with_a_latency() {
+        let mut w = WorkerStats::new();
+        w.record(Phase::Measured, &timing(5), &ok(200), &Findings::Nothing);
+        w.measured.record_missed(Duration::from_millis(700), true);
+        w.measured.record_missed(Duration::from_millis(300), false);
+        let mut merged = WorkerStats::new();
+        merged.merge(&w);
+        merged.merge(&w);
+        let m = &merged.measured;
+        assert_eq!((m.requests, m.missed, m.missed_busy), (2, 4, 2));
+        assert_eq!(m.errors(), 4);
+        assert_eq!(m.successes(), 2);
+        assert_eq!(m.latency.len(), 6);
+        assert_eq!(m.success.len(), 2);
+        assert!(ms_at(&m.latency, 1.0) >= 700.0);
     }
 
     #[test]

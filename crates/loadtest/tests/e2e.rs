@@ -618,6 +618,92 @@ async fn refused_connections_are_counted_by_kind() {
         assert!(m.attempts_rps > 0.0);
         let outcomes = "rps>=1".parse::<Checks>().unwrap().evaluate(&report);
         assert!(!outcomes[0].passed, "{outcomes:?}");
+        // Each refusal counts in the latency at the timeout (within the histogram's three
+        // significant digits): none was a fast answer.
+        assert_eq!(m.latency.count, m.requests);
+        assert!(m.latency.min_ms >= 29_970.0, "{}", m.latency.min_ms);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_fails_the_checks_and_is_named_the_bottleneck() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for engine in ENGINES {
+        eprintln!("engine: {engine}");
+        // Answers its first 40 requests at once, then reads requests and never answers: the
+        // stall starts after a count, not a time, so the test does not depend on speed.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let answered = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&answered);
+        let server = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let count = Arc::clone(&count);
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    loop {
+                        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => request.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        request.clear();
+                        if count.fetch_add(1, Relaxed) >= 40 {
+                            // Hold the connection open, unanswered, until the client leaves.
+                            while let Ok(n) = stream.read(&mut buf).await {
+                                if n == 0 {
+                                    return;
+                                }
+                            }
+                            return;
+                        }
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let mut config = config(&url, Scenario::Recommendations, engine);
+        config.connections = 4;
+        config.rate = Some(100.0);
+        config.duration = Duration::from_secs(1);
+        config.timeout = Duration::from_millis(300);
+        let report = run(&config).await;
+        server.abort();
+        let m = &report.measured;
+        let open = report.open_loop.as_ref().unwrap();
+        eprintln!("{}", report.summary());
+        assert_eq!(open.scheduled, 100);
+        assert_eq!(open.sent + open.missed, 100);
+        assert_eq!(m.responses, 40);
+        assert!(m.missed > 0, "the stall held sends back");
+        assert!(open.missed_on_busy_connections > 0);
+        assert!(open.achieved_ratio <= 1.0);
+        // Every request sent and every send missed is in the latency and, unless answered, in
+        // the errors.
+        assert_eq!(m.latency.count, m.requests + m.missed);
+        assert_eq!(m.errors, m.requests - m.responses + m.missed);
+        assert_eq!(m.success_latency.count, 40);
+        assert!(m.latency.p99_ms >= 300.0, "p99 {}", m.latency.p99_ms);
+        assert!(m.transport_errors.get("timeout").copied().unwrap_or(0) > 0);
+        assert!(!open.kept_up);
+        assert!(
+            open.statement
+                .starts_with("The server is the bottleneck, not the generator"),
+            "{}",
+            open.statement
+        );
+        let outcomes = "p99<250ms,error_rate<5%"
+            .parse::<Checks>()
+            .unwrap()
+            .evaluate(&report);
+        assert_eq!(outcomes.len(), 3);
+        assert!(outcomes.iter().all(|o| !o.passed), "{outcomes:?}");
+        assert_eq!(outcomes[2].expression, "kept_up");
     }
 }
 
