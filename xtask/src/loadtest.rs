@@ -74,8 +74,9 @@ pub struct Args {
     /// File name of the reports, without extension [default: the scenario].
     #[arg(long)]
     name: Option<String>,
-    /// Thresholds that must hold, e.g. 'p99<50ms,error_rate<0.1%'; the command exits non-zero
-    /// when one is missed.
+    /// Thresholds that must hold, e.g. 'p99<50ms,error_rate<0.1%'; with --rate the run must also
+    /// have kept up with it (add allow_behind to waive that). The command exits non-zero when
+    /// one is missed.
     #[arg(long)]
     check: Option<Checks>,
     /// A JSON report of an earlier run, printed side by side with this run; give two to compare
