@@ -341,6 +341,14 @@ async fn a_client_that_disconnects_leaves_no_live_children() {
     assert!(taskgroup::live_children() > 0, "the request never started");
     drop(tcp);
     assert_eq!(live_children_settled().await, 0);
+    // The database slot goes with its connection, once the abandoned statements have settled
+    // (or been cancelled): poll, with a bound.
+    for _ in 0..300 {
+        if app.state.service.gate_stats().in_use == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(app.state.service.gate_stats().in_use, 0);
 }
 
