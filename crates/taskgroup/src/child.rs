@@ -138,6 +138,10 @@ pin_project! {
             let dropped = drop_stage(this.stage.as_mut());
             let shared = this.slot.shared();
             if !finished {
+                // Unless the group is stopping, the runtime is shutting down: stop the group, so
+                // that the queue is discarded rather than started child by child (each start
+                // dropped on the spot by the closed runtime, recursively through this drop).
+                shared.dropped_unfinished();
                 let outcome = match dropped {
                     Ok(()) => shared.cancellation_outcome(),
                     Err(panic) => Outcome::Panicked(panic),
@@ -146,7 +150,8 @@ pin_project! {
             }
             *this.extras = None;
             shared.child_gone();
-            // A finished child frees a concurrency slot for the next queued one.
+            // A finished child frees a concurrency slot for the next queued one. (Never when the
+            // group is stopping, so this drop does not recurse through a queued child's.)
             shared.start_queued();
         }
     }

@@ -4,8 +4,13 @@
 //! Children are ordinary tokio tasks. The group keeps each child's `JoinHandle` (to abort it) and
 //! its result slot (to build the report), a count of live children (to know when every child has
 //! been dropped), and a once-set stop reason (so a child cut off can say why). The hot path of a
-//! spawn is one lock of the registry, two allocations (the task and the slot) and a handful of
-//! relaxed counter updates; nothing is done per child at cancellation time except `abort`.
+//! spawn is two short locks of the registry (one to register the child, one to record its
+//! `JoinHandle` after handing it to tokio), two allocations (the task and the slot) and a handful
+//! of relaxed counter updates; nothing is done per child at cancellation time except `abort`.
+//!
+//! No user code runs under the registry lock: a child's future, output, error or panic payload,
+//! and anything tokio might drop on the spot (a future spawned on a runtime that has shut down),
+//! is dropped after the lock is released, so a destructor may call back into the group.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -135,11 +140,16 @@ pub(crate) struct Counters {
 
 /// Why the group started cancelling its children. Set once.
 enum Stop {
-    Failed { name: Cow<'static, str> },
+    Failed {
+        name: Cow<'static, str>,
+    },
     Deadline,
     Requested,
     Parent,
     Dropped,
+    /// A child was dropped unfinished without the group asking, which only a runtime shutting
+    /// down does. Treated as a stop so the queue is discarded, not started child by child.
+    RuntimeShutdown,
 }
 
 struct Entry<E> {
@@ -220,6 +230,15 @@ impl<E: Send + 'static> Shared<E> {
     pub(crate) fn fail(self: &Arc<Self>, index: usize, name: Cow<'static, str>) {
         let _ = self.first_failure.set(index);
         self.stop(Stop::Failed { name });
+    }
+
+    /// Called when a child is dropped unfinished. Unless the group asked for it (it is stopping),
+    /// only a runtime shutting down does that; stopping the group then discards the queue, rather
+    /// than starting each queued child in turn on a runtime that drops it on the spot.
+    pub(crate) fn dropped_unfinished(self: &Arc<Self>) {
+        if !self.is_stopping() {
+            self.stop(Stop::RuntimeShutdown);
+        }
     }
 
     /// Starts cancelling: refuse queued children, signal the token, then abort what is running,
@@ -309,11 +328,11 @@ impl<E: Send + 'static> Shared<E> {
         if registry.aborted {
             task.abort();
         }
-        match registry.children.get_mut(index) {
-            Some(entry) => entry.task = Some(task),
-            // Only after the group was dropped, when it was aborted above.
-            None => drop(task),
+        if let Some(entry) = registry.children.get_mut(index) {
+            entry.task = Some(task);
         }
+        // Otherwise the group was dropped (and the task aborted above); the handle is dropped
+        // here, after the lock.
     }
 
     fn stats(&self) -> Stats {
@@ -420,28 +439,20 @@ impl<E: Send + 'static> Shared<E> {
             None
         };
         let task = ChildTask::new(starter, Arc::clone(&slot), extras);
-        match self.limit {
-            None => {
-                // Unlimited groups hand the child to tokio under the lock, which orders it before
-                // any abort. This is safe because a child dropped inline (by a runtime shutting
-                // down) never takes this lock in an unlimited group.
-                let task = self.runtime.spawn(task);
-                if let Some(entry) = registry.children.last_mut() {
-                    entry.task = Some(task);
-                }
-            }
-            Some(limit) if running_before >= limit || queued_before > 0 => {
-                // Queued behind earlier children: not a tokio task yet, only its future.
-                registry.queue.push_back(Box::new(task));
-            }
-            Some(_) => {
-                // In a limited group a dropped child starts the next queued one, which takes the
-                // lock; so the child is handed to tokio outside it.
-                drop(registry);
-                let task = self.runtime.spawn(task);
-                self.register_task(index, task);
-            }
+        if self
+            .limit
+            .is_some_and(|limit| running_before >= limit || queued_before > 0)
+        {
+            // Queued behind earlier children: not a tokio task yet, only its future.
+            registry.queue.push_back(Box::new(task));
+            return Ok(TaskHandle::new(slot, index));
         }
+        // Handed to tokio outside the lock: on a runtime that has shut down, tokio drops the
+        // child on the spot, running its destructor and the child's own bookkeeping, which takes
+        // this lock. `register_task` then aborts it if the group aborted its children meanwhile.
+        drop(registry);
+        let task = self.runtime.spawn(task);
+        self.register_task(index, task);
         Ok(TaskHandle::new(slot, index))
     }
 }
@@ -463,6 +474,7 @@ fn stop_reason(stop: &Stop) -> CancelReason {
         Stop::Requested => CancelReason::Requested,
         Stop::Parent => CancelReason::ParentCancelled,
         Stop::Dropped => CancelReason::GroupDropped,
+        Stop::RuntimeShutdown => CancelReason::RuntimeShutdown,
     }
 }
 
@@ -907,17 +919,27 @@ impl<E: Send + 'static> Drop for TaskGroup<E> {
         let _ = self.shared.stop.set(Stop::Dropped);
         self.shared.discard_queue();
         self.shared.token.cancel();
-        let mut registry = self.shared.lock_registry();
-        registry.closed = true;
-        registry.aborted = true;
-        if let Some(reaper) = registry.reaper.take() {
+        // Take the entries out and let go of the lock before aborting and dropping them: dropping
+        // a slot drops what the child left in it (an output nobody took, an error, a panic
+        // payload), and their destructors may call back into the group.
+        let (children, reaper) = {
+            let mut registry = self.shared.lock_registry();
+            registry.closed = true;
+            registry.aborted = true;
+            (
+                std::mem::take(&mut registry.children),
+                registry.reaper.take(),
+            )
+        };
+        if let Some(reaper) = reaper {
             reaper.abort();
         }
-        for entry in registry.children.drain(..) {
-            if let Some(task) = entry.task {
+        for entry in &children {
+            if let Some(task) = &entry.task {
                 task.abort();
             }
         }
+        drop(children);
     }
 }
 

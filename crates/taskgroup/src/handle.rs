@@ -82,8 +82,9 @@ impl<T, E> Slot<T, E> {
     }
 
     fn lock(&self) -> MutexGuard<'_, State<T, E>> {
-        // Nothing runs user code while holding this lock, so poisoning cannot leave the state
-        // half-written; recovering the guard is always sound here.
+        // Nothing runs user code while holding this lock (wakers are cloned, woken and dropped
+        // outside it), so poisoning cannot leave the state half-written; recovering the guard is
+        // always sound here.
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -132,19 +133,37 @@ impl<T, E> Slot<T, E> {
 
     fn poll_output(&self, cx: Option<&mut Context<'_>>) -> Poll<Result<T, ChildErrorKind>> {
         let mut state = self.lock();
-        match &mut *state {
-            State::Pending(waker) => {
-                if let Some(cx) = cx {
-                    match waker {
-                        Some(existing) if existing.will_wake(cx.waker()) => {}
-                        _ => *waker = Some(cx.waker().clone()),
-                    }
-                }
-                Poll::Pending
-            }
-            State::Ok(output) => Poll::Ready(output.take().ok_or(ChildErrorKind::Taken)),
-            State::Failed(failed) => Poll::Ready(Err(failed.error.clone())),
+        let ready = match &mut *state {
+            State::Pending(waker) => match &cx {
+                Some(cx) if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) => None,
+                _ => return Poll::Pending,
+            },
+            State::Ok(output) => Some(output.take().ok_or(ChildErrorKind::Taken)),
+            State::Failed(failed) => Some(Err(failed.error.clone())),
+        };
+        drop(state);
+        if let Some(result) = ready {
+            return Poll::Ready(result);
         }
+        // A new waker to store. A waker's `clone` and `drop` are the executor's code, so they run
+        // outside the lock, and the state is checked again in case the child finished meanwhile.
+        let Some(cx) = cx else {
+            return Poll::Pending;
+        };
+        let mut new = Some(cx.waker().clone());
+        let mut state = self.lock();
+        let ready = match &mut *state {
+            State::Pending(waker) => {
+                // Swapped, so the old waker (if any) is dropped after the lock.
+                std::mem::swap(waker, &mut new);
+                None
+            }
+            State::Ok(output) => Some(output.take().ok_or(ChildErrorKind::Taken)),
+            State::Failed(failed) => Some(Err(failed.error.clone())),
+        };
+        drop(state);
+        drop(new);
+        ready.map_or(Poll::Pending, Poll::Ready)
     }
 }
 

@@ -222,7 +222,7 @@ pub enum CancelReason {
     /// The child was spawned after the group had finished joining, so it was never started.
     GroupClosed,
     /// The child was dropped without the group asking for it, which happens when the runtime
-    /// shuts down.
+    /// shuts down. The group then stops: queued children are discarded with this reason too.
     RuntimeShutdown,
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use taskgroup::{
     BuildError, CancelReason, ChildErrorKind, GroupErrorKind, Limit, Outcome, OutcomeKind, Policy,
-    TaskGroup, Timeout,
+    Spawner, TaskGroup, Timeout,
 };
 use tokio::time::{Instant, sleep};
 
@@ -814,6 +814,47 @@ fn a_deadline_without_a_time_driver_is_an_error() {
         group.join().await.unwrap();
         assert_eq!(handle.output().unwrap(), 1);
     });
+}
+
+/// A child output that calls back into its group when dropped: a destructor run under the group's
+/// lock would deadlock on it.
+struct CallsBack(Spawner<String>, Arc<AtomicUsize>);
+
+impl Drop for CallsBack {
+    fn drop(&mut self) {
+        self.1.store(self.0.stats().spawned, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn dropping_a_group_drops_untaken_outputs_outside_its_lock() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let seen_in_thread = Arc::clone(&seen);
+    let (done, finished) = std::sync::mpsc::channel();
+    // On its own thread, so that a deadlock fails the test instead of hanging it.
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let group = TaskGroup::<String>::new().unwrap();
+            let spawner = group.spawner();
+            // The handle is dropped, so only the group holds the output once the child is done.
+            drop(group.spawn(
+                "output",
+                async move { Ok(CallsBack(spawner, seen_in_thread)) },
+            ));
+            sleep(ms(1)).await;
+            drop(group);
+        });
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("dropping the group deadlocked");
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(start_paused = true)]
