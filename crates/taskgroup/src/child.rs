@@ -293,6 +293,9 @@ fn complete<T, E: Send + 'static>(
     outcome: Outcome<T, E>,
 ) {
     let counters = &shared.counters;
+    // Still running when the group stopped, and finished on its own since: it wound down.
+    let late = shared.is_stopping();
+    let mut panicked = false;
     // Successes are not counted here: `Stats` derives them, so that the common path touches no
     // shared counter.
     let fatal = match &outcome {
@@ -311,6 +314,7 @@ fn complete<T, E: Send + 'static>(
                 panic = %panic.message(),
                 "task group child panicked; cancelling its siblings"
             );
+            panicked = true;
             true
         }
         Outcome::TimedOut(timeout) => {
@@ -324,10 +328,24 @@ fn complete<T, E: Send + 'static>(
             false
         }
     };
+    let stopped_by_group = matches!(
+        outcome,
+        Outcome::Cancelled(_)
+            | Outcome::TimedOut(Timeout {
+                limit: Limit::Group,
+                ..
+            })
+    );
+    if late && !stopped_by_group {
+        counters.wound_down.fetch_add(1, Ordering::Relaxed);
+    }
     // Record our own result before cancelling the siblings, so that this child reads as failed
     // (not cancelled) however quickly the group reacts.
     slot.finish(outcome);
-    if fatal {
+    if panicked {
+        shared.panicked(slot.index(), slot.name().clone());
+    } else if fatal {
+        // Does nothing if the group is already stopping: the first reason stays the cause.
         shared.fail(slot.index(), slot.name().clone());
     }
 }

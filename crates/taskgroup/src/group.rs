@@ -136,12 +136,18 @@ pub(crate) struct Counters {
     pub(crate) panicked: AtomicUsize,
     pub(crate) cancelled: AtomicUsize,
     pub(crate) timed_out: AtomicUsize,
+    /// Children that finished on their own (any outcome but a cancellation or the group's
+    /// deadline) after the group had started stopping: they were still running when it stopped,
+    /// and wound down within the grace period.
+    pub(crate) wound_down: AtomicUsize,
 }
 
-/// Why the group started cancelling its children. Set once.
+/// Why the group started cancelling its children. Set once: the first reason is the one reported.
 enum Stop {
+    /// Child `index` failed fatally; it is the cause `join` reports.
     Failed {
         name: Cow<'static, str>,
+        index: usize,
     },
     Deadline,
     Requested,
@@ -185,7 +191,9 @@ pub(crate) struct Shared<E> {
     pub(crate) grace: Duration,
     limit: Option<usize>,
     stop: OnceLock<Stop>,
-    first_failure: OnceLock<usize>,
+    /// A child that panicked after the group had already stopped for another reason than a
+    /// child's failure. A panic is a bug, so it is still reported as the cause.
+    late_panic: OnceLock<usize>,
     registry: Mutex<Registry<E>>,
     live: AtomicUsize,
     all_done: Notify,
@@ -226,10 +234,20 @@ impl<E: Send + 'static> Shared<E> {
         }
     }
 
-    /// Records a fatal failure of child `index` and stops the group.
+    /// Records a fatal failure of child `index` and stops the group. A failure after the group
+    /// has already stopped (an error returned while winding down, say) is not the cause: the
+    /// first reason to stop stays the reported one.
     pub(crate) fn fail(self: &Arc<Self>, index: usize, name: Cow<'static, str>) {
-        let _ = self.first_failure.set(index);
-        self.stop(Stop::Failed { name });
+        self.stop(Stop::Failed { name, index });
+    }
+
+    /// Records a panic of child `index` and stops the group. Unlike an error, a panic after the
+    /// group has stopped for a deadline or a cancellation still becomes the cause: it is a bug,
+    /// and must not hide behind the deadline.
+    pub(crate) fn panicked(self: &Arc<Self>, index: usize, name: Cow<'static, str>) {
+        if !self.stop(Stop::Failed { name, index }) {
+            let _ = self.late_panic.set(index);
+        }
     }
 
     /// Called when a child is dropped unfinished. Unless the group asked for it (it is stopping),
@@ -242,16 +260,16 @@ impl<E: Send + 'static> Shared<E> {
     }
 
     /// Starts cancelling: refuse queued children, signal the token, then abort what is running,
-    /// at once or after the grace period. Only the first call does anything.
-    fn stop(self: &Arc<Self>, reason: Stop) {
+    /// at once or after the grace period. Only the first call does anything, and returns true.
+    fn stop(self: &Arc<Self>, reason: Stop) -> bool {
         if self.stop.set(reason).is_err() {
-            return;
+            return false;
         }
         self.discard_queue();
         self.token.cancel();
         if self.grace.is_zero() {
             self.abort_all();
-            return;
+            return true;
         }
         let shared = Arc::downgrade(self);
         let grace = self.grace;
@@ -267,6 +285,7 @@ impl<E: Send + 'static> Shared<E> {
         } else {
             registry.reaper = Some(reaper);
         }
+        true
     }
 
     /// Drops the queued children unstarted. They are dropped after the lock is released, because
@@ -469,7 +488,7 @@ fn cut_by_deadline<E>(child: &ChildReport<E>) -> bool {
 
 fn stop_reason(stop: &Stop) -> CancelReason {
     match stop {
-        Stop::Failed { name } => CancelReason::SiblingFailed { name: name.clone() },
+        Stop::Failed { name, .. } => CancelReason::SiblingFailed { name: name.clone() },
         Stop::Deadline => CancelReason::DeadlineExceeded,
         Stop::Requested => CancelReason::Requested,
         Stop::Parent => CancelReason::ParentCancelled,
@@ -653,7 +672,7 @@ impl<E: Send + 'static> Builder<E> {
             grace,
             limit: self.limit,
             stop: OnceLock::new(),
-            first_failure: OnceLock::new(),
+            late_panic: OnceLock::new(),
             registry: Mutex::new(Registry {
                 closed: false,
                 children: Vec::new(),
@@ -884,22 +903,43 @@ impl<E: Send + 'static> TaskGroup<E> {
             .collect();
         let report = Report::new(self.shared.name.clone(), children);
 
-        let kind = if let Some(&cause) = self.shared.first_failure.get() {
+        // The first reason to stop is the verdict. An error or a child timeout that came after
+        // it (a child winding down after the signal) is in the report, but is not the cause; a
+        // panic is, unless a child's failure came first.
+        let stop = match self.shared.stop.get() {
+            None => return Ok(report),
+            Some(Stop::Failed { index, .. }) => {
+                return Err(GroupError::new(
+                    GroupErrorKind::ChildFailed,
+                    Some(*index),
+                    report,
+                ));
+            }
+            Some(stop) => stop,
+        };
+        if let Some(&panicked) = self.shared.late_panic.get() {
             return Err(GroupError::new(
                 GroupErrorKind::ChildFailed,
-                Some(cause),
+                Some(panicked),
                 report,
             ));
-        } else {
-            match self.shared.stop.get() {
-                None => return Ok(report),
+        }
+        let kind = match stop {
+            Stop::Deadline => {
+                // Cut off: aborted or refused by the deadline, or still running when it passed
+                // and winding down after the signal, whatever it then returned.
+                let cut_off = report.iter().filter(|child| cut_by_deadline(child)).count()
+                    + self.shared.counters.wound_down.load(Ordering::Relaxed);
                 // A deadline that passed when nothing was left to cut off is no failure.
-                Some(Stop::Deadline) if !report.iter().any(cut_by_deadline) => {
+                if cut_off == 0 {
                     return Ok(report);
                 }
-                Some(Stop::Deadline) => GroupErrorKind::DeadlineExceeded,
-                Some(stop) => GroupErrorKind::Cancelled(stop_reason(stop)),
+                return Err(
+                    GroupError::new(GroupErrorKind::DeadlineExceeded, None, report)
+                        .with_cut_off(cut_off),
+                );
             }
+            stop => GroupErrorKind::Cancelled(stop_reason(stop)),
         };
         Err(GroupError::new(kind, None, report))
     }

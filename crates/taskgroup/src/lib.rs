@@ -70,12 +70,18 @@
 //!    [`cause`](GroupError::cause) is that first failure; every other failure (for instance an
 //!    error a sibling raised while winding down) is kept in the [`Report`], tagged with the
 //!    child's name. Siblings that were merely cancelled are reported as
-//!    [`Outcome::Cancelled`], not as failures.
+//!    [`Outcome::Cancelled`], not as failures. The first reason to stop is the verdict: an error
+//!    or a child timeout that comes after the group has started stopping (for a sibling's
+//!    failure, its deadline or a cancellation) is that child's outcome in the report, listed by
+//!    [`GroupError::failures`], but it is never the cause and never changes the error's kind.
 //! 3. **Panics are loud and safe.** A child's panic is caught in the child's own task, cancels
 //!    the siblings at that moment (not when the owner gets round to `join`), and is logged at
 //!    once with the group's and child's names at `ERROR` level. `join` returns it as
 //!    [`Outcome::Panicked`] whose [`Panic`] payload can be re-raised with [`Panic::resume`] or
-//!    [`GroupError::resume_panic`]. A panic stops the group under every policy. A plain
+//!    [`GroupError::resume_panic`]. A panic stops the group under every policy, and it is the one
+//!    failure that is reported as the cause even when it comes after the group started stopping
+//!    for its deadline or a cancellation (a bug in a child's clean-up does not hide behind the
+//!    deadline); only a child's failure that came before it takes precedence. A plain
 //!    cancellation never becomes a panic, and the group itself never panics: misuse gets a typed
 //!    error ([`BuildError`], [`SpawnError`], [`ChildError`]).
 //! 4. **Policies.** [`Policy::FailFast`] (`asyncio.TaskGroup`, `coroutineScope`) and
@@ -100,13 +106,18 @@
 //!    waits for a slot that it holds: bound such groups with a deadline.
 //! 8. **Deadlines that nest.** [`Builder::timeout`] or [`Builder::deadline`] bound the whole
 //!    group: when the deadline passes, what is left is cut off ([`Limit::Group`]), `join` reports
-//!    [`GroupErrorKind::DeadlineExceeded`], and finished outputs stay readable. A group built with
+//!    [`GroupErrorKind::DeadlineExceeded`], and finished outputs stay readable. With a grace
+//!    period, a child still running at the deadline may wind down and return `Ok` or `Err`; it
+//!    reports what it returned, and still counts as cut off. A group built with
 //!    [`Builder::nested_in`] inherits the tighter of its parent's deadline and the parent child's
 //!    own timeout, and a child reads its remaining budget with [`ChildContext::remaining`]. This
 //!    replaces the advice (the seed's section 十) to avoid nesting `asyncio.timeout` in a group.
 //! 9. **Cooperative and forced cancellation.** Children can watch [`ChildContext::token`] to clean
 //!    up (send a PostgreSQL cancel request, say). With [`Builder::grace`], cancellation is
 //!    two-phase: signal the token, wait the grace period, abort what is still running, drain.
+//!    What a child returns after the signal (the server's "canceling statement due to user
+//!    request" error, say) is its outcome in the report, but does not change why the group
+//!    stopped: `join` still reports the deadline or the cancellation (guarantee 2).
 //!    Cancelling a group cancels the groups nested in it, and [`Builder::cancel_on`] links a group
 //!    to an outside token such as a server's shutdown signal.
 //! 10. **A spawner children can use.** [`Spawner`] is a cloneable handle for adding siblings from
@@ -114,7 +125,11 @@
 //!     [`Spawner::try_spawn`] refuses with a [`SpawnError`] that gives the future back (Swift's
 //!     `addTaskUnlessCancelled`, Python's "TaskGroup is shutting down").
 //! 11. **Outcomes say why.** [`GroupErrorKind`] tells apart a child's failure, the deadline and a
-//!     cancellation from outside; a child's failure wins over both, as in asyncio.
+//!     cancellation from outside, and the first of them to happen is the one reported: a child's
+//!     failure before the deadline or a cancellation wins over them, as in asyncio, while an
+//!     error a child returns after the signal, as it winds down, does not (asyncio lets such an
+//!     error replace the cancellation; here a deadline stays a deadline). A panic is reported as
+//!     the cause either way (guarantee 3).
 //! 12. **Visible.** Children run inside the spawner's `tracing` span; [`TaskGroup::stats`] gives
 //!     spawned, queued, running, succeeded, failed, panicked, cancelled and timed-out counts; and
 //!     [`live_children`] is a process-wide gauge of children not yet dropped, for `/metrics` and for

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use crate::handle::TaskHandle;
-use crate::outcome::{CancelReason, Outcome, OutcomeKind};
+use crate::outcome::{CancelReason, Limit, Outcome, OutcomeKind, Timeout};
 
 /// One child's entry in a [`Report`].
 #[derive(Debug)]
@@ -103,8 +103,10 @@ pub enum GroupErrorKind {
     /// A child failed fatally (see [`Policy`](crate::Policy)); [`GroupError::cause`] is the
     /// first such failure.
     ChildFailed,
-    /// The group's deadline passed while children were still running or queued; they report
-    /// [`Outcome::TimedOut`] with [`Limit::Group`](crate::Limit::Group).
+    /// The group's deadline passed while children were still running or queued. Those it
+    /// aborted or refused report [`Outcome::TimedOut`] with [`Limit::Group`](crate::Limit::Group);
+    /// those that wound down after the signal, within the grace period, report what they
+    /// returned.
     DeadlineExceeded,
     /// The group was cancelled ([`CancelReason::Requested`] or [`CancelReason::ParentCancelled`]).
     Cancelled(CancelReason),
@@ -120,15 +122,36 @@ pub struct GroupError<E> {
     kind: GroupErrorKind,
     cause: Option<usize>,
     report: Report<E>,
+    /// For a deadline: how many children it cut off, counting those that wound down after the
+    /// signal (which the report shows with what they returned).
+    cut_off: usize,
 }
 
 impl<E> GroupError<E> {
     pub(crate) fn new(kind: GroupErrorKind, cause: Option<usize>, report: Report<E>) -> Self {
+        let cut_off = report
+            .iter()
+            .filter(|child| {
+                matches!(
+                    child.outcome,
+                    Outcome::TimedOut(Timeout {
+                        limit: Limit::Group,
+                        ..
+                    })
+                )
+            })
+            .count();
         GroupError {
             kind,
             cause,
             report,
+            cut_off,
         }
+    }
+
+    pub(crate) fn with_cut_off(mut self, cut_off: usize) -> Self {
+        self.cut_off = cut_off;
+        self
     }
 
     /// Why the group failed.
@@ -136,7 +159,10 @@ impl<E> GroupError<E> {
         &self.kind
     }
 
-    /// The first fatal failure, when a child caused the group to fail.
+    /// The failure that stopped the group, when a child caused it: the first fatal failure, or a
+    /// panic raised while the group was stopping for a deadline or a cancellation. An error
+    /// returned after the group had started stopping is not a cause; it is in the
+    /// [`report`](GroupError::report) and in [`failures`](GroupError::failures).
     pub fn cause(&self) -> Option<&ChildReport<E>> {
         self.cause.and_then(|index| self.report.get_index(index))
     }
@@ -214,13 +240,11 @@ impl<E: fmt::Display> fmt::Display for GroupError<E> {
             (GroupErrorKind::ChildFailed, None) => {
                 write!(f, "task group `{group}`: a child failed")
             }
-            (GroupErrorKind::DeadlineExceeded, _) => {
-                let cut = self.report.count(OutcomeKind::TimedOut);
-                write!(
-                    f,
-                    "task group `{group}` exceeded its deadline; {cut} child(ren) cut off"
-                )
-            }
+            (GroupErrorKind::DeadlineExceeded, _) => write!(
+                f,
+                "task group `{group}` exceeded its deadline; {} child(ren) cut off",
+                self.cut_off
+            ),
             (GroupErrorKind::Cancelled(reason), _) => {
                 write!(f, "task group `{group}` was cancelled: {reason}")
             }

@@ -727,7 +727,25 @@ async fn spawning_into_a_closing_group_is_refused_and_gives_the_future_back() {
 // 11. Outcomes say why.
 
 #[tokio::test(start_paused = true)]
-async fn errors_win_over_an_outside_cancellation() {
+async fn a_failure_before_a_cancellation_wins_over_it() {
+    let group = TaskGroup::<String>::builder()
+        .grace(ms(50))
+        .build()
+        .unwrap();
+    group.spawn("fails", sleep_err(ms(1), "down"));
+    group.spawn_with("cooperative", |ctx| async move {
+        ctx.cancelled().await;
+        Ok(())
+    });
+    sleep(ms(5)).await;
+    group.cancel();
+    let error = group.join().await.unwrap_err();
+    assert_eq!(error.kind(), &GroupErrorKind::ChildFailed);
+    assert_eq!(error.cause().unwrap().name, "fails");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_raised_while_winding_down_after_a_cancel_is_kept_but_is_not_the_cause() {
     let group = TaskGroup::<String>::builder()
         .grace(ms(50))
         .build()
@@ -739,8 +757,115 @@ async fn errors_win_over_an_outside_cancellation() {
     sleep(ms(1)).await;
     group.cancel();
     let error = group.join().await.unwrap_err();
+    assert_eq!(
+        error.kind(),
+        &GroupErrorKind::Cancelled(CancelReason::Requested)
+    );
+    assert!(error.cause().is_none());
+    let rolled_back = error.report().by_name("rolls-back").unwrap();
+    assert_eq!(
+        rolled_back.outcome.as_err().map(String::as_str),
+        Some("rollback failed")
+    );
+    assert_eq!(error.failures().count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_raised_while_winding_down_after_the_deadline_is_kept_but_is_not_the_cause() {
+    let start = Instant::now();
+    let group = TaskGroup::<String>::builder()
+        .timeout(ms(100))
+        .grace(ms(50))
+        .build()
+        .unwrap();
+    group.spawn("quick", sleep_ok(ms(10)));
+    group.spawn_with("query", |ctx| async move {
+        tokio::select! {
+            () = sleep(ms(10_000)) => Ok(ms(10_000)),
+            // The PostgreSQL pattern: on the signal, send a cancel request; the statement then
+            // fails with the server's error.
+            () = ctx.cancelled() => Err("canceling statement due to user request".to_owned()),
+        }
+    });
+    let error = group.join().await.unwrap_err();
+    assert_eq!(start.elapsed(), ms(100));
+    assert_eq!(error.kind(), &GroupErrorKind::DeadlineExceeded);
+    assert!(error.cause().is_none());
+    let query = error.report().by_name("query").unwrap();
+    assert_eq!(
+        query.outcome.as_err().map(String::as_str),
+        Some("canceling statement due to user request")
+    );
+    assert_eq!(error.failures().count(), 1);
+    assert_eq!(
+        error.to_string(),
+        "task group `taskgroup` exceeded its deadline; 1 child(ren) cut off"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_child_timeout_during_the_grace_period_is_not_the_cause() {
+    let start = Instant::now();
+    let group = TaskGroup::<String>::builder()
+        .timeout(ms(50))
+        .grace(ms(100))
+        .build()
+        .unwrap();
+    // Ignores the signal at 50 ms; its own timeout cuts it off at 80 ms, inside the grace period.
+    group
+        .child("stubborn")
+        .timeout(ms(80))
+        .spawn(sleep_ok(ms(10_000)));
+    let error = group.join().await.unwrap_err();
+    assert_eq!(start.elapsed(), ms(80));
+    assert_eq!(error.kind(), &GroupErrorKind::DeadlineExceeded);
+    assert!(error.cause().is_none());
+    assert!(matches!(
+        error.report().get_index(0).unwrap().outcome,
+        Outcome::TimedOut(Timeout {
+            limit: Limit::Child,
+            ..
+        })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_child_still_running_at_the_deadline_is_cut_off_even_if_it_winds_down_cleanly() {
+    let group = TaskGroup::<String>::builder()
+        .policy(Policy::CollectAll)
+        .timeout(ms(100))
+        .grace(ms(50))
+        .build()
+        .unwrap();
+    let partial = group.spawn_with("partial", |ctx| async move {
+        ctx.cancelled().await;
+        Ok("what was ready")
+    });
+    let error = group.join().await.unwrap_err();
+    assert_eq!(error.kind(), &GroupErrorKind::DeadlineExceeded);
+    assert_eq!(partial.output().unwrap(), "what was ready");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_while_winding_down_is_still_reported_as_the_cause() {
+    let group = TaskGroup::<String>::builder()
+        .grace(ms(50))
+        .build()
+        .unwrap();
+    group.spawn_with("buggy-cleanup", |ctx| async move {
+        ctx.cancelled().await;
+        if ctx.is_cancelled() {
+            panic!("cleanup bug");
+        }
+        Ok(())
+    });
+    sleep(ms(1)).await;
+    group.cancel();
+    let error = group.join().await.unwrap_err();
     assert_eq!(error.kind(), &GroupErrorKind::ChildFailed);
-    assert_eq!(error.cause().unwrap().name, "rolls-back");
+    let cause = error.cause().unwrap();
+    assert_eq!(cause.name, "buggy-cleanup");
+    assert!(matches!(cause.outcome, Outcome::Panicked(_)));
 }
 
 #[tokio::test(start_paused = true)]
