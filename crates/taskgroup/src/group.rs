@@ -17,15 +17,17 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::child::{ChildTask, Extras, Queued, Ready, Starter, WithContext};
 use crate::context::ChildContext;
@@ -522,7 +524,8 @@ pub struct Builder<E> {
     timeout: Option<Duration>,
     deadline: Option<Instant>,
     grace: Option<Duration>,
-    parent: Option<CancellationToken>,
+    /// Every token that cancels the group: outside tokens and the groups it is nested in.
+    parents: Vec<CancellationToken>,
     parent_deadline: Option<Instant>,
     _error: PhantomData<fn() -> E>,
 }
@@ -536,7 +539,7 @@ impl<E> fmt::Debug for Builder<E> {
             .field("timeout", &self.timeout)
             .field("deadline", &self.deadline)
             .field("grace", &self.grace)
-            .field("linked", &self.parent.is_some())
+            .field("linked", &self.parents.len())
             .finish()
     }
 }
@@ -550,7 +553,7 @@ impl<E: Send + 'static> Builder<E> {
             timeout: None,
             deadline: None,
             grace: None,
-            parent: None,
+            parents: Vec::new(),
             parent_deadline: None,
             _error: PhantomData,
         }
@@ -602,18 +605,25 @@ impl<E: Send + 'static> Builder<E> {
     }
 
     /// Links the group to an outside token (a server's shutdown token, say): cancelling that
-    /// token cancels the group ([`CancelReason::ParentCancelled`]).
+    /// token cancels the group ([`CancelReason::ParentCancelled`]). Links add up: a group linked
+    /// to several tokens, or both linked and [nested](Builder::nested_in), is cancelled by any of
+    /// them.
     pub fn cancel_on(mut self, token: &CancellationToken) -> Self {
-        self.parent = Some(token.clone());
+        self.parents.push(token.clone());
         self
     }
 
     /// Nests the group inside a running child: it inherits the child's deadline (the tighter of
     /// the child's timeout and its group's deadline), its group's grace period unless one is set,
-    /// and is cancelled when the child's group is cancelled.
+    /// and is cancelled when the child's group is cancelled. This adds to any
+    /// [`cancel_on`](Builder::cancel_on) link; nested in several children, the group is
+    /// cancelled by any of their groups and keeps the tightest of their deadlines.
     pub fn nested_in<P>(mut self, context: &ChildContext<P>) -> Self {
-        self.parent = Some(context.token());
-        self.parent_deadline = context.deadline();
+        self.parents.push(context.token());
+        self.parent_deadline = match (self.parent_deadline, context.deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if self.grace.is_none() {
             self.grace = Some(context.grace());
         }
@@ -658,7 +668,9 @@ impl<E: Send + 'static> Builder<E> {
                 .map_err(|_| BuildError::TimerDisabled)?;
         }
 
-        let token = match &self.parent {
+        // A child of the first parent, so that its cancellation reaches the children's tokens at
+        // once; the watchdog relays every parent's (the first's included) as the group's stop.
+        let token = match self.parents.first() {
             Some(parent) => parent.child_token(),
             None => CancellationToken::new(),
         };
@@ -688,19 +700,15 @@ impl<E: Send + 'static> Builder<E> {
 
         // A group born already cancelled or past its deadline stops now, so no child of it can
         // start before the watchdog gets to run.
-        if self
-            .parent
-            .as_ref()
-            .is_some_and(CancellationToken::is_cancelled)
-        {
+        if self.parents.iter().any(CancellationToken::is_cancelled) {
             shared.stop(Stop::Parent);
         } else if deadline.is_some_and(|d| d <= now) {
             shared.stop(Stop::Deadline);
         }
 
-        let watchdog = if sleep.is_some() || self.parent.is_some() {
+        let watchdog = if sleep.is_some() || !self.parents.is_empty() {
             let weak = Arc::downgrade(&shared);
-            Some(runtime.spawn(watchdog(weak, sleep, self.parent)))
+            Some(runtime.spawn(watchdog(weak, sleep, self.parents)))
         } else {
             None
         };
@@ -712,19 +720,19 @@ impl<E: Send + 'static> Builder<E> {
     }
 }
 
-/// Waits for the deadline or the parent's cancellation, whichever comes first, and stops the
+/// Waits for the deadline or a parent's cancellation, whichever comes first, and stops the
 /// group. It holds only a weak reference, and the group aborts it when joined or dropped.
 async fn watchdog<E: Send + 'static>(
     shared: Weak<Shared<E>>,
     sleep: Option<tokio::time::Sleep>,
-    parent: Option<CancellationToken>,
+    parents: Vec<CancellationToken>,
 ) {
-    let parent_cancelled = async {
-        match &parent {
-            Some(token) => token.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
+    let parent_cancelled = AnyCancelled(
+        parents
+            .into_iter()
+            .map(|token| Box::pin(token.cancelled_owned()))
+            .collect(),
+    );
     let expired = async {
         match sleep {
             Some(sleep) => sleep.await,
@@ -740,6 +748,22 @@ async fn watchdog<E: Send + 'static>(
     };
     if let Some(shared) = shared.upgrade() {
         shared.stop(stop);
+    }
+}
+
+/// Resolves when any of the tokens is cancelled; never, when there are none.
+struct AnyCancelled(Vec<Pin<Box<WaitForCancellationFutureOwned>>>);
+
+impl std::future::Future for AnyCancelled {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        for cancelled in &mut self.0 {
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
     }
 }
 

@@ -119,7 +119,8 @@
 //!    request" error, say) is its outcome in the report, but does not change why the group
 //!    stopped: `join` still reports the deadline or the cancellation (guarantee 2).
 //!    Cancelling a group cancels the groups nested in it, and [`Builder::cancel_on`] links a group
-//!    to an outside token such as a server's shutdown signal.
+//!    to an outside token such as a server's shutdown signal. Links add up: a group can be nested
+//!    in a child and linked to outside tokens at once, and any of them cancels it.
 //! 10. **A spawner children can use.** [`Spawner`] is a cloneable handle for adding siblings from
 //!     anywhere; `join` waits for them too. Once the group is stopping or joined,
 //!     [`Spawner::try_spawn`] refuses with a [`SpawnError`] that gives the future back (Swift's

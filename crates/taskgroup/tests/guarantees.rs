@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use taskgroup::{
-    BuildError, CancelReason, ChildErrorKind, GroupErrorKind, Limit, Outcome, OutcomeKind, Policy,
-    Spawner, TaskGroup, Timeout,
+    BuildError, CancelReason, CancellationToken, ChildContext, ChildErrorKind, GroupErrorKind,
+    Limit, Outcome, OutcomeKind, Policy, Spawner, TaskGroup, Timeout,
 };
 use tokio::time::{Instant, sleep};
 
@@ -664,6 +664,138 @@ async fn an_external_token_cancels_a_linked_group() {
         error.kind(),
         &GroupErrorKind::Cancelled(CancelReason::ParentCancelled)
     );
+}
+
+/// Builds a group nested in `ctx` and linked to `shutdown`, the two options in either order,
+/// runs a leaf that would sleep for a minute, and returns the group's deadline and how its join
+/// ended.
+async fn nested_and_linked(
+    ctx: ChildContext<String>,
+    shutdown: CancellationToken,
+    nested_first: bool,
+) -> Result<(Option<Instant>, Result<(), GroupErrorKind>), String> {
+    // No grace of its own (rather than its parent's), so it stops at once when cancelled.
+    let builder = TaskGroup::<String>::builder().grace(Duration::ZERO);
+    let builder = if nested_first {
+        builder.nested_in(&ctx).cancel_on(&shutdown)
+    } else {
+        builder.cancel_on(&shutdown).nested_in(&ctx)
+    };
+    let inner = builder.build().map_err(|e| e.to_string())?;
+    let deadline = inner.deadline();
+    inner.spawn("leaf", sleep_ok(ms(60_000)));
+    let joined = inner.join().await.map(|_| ()).map_err(|e| e.kind().clone());
+    Ok((deadline, joined))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_both_nested_and_linked_obeys_the_outside_token() {
+    let start = Instant::now();
+    let shutdown = CancellationToken::new();
+    let outer = TaskGroup::<String>::builder()
+        .timeout(ms(1000))
+        .build()
+        .unwrap();
+    let handles: Vec<_> = [true, false]
+        .into_iter()
+        .map(|nested_first| {
+            let shutdown = shutdown.clone();
+            outer.spawn_with(format!("nested_first={nested_first}"), move |ctx| {
+                nested_and_linked(ctx, shutdown, nested_first)
+            })
+        })
+        .collect();
+    sleep(ms(10)).await;
+    shutdown.cancel();
+    outer.join().await.unwrap();
+    assert_eq!(start.elapsed(), ms(10));
+    for handle in handles {
+        let (deadline, joined) = handle.output().unwrap();
+        // The parent's deadline is inherited whichever option came first.
+        assert_eq!(deadline, Some(start + ms(1000)));
+        assert_eq!(
+            joined,
+            Err(GroupErrorKind::Cancelled(CancelReason::ParentCancelled))
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_both_nested_and_linked_obeys_its_parent_group() {
+    let shutdown = CancellationToken::new();
+    let outer = TaskGroup::<String>::builder()
+        .grace(ms(100))
+        .build()
+        .unwrap();
+    let handles: Vec<_> = [true, false]
+        .into_iter()
+        .map(|nested_first| {
+            let shutdown = shutdown.clone();
+            outer.spawn_with(format!("nested_first={nested_first}"), move |ctx| {
+                nested_and_linked(ctx, shutdown, nested_first)
+            })
+        })
+        .collect();
+    sleep(ms(10)).await;
+    // The nested groups stop within the outer grace period and report it to their parents.
+    outer.cancel();
+    outer.join().await.unwrap_err();
+    for handle in handles {
+        let (_, joined) = handle.output().unwrap();
+        assert_eq!(
+            joined,
+            Err(GroupErrorKind::Cancelled(CancelReason::ParentCancelled))
+        );
+    }
+    assert!(!shutdown.is_cancelled());
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_linked_token_cancels_the_group_and_the_tightest_deadline_wins() {
+    let first = CancellationToken::new();
+    let second = CancellationToken::new();
+    let group = TaskGroup::<String>::builder()
+        .cancel_on(&first)
+        .cancel_on(&second)
+        .build()
+        .unwrap();
+    group.spawn("server", sleep_ok(ms(60_000)));
+    sleep(ms(10)).await;
+    // The first link, which a later `cancel_on` must not have replaced.
+    first.cancel();
+    let error = group.join().await.unwrap_err();
+    assert_eq!(
+        error.kind(),
+        &GroupErrorKind::Cancelled(CancelReason::ParentCancelled)
+    );
+
+    // Nested in two children at once (a group's child and that child's own nested group's
+    // child), the tighter first: the looser one that follows must not replace its deadline.
+    let start = Instant::now();
+    let outer = TaskGroup::<String>::builder()
+        .timeout(ms(300))
+        .build()
+        .unwrap();
+    let deadline = outer.spawn_with("outer-child", |outer_ctx| async move {
+        let middle = TaskGroup::<String>::builder()
+            .nested_in(&outer_ctx)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let deadline = middle.child("middle-child").timeout(ms(100)).spawn_with(
+            move |middle_ctx| async move {
+                let inner = TaskGroup::<String>::builder()
+                    .nested_in(&middle_ctx)
+                    .nested_in(&outer_ctx)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                Ok(inner.deadline())
+            },
+        );
+        middle.join().await.map_err(|e| e.to_string())?;
+        deadline.output().map_err(|e| e.to_string())
+    });
+    outer.join().await.unwrap();
+    assert_eq!(deadline.output().unwrap(), Some(start + ms(100)));
 }
 
 // 10. A spawner children can use.
