@@ -18,7 +18,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -61,7 +61,8 @@ pub enum BuildError {
     #[error("the concurrency limit must be at least 1")]
     ZeroLimit,
     /// A deadline or grace period was set, but the runtime has no time driver
-    /// (build it with `enable_time()` or `enable_all()`).
+    /// (build it with `enable_time()` or `enable_all()`). A child timeout on such a runtime is
+    /// refused when the child is spawned, with [`CancelReason::TimerDisabled`].
     #[error("deadlines need a tokio runtime with the time driver enabled")]
     TimerDisabled,
 }
@@ -94,11 +95,14 @@ impl<F> fmt::Debug for SpawnError<F> {
 
 impl<F> fmt::Display for SpawnError<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "task group is shutting down ({}); child not spawned",
-            self.reason
-        )
+        match &self.reason {
+            // Not the group's state but the child's options: say so rather than "shutting down".
+            CancelReason::TimerDisabled => write!(f, "child not spawned: {}", self.reason),
+            reason => write!(
+                f,
+                "task group is shutting down ({reason}); child not spawned"
+            ),
+        }
     }
 }
 
@@ -192,10 +196,14 @@ pub(crate) struct Shared<E> {
     budget: Duration,
     pub(crate) grace: Duration,
     limit: Option<usize>,
+    /// Unique in the process, so a [`Report`] can tell its own group's handles from others'.
+    pub(crate) id: u64,
     stop: OnceLock<Stop>,
     /// A child that panicked after the group had already stopped for another reason than a
     /// child's failure. A panic is a bug, so it is still reported as the cause.
     late_panic: OnceLock<usize>,
+    /// Whether the runtime has a time driver, found out once, when first needed.
+    timer: OnceLock<bool>,
     registry: Mutex<Registry<E>>,
     live: AtomicUsize,
     all_done: Notify,
@@ -204,6 +212,9 @@ pub(crate) struct Shared<E> {
 
 /// The process-wide count of live children, across all groups.
 static LIVE_CHILDREN: AtomicUsize = AtomicUsize::new(0);
+
+/// The source of group ids.
+static NEXT_GROUP_ID: AtomicU64 = AtomicU64::new(0);
 
 /// The number of children alive in this process right now, across all groups: spawned and not
 /// yet dropped (queued, running, or aborted but not yet reached by the runtime).
@@ -356,6 +367,15 @@ impl<E: Send + 'static> Shared<E> {
         // here, after the lock.
     }
 
+    /// Whether the group's runtime has a time driver, which a child timeout needs. tokio offers
+    /// no way to ask but to try, and panics without one; the answer is kept for the group.
+    fn timer_enabled(&self) -> bool {
+        *self.timer.get_or_init(|| {
+            let _runtime = self.runtime.enter();
+            catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO))).is_ok()
+        })
+    }
+
     fn stats(&self) -> Stats {
         let c = &self.counters;
         let (registered, queued) = {
@@ -394,6 +414,8 @@ impl<E: Send + 'static> Shared<E> {
         refuse: impl FnOnce(S, CancelReason) -> Result<S, R>,
     ) -> Result<TaskHandle<S::Output>, R> {
         let essential = essential.unwrap_or(self.policy == Policy::FailFast);
+        // Found out before taking the lock: the first check may run tokio's panic hook.
+        let timer_missing = timeout.is_some() && !self.timer_enabled();
         let mut registry = self.lock_registry();
         let index = registry.children.len();
         let slot = Arc::new(Slot::<S::Output, E>::new(
@@ -407,10 +429,20 @@ impl<E: Send + 'static> Shared<E> {
                 CancelReason::GroupClosed,
                 Outcome::Cancelled(CancelReason::GroupClosed),
             ))
+        } else if let Some(stop) = self.stop.get() {
+            Some((stop_reason(stop), self.cancellation_outcome()))
+        } else if timer_missing {
+            tracing::error!(
+                group = %self.name,
+                child = %slot.name(),
+                "task group child not spawned: its timeout needs a runtime with the time driver"
+            );
+            Some((
+                CancelReason::TimerDisabled,
+                Outcome::Cancelled(CancelReason::TimerDisabled),
+            ))
         } else {
-            self.stop
-                .get()
-                .map(|stop| (stop_reason(stop), self.cancellation_outcome()))
+            None
         };
         if let Some((reason, outcome)) = refusal {
             let starter = refuse(starter, reason)?;
@@ -683,8 +715,16 @@ impl<E: Send + 'static> Builder<E> {
             budget: deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(now)),
             grace,
             limit: self.limit,
+            id: NEXT_GROUP_ID.fetch_add(1, Ordering::Relaxed),
             stop: OnceLock::new(),
             late_panic: OnceLock::new(),
+            // A timer was created above for a deadline or grace period, so the runtime has a
+            // time driver.
+            timer: if sleep.is_some() || !grace.is_zero() {
+                OnceLock::from(true)
+            } else {
+                OnceLock::new()
+            },
             registry: Mutex::new(Registry {
                 closed: false,
                 children: Vec::new(),
@@ -925,7 +965,7 @@ impl<E: Send + 'static> TaskGroup<E> {
                 outcome: entry.slot.take_outcome(),
             })
             .collect();
-        let report = Report::new(self.shared.name.clone(), children);
+        let report = Report::new(self.shared.name.clone(), self.shared.id, children);
 
         // The first reason to stop is the verdict. An error or a child timeout that came after
         // it (a child winding down after the signal) is in the report, but is not the cause; a
@@ -1141,6 +1181,10 @@ impl<'g, E: Send + 'static> ChildBuilder<'g, E> {
     /// Cuts the child off after `timeout` of running (not counting time queued for a
     /// concurrency slot); it then reports [`Outcome::TimedOut`] with [`Limit::Child`]. The group's
     /// deadline still applies on top.
+    ///
+    /// A timeout needs the runtime's time driver. Without one the child is refused when spawned:
+    /// it never starts and reports [`Outcome::Cancelled`] with [`CancelReason::TimerDisabled`]
+    /// (the `try_` spawns give it back with that reason), and an error is logged.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self

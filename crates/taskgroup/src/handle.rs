@@ -175,6 +175,12 @@ pub(crate) trait ErasedSlot<E>: Send + Sync {
     fn name(&self) -> &Cow<'static, str>;
 }
 
+impl<T, E> Slot<T, E> {
+    fn group_id(&self) -> u64 {
+        self.shared.id
+    }
+}
+
 impl<T: Send, E: Send> ErasedSlot<E> for Slot<T, E> {
     fn take_outcome(&self) -> Outcome<(), E> {
         let mut state = self.lock();
@@ -214,6 +220,7 @@ trait OutputSlot<T>: Send + Sync {
     fn poll_output(&self, cx: Option<&mut Context<'_>>) -> Poll<Result<T, ChildErrorKind>>;
     fn is_finished(&self) -> bool;
     fn name(&self) -> &Cow<'static, str>;
+    fn group_id(&self) -> u64;
 }
 
 impl<T: Send, E: Send> OutputSlot<T> for Slot<T, E> {
@@ -227,6 +234,10 @@ impl<T: Send, E: Send> OutputSlot<T> for Slot<T, E> {
 
     fn name(&self) -> &Cow<'static, str> {
         &self.name
+    }
+
+    fn group_id(&self) -> u64 {
+        Slot::group_id(self)
     }
 }
 
@@ -257,14 +268,55 @@ impl<T> TaskHandle<T> {
         self.slot.is_finished()
     }
 
-    /// Takes the child's output without waiting.
+    /// The id of the group the child belongs to, unique in the process.
+    pub(crate) fn group_id(&self) -> u64 {
+        self.slot.group_id()
+    }
+
+    /// Takes the child's output without waiting, consuming the handle: the way to read outputs
+    /// after `join`, when every child has finished.
+    ///
+    /// Called before the child has finished, it gives [`ChildErrorKind::NotFinished`] and the
+    /// handle is gone, so the output can no longer be read (the child still runs, and `join`
+    /// still reports it). To look before the child may have finished, use
+    /// [`try_output`](TaskHandle::try_output), or await the handle.
     ///
     /// # Errors
     ///
     /// A [`ChildError`] saying why there is no output: the child failed, panicked, was cancelled
     /// or timed out, has not finished yet ([`ChildErrorKind::NotFinished`]), or the output was
     /// already taken.
-    pub fn output(self) -> Result<T, ChildError> {
+    pub fn output(mut self) -> Result<T, ChildError> {
+        self.try_output()
+    }
+
+    /// Takes the child's output without waiting, keeping the handle: if the child has not
+    /// finished yet, the handle still reads (or awaits) the output later.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use taskgroup::{ChildErrorKind, TaskGroup};
+    ///
+    /// let group = TaskGroup::<std::io::Error>::new()?;
+    /// let mut handle = group.spawn("slow", async {
+    ///     tokio::time::sleep(Duration::from_millis(10)).await;
+    ///     Ok(7)
+    /// });
+    /// assert_eq!(handle.try_output().unwrap_err().kind, ChildErrorKind::NotFinished);
+    /// group.join().await?;
+    /// assert_eq!(handle.try_output()?, 7);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`output`](TaskHandle::output): [`ChildErrorKind::NotFinished`] while the child runs
+    /// (the output stays to be taken), otherwise why there is no output, or
+    /// [`ChildErrorKind::Taken`] once it was taken.
+    pub fn try_output(&mut self) -> Result<T, ChildError> {
         match self.slot.poll_output(None) {
             Poll::Ready(result) => result.map_err(|kind| self.error(kind)),
             Poll::Pending => Err(self.error(ChildErrorKind::NotFinished)),

@@ -83,7 +83,7 @@
 //!    for its deadline or a cancellation (a bug in a child's clean-up does not hide behind the
 //!    deadline); only a child's failure that came before it takes precedence. A plain
 //!    cancellation never becomes a panic, and the group itself never panics: misuse gets a typed
-//!    error ([`BuildError`], [`SpawnError`], [`ChildError`]).
+//!    error ([`BuildError`], [`SpawnError`], [`ChildError`], [`CancelReason::TimerDisabled`]).
 //! 4. **Policies.** [`Policy::FailFast`] (`asyncio.TaskGroup`, `coroutineScope`) and
 //!    [`Policy::CollectAll`] (`gather(return_exceptions=True)`, `supervisorScope`): failures do not
 //!    cancel siblings and `join` returns every outcome. [`ChildBuilder::essential`] overrides the
@@ -136,10 +136,26 @@
 //!     [`live_children`] is a process-wide gauge of children not yet dropped, for `/metrics` and for
 //!     tests that prove nothing leaks.
 //!
-//! Every group needs a tokio runtime (current-thread or multi-thread); deadlines and grace periods
-//! need its time driver. Children must be `Send + 'static`, like any tokio task. A group without a
-//! deadline waits as long as its children do, so bound it with a deadline where a wait must be
-//! bounded. A group keeps a small record per child (name, outcome) until it is joined.
+//! Every group needs a tokio runtime (current-thread or multi-thread); deadlines, grace periods and
+//! child timeouts need its time driver (without one, [`Builder::build`] refuses a deadline or grace
+//! period with [`BuildError::TimerDisabled`], and a child with a timeout is refused at spawn with
+//! [`CancelReason::TimerDisabled`]). Children must be `Send + 'static`, like any tokio task. A
+//! group without a deadline waits as long as its children do, so bound it with a deadline where a
+//! wait must be bounded. If the runtime shuts down under a group, the group stops: running
+//! children are dropped by tokio and queued ones discarded, all reported as cancelled with
+//! [`CancelReason::RuntimeShutdown`].
+//!
+//! # What a group keeps until `join`
+//!
+//! A group is meant for one unit of work (a request, a batch): it releases nothing per child
+//! until it is joined or dropped. For every child ever spawned into it, it keeps the child's
+//! `JoinHandle` (which keeps tokio's task cell of 128 bytes or more allocated, though the child's
+//! future is dropped as soon as it finishes), its result slot (about 96 bytes) and registry entry,
+//! and whatever the child left in the slot: its output until the handle takes it (for ever, if the
+//! handle was dropped), and every error value `E` and panic payload, which only `join` hands out.
+//! A long-lived group that keeps spawning (one child per connection of a server, say) therefore
+//! grows without bound: give each unit of work its own group, or join and replace the group from
+//! time to time.
 //!
 //! # The seed's examples
 //!
@@ -304,7 +320,7 @@ mod tests {
             Box::new(crate::GroupError::<E>::new(
                 crate::GroupErrorKind::DeadlineExceeded,
                 None,
-                crate::Report::new("g".into(), Vec::new()),
+                crate::Report::new("g".into(), 0, Vec::new()),
             ));
         assert_eq!(
             boxed.to_string(),

@@ -224,6 +224,10 @@ pub enum CancelReason {
     /// The child was dropped without the group asking for it, which happens when the runtime
     /// shuts down. The group then stops: queued children are discarded with this reason too.
     RuntimeShutdown,
+    /// The child has a timeout, but the runtime has no time driver to enforce it (build the
+    /// runtime with `enable_time()` or `enable_all()`), so it was refused when spawned and never
+    /// started.
+    TimerDisabled,
 }
 
 impl fmt::Display for CancelReason {
@@ -236,6 +240,9 @@ impl fmt::Display for CancelReason {
             CancelReason::GroupDropped => f.write_str("group dropped without being joined"),
             CancelReason::GroupClosed => f.write_str("group already closed"),
             CancelReason::RuntimeShutdown => f.write_str("runtime shut down"),
+            CancelReason::TimerDisabled => {
+                f.write_str("child timeouts need a tokio runtime with the time driver enabled")
+            }
         }
     }
 }
@@ -305,7 +312,8 @@ pub enum ChildErrorKind {
     #[error("{0}")]
     TimedOut(Timeout),
     /// The child has not finished yet (only from [`TaskHandle::output`](crate::TaskHandle::output)
-    /// called before the group was joined).
+    /// or [`TaskHandle::try_output`](crate::TaskHandle::try_output) called before the group was
+    /// joined).
     #[error("has not finished yet")]
     NotFinished,
     /// The output was already taken from this handle.

@@ -22,12 +22,18 @@ pub struct ChildReport<E> {
 #[derive(Debug)]
 pub struct Report<E> {
     group: Cow<'static, str>,
+    /// The group's id, to refuse handles of other groups.
+    id: u64,
     children: Vec<ChildReport<E>>,
 }
 
 impl<E> Report<E> {
-    pub(crate) fn new(group: Cow<'static, str>, children: Vec<ChildReport<E>>) -> Self {
-        Report { group, children }
+    pub(crate) fn new(group: Cow<'static, str>, id: u64, children: Vec<ChildReport<E>>) -> Self {
+        Report {
+            group,
+            id,
+            children,
+        }
     }
 
     /// The group's name.
@@ -50,8 +56,11 @@ impl<E> Report<E> {
         self.children.iter()
     }
 
-    /// The entry of the child behind `handle`.
+    /// The entry of the child behind `handle`; `None` for a handle of another group.
     pub fn get<T>(&self, handle: &TaskHandle<T>) -> Option<&ChildReport<E>> {
+        if handle.group_id() != self.id {
+            return None;
+        }
         self.children.get(handle.index())
     }
 

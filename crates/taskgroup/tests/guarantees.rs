@@ -373,6 +373,31 @@ async fn handle_output_before_finish_and_twice_is_an_error_not_a_panic() {
     group.join().await.unwrap();
 }
 
+#[tokio::test(start_paused = true)]
+async fn try_output_before_the_child_finishes_keeps_the_handle() {
+    let group = TaskGroup::<String>::new().unwrap();
+    let mut handle = group.spawn("slow", sleep_ok(ms(10)));
+    assert_eq!(
+        handle.try_output().unwrap_err().kind,
+        ChildErrorKind::NotFinished
+    );
+    group.join().await.unwrap();
+    assert_eq!(handle.try_output().unwrap(), ms(10));
+    assert_eq!(handle.try_output().unwrap_err().kind, ChildErrorKind::Taken);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_report_does_not_answer_for_another_groups_handle() {
+    let first = TaskGroup::<String>::new().unwrap();
+    let second = TaskGroup::<String>::new().unwrap();
+    let own = first.spawn("own", sleep_ok(ms(1)));
+    let foreign = second.spawn("foreign", sleep_err(ms(1), "elsewhere"));
+    let report = first.join().await.unwrap();
+    second.join().await.unwrap_err();
+    assert_eq!(report.get(&own).unwrap().name, "own");
+    assert!(report.get(&foreign).is_none());
+}
+
 // 6. Ordered map with a limit.
 
 #[tokio::test(start_paused = true)]
@@ -1070,6 +1095,40 @@ fn a_deadline_without_a_time_driver_is_an_error() {
         let handle = group.spawn("plain", async { Ok(1) });
         group.join().await.unwrap();
         assert_eq!(handle.output().unwrap(), 1);
+    });
+}
+
+#[test]
+fn a_child_timeout_without_a_time_driver_is_refused_with_a_typed_reason() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let group = TaskGroup::<String>::new().unwrap();
+        let plain = group.spawn("plain", async { Ok(1) });
+        let timed = group.child("timed").timeout(ms(10)).spawn(async { Ok(2) });
+        let refused = group
+            .child("try-timed")
+            .timeout(ms(10))
+            .try_spawn(async { Ok(3) })
+            .unwrap_err();
+        assert_eq!(refused.reason(), &CancelReason::TimerDisabled);
+        assert_eq!(
+            refused.to_string(),
+            "child not spawned: child timeouts need a tokio runtime with the time driver enabled"
+        );
+        assert_eq!(refused.into_inner().await.unwrap(), 3);
+        let report = group.join().await.unwrap();
+        assert!(matches!(
+            report.get(&timed).unwrap().outcome,
+            Outcome::Cancelled(CancelReason::TimerDisabled)
+        ));
+        assert_eq!(report.count(OutcomeKind::Panicked), 0);
+        assert_eq!(plain.output().unwrap(), 1);
+        assert_eq!(
+            timed.output().unwrap_err().kind,
+            ChildErrorKind::Cancelled(CancelReason::TimerDisabled)
+        );
     });
 }
 
