@@ -101,15 +101,23 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         // Every setting is checked before waiting for the database, so a bad key is reported at
         // once rather than after `startup.db_wait`.
-        let database = Database::connect_lazy(&settings.database)
+        let workers = match settings.server.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        // One pool and one HTTP client per worker (see `Service::adopt_worker_thread`).
+        let database = Database::connect_lazy_in_lanes(&settings.database, workers)
             .map_err(|e| StartupError::Settings(e.to_string()))?;
-        let client = RecommendationClient::new(settings.recommendations.clone()).map_err(|e| {
-            StartupError::Settings(format!("invalid [recommendations] settings: {e}"))
-        })?;
+        let client = RecommendationClient::in_lanes(settings.recommendations.clone(), workers)
+            .map_err(|e| {
+                StartupError::Settings(format!("invalid [recommendations] settings: {e}"))
+            })?;
         let service = Service::new(database.clone(), client, settings.service.clone())
             .map_err(|e| StartupError::Settings(e.to_string()))?;
         check_file_limit(&settings);
         wait_for_database(&database, &settings).await?;
+        // The check's connection is driven by this thread, which serves no requests.
+        database.close_idle();
         let state = web::Data::new(AppState {
             service,
             metrics: Metrics::new(),
@@ -125,13 +133,12 @@ impl Application {
         let address = listener
             .local_addr()
             .map_err(|source| StartupError::Bind { address, source })?;
-        let workers = match server_settings.workers {
-            0 => std::thread::available_parallelism().map_or(1, usize::from),
-            n => n,
-        };
         let json_limit = server_settings.json_limit;
         let app_state = state.clone();
+        let connected_state = state.clone();
+        let next_worker = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let server = HttpServer::new(move || {
+            bind_worker(&next_worker, &app_state.service);
             App::new()
                 .app_data(app_state.clone())
                 .app_data(
@@ -145,7 +152,11 @@ impl Application {
                 .configure(routes_config)
                 .default_service(web::to(error::not_found))
         })
-        .on_connect(disconnect::on_connect)
+        .on_connect(move |connection, data| {
+            // Runs on the worker's own runtime (unlike the app factory above).
+            connected_state.service.worker_serving();
+            disconnect::on_connect(connection, data);
+        })
         .workers(workers)
         .backlog(server_settings.backlog)
         .max_connections(server_settings.max_connections_per_worker)
@@ -369,6 +380,17 @@ async fn wait_for_database(database: &Database, settings: &Settings) -> Result<(
                 });
             }
         }
+    }
+}
+
+/// Gives the calling worker thread the next worker index, once: actix-web calls the app factory
+/// on each worker thread as it starts, and again on the same thread if it restarts a service.
+fn bind_worker(next: &std::sync::atomic::AtomicUsize, service: &service::Service) {
+    thread_local! {
+        static BOUND: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if !BOUND.with(|bound| bound.replace(true)) {
+        service.adopt_worker_thread(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     }
 }
 

@@ -169,7 +169,8 @@ pub struct RecommendationClient {
 
 #[derive(Debug)]
 struct Inner {
-    http: Client<HttpConnector, Empty<Bytes>>,
+    /// One pooled client per lane (worker thread); see [`crate::lane`].
+    http: Box<[Client<HttpConnector, Empty<Bytes>>]>,
     /// `base_url` without its trailing `/`.
     base: String,
     config: ClientConfig,
@@ -186,18 +187,33 @@ impl RecommendationClient {
     /// [`ConfigError`] if `base_url` is not an `http://` URL with a host, or a setting is out of
     /// range (zero timeouts, limits or threshold).
     pub fn new(config: ClientConfig) -> Result<Self, ConfigError> {
-        let base = validate(&config)?;
+        Self::in_lanes(config, 1)
+    }
 
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        // Requests are small and answered in one go; Nagle's algorithm would only add latency.
-        connector.set_nodelay(true);
-        let http = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(config.max_idle_per_host)
-            .pool_idle_timeout(config.idle_timeout)
-            // Without a timer the pool never expires idle connections.
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+    /// Builds the client with one connection pool per lane (worker thread), `max_idle_per_host`
+    /// split between them; see [`crate::lane`]. One lane is [`RecommendationClient::new`].
+    ///
+    /// # Errors
+    ///
+    /// As [`RecommendationClient::new`].
+    pub fn in_lanes(config: ClientConfig, lanes: usize) -> Result<Self, ConfigError> {
+        let base = validate(&config)?;
+        let lanes = lanes.max(1);
+        let http = (0..lanes)
+            .map(|_| {
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(config.connect_timeout));
+                // Requests are small and answered in one go; Nagle's algorithm would only add
+                // latency.
+                connector.set_nodelay(true);
+                Client::builder(TokioExecutor::new())
+                    .pool_max_idle_per_host(config.max_idle_per_host.div_ceil(lanes))
+                    .pool_idle_timeout(config.idle_timeout)
+                    // Without a timer the pool never expires idle connections.
+                    .pool_timer(TokioTimer::new())
+                    .build(connector)
+            })
+            .collect();
 
         Ok(Self {
             inner: Arc::new(Inner {
@@ -439,7 +455,8 @@ impl Inner {
         let mut retries = 0;
         loop {
             bump(&self.counters.requests_sent);
-            match self.http.request(request(uri)).await {
+            let http = &self.http[crate::lane::current(self.http.len())];
+            match http.request(request(uri)).await {
                 Ok(response) => return Ok(response),
                 Err(error) if error.is_connect() && retries < self.config.connect_retries => {
                     retries += 1;

@@ -26,6 +26,7 @@ mod breaker;
 mod client;
 mod config;
 mod error;
+pub mod lane;
 
 pub use breaker::{BreakerSnapshot, BreakerState};
 pub use client::{ClientStats, ErrorCounts, Recommendation, RecommendationClient};

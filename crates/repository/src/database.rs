@@ -8,8 +8,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use std::sync::{Arc, OnceLock};
+
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Status, Transaction,
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Status, Timeouts,
+    Transaction,
 };
 use rust_decimal::Decimal;
 use tokio_postgres::types::FromSql;
@@ -34,9 +37,13 @@ const USER_SUMMARIES: &str = "SELECT u.id, u.username, u.email, u.avatar, s.orde
 
 /// A pool of PostgreSQL connections and the typed reads over it. Cheap to clone: clones share
 /// the pool.
+///
+/// The pool may be split into lanes, one per worker thread ([`Database::connect_lazy_in_lanes`]
+/// and [`crate::lane`]); everything else sees one pool of `max_size` connections.
 #[derive(Clone)]
 pub struct Database {
-    pool: Pool,
+    lanes: Arc<[Pool]>,
+    homes: Arc<[Arc<OnceLock<crate::lane::Home>>]>,
     limits: Limits,
 }
 
@@ -51,14 +58,15 @@ struct Limits {
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Database")
-            .field("status", &self.pool.status())
+            .field("lanes", &self.lanes.len())
+            .field("status", &self.status())
             .field("limits", &self.limits)
             .finish()
     }
 }
 
 /// A snapshot of the pool, for `/metrics` and readiness checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PoolStatus {
     /// The most connections the pool will open.
     pub max_size: usize,
@@ -89,32 +97,83 @@ impl Database {
     ///
     /// [`Error::Config`] when the settings are unusable.
     pub fn connect_lazy(config: &DbConfig) -> Result<Self, Error> {
+        Self::connect_lazy_in_lanes(config, 1)
+    }
+
+    /// Builds the pool split into `lanes` pools of `max_size / lanes` connections each (at most
+    /// `max_size` lanes), one per worker thread; see [`crate::lane`]. One lane is one pool.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the settings are unusable.
+    pub fn connect_lazy_in_lanes(config: &DbConfig, lanes: usize) -> Result<Self, Error> {
         let pg = config.pg_config()?;
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                // A connection whose socket the driver saw close is replaced; anything subtler
-                // shows up as an error on the next query, which the caller already handles.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(config.max_size)
-            .wait_timeout(Some(config.wait_timeout))
-            .create_timeout(Some(config.create_timeout))
-            .recycle_timeout(Some(config.recycle_timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| Error::Config(format!("cannot build the database pool: {e}")))?;
+        let count = lanes.clamp(1, config.max_size.max(1));
+        let mut homes = Vec::with_capacity(count);
+        let lanes = (0..count)
+            .map(|lane| {
+                let connect = crate::lane::HomeConnect::default();
+                homes.push(Arc::clone(&connect.home));
+                let manager = Manager::from_connect(
+                    pg.clone(),
+                    connect,
+                    ManagerConfig {
+                        // A connection whose socket the driver saw close is replaced; anything
+                        // subtler shows up as an error on the next query, which the caller
+                        // already handles.
+                        recycling_method: RecyclingMethod::Fast,
+                    },
+                );
+                Pool::builder(manager)
+                    .max_size(crate::lane::share(config.max_size, count, lane))
+                    .wait_timeout(Some(config.wait_timeout))
+                    .create_timeout(Some(config.create_timeout))
+                    .recycle_timeout(Some(config.recycle_timeout))
+                    .runtime(Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| Error::Config(format!("cannot build the database pool: {e}")))
+            })
+            .collect::<Result<Arc<[Pool]>, Error>>()?;
         Ok(Self {
-            pool,
+            lanes,
+            homes: homes.into(),
             limits: Limits {
                 orders: config.orders_limit,
                 reviews: config.reviews_limit,
                 wait: config.wait_timeout,
             },
         })
+    }
+
+    /// Makes the calling thread (a server worker) the home of lane `worker % lanes`: it takes
+    /// connections from that lane, and from its first request for a connection (made on the
+    /// runtime that serves its requests) the lane's connections are opened and driven on that
+    /// runtime, whoever asks for them. The first thread to claim a lane keeps it. See
+    /// [`crate::lane`].
+    ///
+    /// The home runtime is taken at the first request rather than here because a server may run
+    /// its workers' set-up code on another runtime (actix-server does, inside an existing tokio
+    /// runtime).
+    pub fn adopt_thread(&self, worker: usize) {
+        crate::lane::bind_thread(worker);
+    }
+
+    /// Claims the calling thread's lane for the current runtime, if the thread is bound and the
+    /// lane has no home yet; see [`Database::adopt_thread`]. Done at every connection request;
+    /// a server calls it earlier too (when its worker accepts a connection), so that no other
+    /// worker opens connections of this lane on its own runtime before the first request here.
+    pub fn claim_home(&self) {
+        let Some(worker) = crate::lane::bound() else {
+            return;
+        };
+        let Some(home) = self.homes.get(worker % self.homes.len().max(1)) else {
+            return;
+        };
+        if home.get().is_none()
+            && let Some(this) = crate::lane::Home::of_current_thread()
+        {
+            let _ = home.set(this);
+        }
     }
 
     /// Takes a connection out of the pool, waiting at most the configured `wait_timeout`.
@@ -124,11 +183,29 @@ impl Database {
     /// [`Error::PoolTimeout`] when none became free in time, [`Error::Unavailable`] when a new
     /// connection could not be opened, [`Error::Closed`] after [`Database::close`].
     pub async fn conn(&self) -> Result<Conn, Error> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| Error::from_pool(e, self.limits.wait))?;
+        self.claim_home();
+        let taken = self.take().await;
+        self.wrap(taken)
+    }
+
+    /// Takes a connection out of lane `lane` (modulo the number of lanes), waiting at most the
+    /// configured `wait_timeout`. For a caller that keeps its own per-lane accounting of
+    /// connections, such as a concurrency limit split the same way ([`crate::lane::share`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Database::conn`].
+    pub async fn conn_in_lane(&self, lane: usize) -> Result<Conn, Error> {
+        self.claim_home();
+        let taken = match self.lanes.get(lane % self.lanes.len().max(1)) {
+            Some(pool) => pool.get().await,
+            None => Err(PoolError::Closed),
+        };
+        self.wrap(taken)
+    }
+
+    fn wrap(&self, taken: Result<Object, PoolError>) -> Result<Conn, Error> {
+        let client = taken.map_err(|e| Error::from_pool(e, self.limits.wait))?;
         Ok(Conn {
             client: Some(client),
             limits: self.limits,
@@ -136,6 +213,45 @@ impl Database {
             abandoned: AtomicBool::new(false),
             held: None,
         })
+    }
+
+    /// A connection from the calling thread's lane if one is free there (or may be opened), else
+    /// an idle one from another lane, else the first to free up in its own lane.
+    async fn take(&self) -> Result<Object, PoolError> {
+        let own = crate::lane::current(self.lanes.len());
+        let Some(pool) = self.lanes.get(own) else {
+            return Err(PoolError::Closed);
+        };
+        if self.lanes.len() == 1 {
+            return pool.get().await;
+        }
+        let at_once = Timeouts {
+            wait: Some(Duration::ZERO),
+            ..pool.timeouts()
+        };
+        match pool.timeout_get(&at_once).await {
+            Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => {}
+            taken => return taken,
+        }
+        for (lane, other) in self.lanes.iter().enumerate() {
+            // Only an idle connection: opening one here would put its driver on this thread.
+            if lane != own
+                && other.status().available > 0
+                && let Ok(object) = other.timeout_get(&at_once).await
+            {
+                return Ok(object);
+            }
+        }
+        pool.get().await
+    }
+
+    /// Closes the idle connections of every lane. An application calls this after start-up
+    /// checks made on a thread that will not serve requests, so that the connections they
+    /// opened (whose driver tasks run there) are not used by the workers.
+    pub fn close_idle(&self) {
+        for pool in self.lanes.iter() {
+            pool.retain(|_, _| false);
+        }
     }
 
     /// Checks that the server answers a trivial query.
@@ -194,20 +310,35 @@ impl Database {
         self.conn().await?.user_summaries(user_ids).await
     }
 
-    /// The pool's current size, idle connections and waiters.
+    /// The pool's current size, idle connections and waiters (all lanes together).
     pub fn status(&self) -> PoolStatus {
-        self.pool.status().into()
+        self.lanes
+            .iter()
+            .map(|pool| PoolStatus::from(pool.status()))
+            .fold(PoolStatus::default(), |sum, lane| PoolStatus {
+                max_size: sum.max_size + lane.max_size,
+                size: sum.size + lane.size,
+                idle: sum.idle + lane.idle,
+                waiting: sum.waiting + lane.waiting,
+            })
+    }
+
+    /// The number of lanes (pools, one per worker thread).
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
     }
 
     /// Closes the pool: waiters and later callers get [`Error::Closed`], and idle connections are
     /// closed now. Connections in use close when they are returned.
     pub fn close(&self) {
-        self.pool.close();
+        for pool in self.lanes.iter() {
+            pool.close();
+        }
     }
 
     /// Whether [`Database::close`] was called.
     pub fn is_closed(&self) -> bool {
-        self.pool.is_closed()
+        self.lanes.iter().all(Pool::is_closed)
     }
 }
 

@@ -15,6 +15,7 @@
 mod config;
 mod database;
 mod error;
+pub mod lane;
 pub mod migrations;
 pub mod models;
 

@@ -70,7 +70,7 @@ impl Service {
         config: ServiceConfig,
     ) -> Result<Self, ConfigError> {
         config.validate(db.status().max_size)?;
-        let gate = DbGate::new(config.db_concurrency, config.db_slot_wait);
+        let gate = DbGate::new(config.db_concurrency, config.db_slot_wait, db.lanes());
         let batch_slots = Arc::new(tokio::sync::Semaphore::new(
             (config.db_concurrency / 2).max(1),
         ));
@@ -98,6 +98,22 @@ impl Service {
     /// The settings the service runs with.
     pub fn config(&self) -> &ServiceConfig {
         &self.inner.config
+    }
+
+    /// Makes the calling thread the home of lane `worker` of the pool and of the recommendation
+    /// client (see [`repository::lane`] and [`client::lane`]): a server with one single-threaded
+    /// runtime per worker calls this once on each worker thread, so that a request's statements
+    /// and calls are driven by its own thread, without cross-thread wake-ups. The database gate is
+    /// split into the same lanes and still bounds the whole process (see the `gate` module).
+    pub fn adopt_worker_thread(&self, worker: usize) {
+        self.inner.db.adopt_thread(worker);
+        client::lane::bind_thread(worker);
+    }
+
+    /// Tells the pool that the calling worker thread is now running on the runtime that serves
+    /// its requests (see [`Database::claim_home`]); cheap, meant for every accepted connection.
+    pub fn worker_serving(&self) {
+        self.inner.db.claim_home();
     }
 
     /// Database slots in use.
