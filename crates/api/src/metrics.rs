@@ -99,7 +99,7 @@ impl Metrics {
         );
         registry.register(
             "dashboard_source_duration_seconds",
-            "Latency of each dashboard source by how it ended (ok, error, timeout, cancelled, skipped)",
+            "Latency of each dashboard source by how it ended (ok, error, timeout, cancelled)",
             sources.clone(),
         );
         let source_errors = Family::<ErrorLabels, Counter>::default();

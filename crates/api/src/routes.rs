@@ -166,7 +166,7 @@ pub async fn dashboard(
         (status = 408, description = "The body did not arrive within the request timeout", body = crate::error::ErrorBody),
         (status = 413, description = "The body is larger than 64 KiB", body = crate::error::ErrorBody),
         (status = 415, description = "The body is not application/json", body = crate::error::ErrorBody),
-        (status = 503, description = "The database is unavailable", body = crate::error::ErrorBody,
+        (status = 503, description = "The database is unavailable, or so busy that no user could be summarised", body = crate::error::ErrorBody,
          headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
         (status = 504, description = "The batch's deadline passed", body = crate::error::ErrorBody),
     )
@@ -181,6 +181,16 @@ pub async fn batch(
         return Err(ApiError::client_closed());
     };
     match result {
+        Ok(summary) if nothing_summarised_for_now(&summary) => {
+            tracing::warn!(
+                ids = summary.errors.len(),
+                "batch summarised no user: database busy or slow"
+            );
+            Err(ApiError::unavailable(
+                "the database is busy: no user could be summarised; retry shortly",
+                1,
+            ))
+        }
         Ok(summary) => Ok(Success::response(summary)),
         Err(BatchError::Invalid(message)) => Err(ApiError::bad_request("invalid_batch", message)),
         Err(BatchError::Unavailable(cause)) => {
@@ -200,6 +210,20 @@ pub async fn batch(
             Err(ApiError::internal())
         }
     }
+}
+
+/// Whether a batch came back with no summary at all because of overload (some ids busy or timed
+/// out, the rest unknown users): a 200 "success" with nothing in it would tell a client that
+/// checks the status it got its data. A batch with some summaries stays a 200 with per-id errors,
+/// like a partial dashboard.
+fn nothing_summarised_for_now(summary: &service::BatchSummary) -> bool {
+    let retryable = |kind: &str| {
+        matches!(
+            kind,
+            "busy" | "timeout" | "pool_timeout" | "unavailable" | "closed"
+        )
+    };
+    summary.results.is_empty() && summary.errors.iter().any(|e| retryable(e.kind))
 }
 
 /// Liveness and readiness answers.

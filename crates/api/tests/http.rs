@@ -319,6 +319,66 @@ async fn a_batch_answers_in_input_order() {
 }
 
 #[tokio::test]
+async fn a_batch_that_summarised_nobody_because_of_overload_is_503_not_an_empty_success() {
+    let app = spawn_app_with(|settings| {
+        settings.service.batch.chunk_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // Every chunk's statement waits on the lock past the chunk timeout.
+    let lock = testkit::TableLock::take(&app.db, "users").await;
+    let response = app
+        .post_json("/api/users/batch", r#"{"user_ids":[1,2,77]}"#)
+        .await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(error_code(response).await, "unavailable");
+    lock.release().await;
+
+    // Unknown users only are a plain answer, not overload.
+    let response = app
+        .post_json("/api/users/batch", r#"{"user_ids":[77,78]}"#)
+        .await;
+    assert_eq!(response.status(), 200);
+    let body = json(response).await;
+    assert_eq!(body["data"]["results"], serde_json::json!([]));
+    assert_eq!(body["data"]["errors"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn two_workers_share_the_database_limit_and_return_every_slot() {
+    let app = spawn_app_with(|settings| {
+        settings.server.workers = 2;
+        settings.database.max_size = 4;
+        settings.service.db_concurrency = 3;
+    })
+    .await;
+    let requests = (0..60).map(|i| {
+        let http = app.http.clone();
+        let url = app.url(&format!("/api/users/{}/dashboard", 1 + i % 3));
+        async move { http.get(url).send().await.unwrap().status() }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let service = &app.state.service;
+    assert_eq!(service.gate_stats().slots, 3);
+    assert_eq!(service.database().lanes(), 2);
+    let pool = service.database().status();
+    assert_eq!(pool.max_size, 4);
+    assert!(
+        pool.size <= 3,
+        "at most one connection per slot is ever needed: {pool:?}"
+    );
+    // Released as the answers went out; the last ones may still be on their way back.
+    for _ in 0..200 {
+        if service.gate_stats().in_use == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(service.gate_stats().in_use, 0);
+}
+
+#[tokio::test]
 async fn a_client_that_disconnects_leaves_no_live_children() {
     let app = spawn_app_with(|settings| {
         settings.service.dashboard.recommendations_timeout = Duration::from_secs(30);

@@ -205,6 +205,13 @@ impl Service {
                             failure(Source::Orders),
                             failure(Source::Reviews),
                         ];
+                        // The database sources failed (they are in `errors`), and say so in
+                        // their status too, so that a dashboard of statuses sees the overload.
+                        let failed = if matches!(error, SourceError::TimedOut { .. }) {
+                            SourceStatus::Timeout
+                        } else {
+                            SourceStatus::Error
+                        };
                         let timings = Source::ALL
                             .iter()
                             .map(|&source| SourceTiming {
@@ -213,7 +220,7 @@ impl Service {
                                 status: if source == Source::Recommendations {
                                     SourceStatus::Cancelled
                                 } else {
-                                    SourceStatus::Skipped
+                                    failed
                                 },
                             })
                             .collect();

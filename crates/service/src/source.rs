@@ -161,8 +161,6 @@ pub enum SourceStatus {
     Timeout,
     /// It was cancelled (the profile showed the user does not exist, or the profile failed).
     Cancelled,
-    /// It never ran (no database connection could be had for it).
-    Skipped,
 }
 
 impl SourceStatus {
@@ -173,7 +171,6 @@ impl SourceStatus {
             SourceStatus::Error => "error",
             SourceStatus::Timeout => "timeout",
             SourceStatus::Cancelled => "cancelled",
-            SourceStatus::Skipped => "skipped",
         }
     }
 }

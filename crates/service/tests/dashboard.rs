@@ -252,13 +252,24 @@ async fn database_slots_are_shared_by_all_requests() {
     }
     // The second cannot get a slot and says so instead of queueing without bound.
     let err = w.service.dashboard(2).await.unwrap_err();
-    let DashboardError::Unavailable { errors, .. } = &err else {
+    let DashboardError::Unavailable { errors, timings } = &err else {
         panic!("expected Unavailable, got {err:?}");
     };
     assert_eq!(errors[0].kind, "busy");
     assert_eq!(
         errors[0].error,
         "database busy: no connection slot free within 100ms"
+    );
+    // The database sources failed, and their statuses say so (not "never ran").
+    let statuses: Vec<_> = timings.iter().map(|t| (t.source, t.status)).collect();
+    assert_eq!(
+        statuses,
+        [
+            (Source::Profile, SourceStatus::Error),
+            (Source::Orders, SourceStatus::Error),
+            (Source::Reviews, SourceStatus::Error),
+            (Source::Recommendations, SourceStatus::Cancelled),
+        ]
     );
 
     lock.release().await;
