@@ -202,12 +202,18 @@ pub async fn not_found() -> HttpResponse {
     ApiError::route_not_found().error_response()
 }
 
-/// The handler behind a known route called with a method it does not take.
-pub async fn method_not_allowed() -> HttpResponse {
-    ApiError::new(
+/// The answer to a known route called with a method it does not take; `allow` lists the methods
+/// it does take, for the `Allow` header (RFC 9110 section 15.5.6).
+pub async fn method_not_allowed(allow: &'static str) -> HttpResponse {
+    let mut response = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "this endpoint does not take that method; see /openapi.json",
     )
-    .error_response()
+    .error_response();
+    response.headers_mut().insert(
+        actix_web::http::header::ALLOW,
+        actix_web::http::header::HeaderValue::from_static(allow),
+    );
+    response
 }

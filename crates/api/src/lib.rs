@@ -155,6 +155,7 @@ impl Application {
         .on_connect(move |connection, data| {
             // Runs on the worker's own runtime (unlike the app factory above).
             connected_state.service.worker_serving();
+            data.insert(middleware::Closing::default());
             disconnect::on_connect(connection, data);
         })
         .workers(workers)
@@ -280,46 +281,38 @@ impl ShutdownHandle {
     }
 }
 
-/// Registers the routes; a known path called with another method answers 405 in JSON.
+/// Registers the routes. A GET route answers HEAD too (monitors and load balancers probe with
+/// it); a known path called with another method answers 405 in JSON, with `Allow`.
 fn routes_config(config: &mut web::ServiceConfig) {
-    let method_not_allowed = || web::to(error::method_not_allowed);
     config
         .service(
             web::resource("/api/users/batch")
                 .app_data(middleware::RouteLabel("/api/users/batch"))
                 .route(web::post().to(routes::batch))
-                .default_service(method_not_allowed()),
+                .default_service(web::to(|| error::method_not_allowed("POST"))),
         )
-        .service(
-            web::resource("/api/users/{user_id}/dashboard")
-                .app_data(middleware::RouteLabel("/api/users/{user_id}/dashboard"))
-                .route(web::get().to(routes::dashboard))
-                .default_service(method_not_allowed()),
-        )
-        .service(
-            web::resource("/healthz")
-                .app_data(middleware::RouteLabel("/healthz"))
-                .route(web::get().to(routes::healthz))
-                .default_service(method_not_allowed()),
-        )
-        .service(
-            web::resource("/readyz")
-                .app_data(middleware::RouteLabel("/readyz"))
-                .route(web::get().to(routes::readyz))
-                .default_service(method_not_allowed()),
-        )
-        .service(
-            web::resource("/metrics")
-                .app_data(middleware::RouteLabel("/metrics"))
-                .route(web::get().to(routes::metrics))
-                .default_service(method_not_allowed()),
-        )
-        .service(
-            web::resource("/openapi.json")
-                .app_data(middleware::RouteLabel("/openapi.json"))
-                .route(web::get().to(routes::openapi))
-                .default_service(method_not_allowed()),
-        );
+        .service(get_resource(
+            "/api/users/{user_id}/dashboard",
+            routes::dashboard,
+        ))
+        .service(get_resource("/healthz", routes::healthz))
+        .service(get_resource("/readyz", routes::readyz))
+        .service(get_resource("/metrics", routes::metrics))
+        .service(get_resource("/openapi.json", routes::openapi));
+}
+
+/// A resource answering GET and HEAD with `handler` (actix-web sends no body for HEAD).
+fn get_resource<F, Args>(path: &'static str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args> + Clone,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    web::resource(path)
+        .app_data(middleware::RouteLabel(path))
+        .route(web::get().to(handler.clone()))
+        .route(web::head().to(handler))
+        .default_service(web::to(|| error::method_not_allowed("GET, HEAD")))
 }
 
 /// Warns when the connection limits could run the process out of file descriptors: each client

@@ -13,7 +13,9 @@
 //! same timeout, counted from the moment its headers are in; after that, reading the body fails
 //! with [`BODY_TIMED_OUT`] and the request is answered 408 (see [`crate::error::json_error`]).
 
+use std::cell::Cell;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -22,14 +24,15 @@ use std::time::Instant;
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::error::PayloadError;
-use actix_web::http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
-use actix_web::http::{ConnectionType, Method};
+use actix_web::http::header::{CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use actix_web::http::{ConnectionType, Method, Version};
 use actix_web::middleware::Next;
-use actix_web::{Error, HttpMessage as _, web};
+use actix_web::{Error, HttpMessage as _, ResponseError as _, web};
 use futures::Stream;
 use tracing::Instrument as _;
 
 use crate::AppState;
+use crate::error::ApiError;
 
 /// The request id header.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -199,7 +202,7 @@ pub struct RouteLabel(pub &'static str);
 /// Passes on the inner service's error.
 pub async fn observe(
     mut request: ServiceRequest,
-    next: Next<impl MessageBody>,
+    next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let started = Instant::now();
     let state = request.app_data::<web::Data<AppState>>().cloned();
@@ -222,7 +225,31 @@ pub async fn observe(
         method,
         path = %request.path(),
     );
-    let result = next.call(request).instrument(span.clone()).await;
+    let closing = request
+        .conn_data::<Closing>()
+        .map(|closing| Rc::clone(&closing.0));
+    let client_closes = request.head().connection_type() == ConnectionType::Close;
+    let refused = if closing.as_ref().is_some_and(|closing| closing.get()) {
+        // Pipelined behind a request after which this connection closes (actix-http would
+        // still serve it): not run, whatever it is.
+        Some(ApiError::bad_request(
+            "connection_closing",
+            "this connection closes after an earlier request; send this one on a new connection",
+        ))
+    } else {
+        framing_problem(&request)
+    };
+    let result = match &refused {
+        Some(error) => {
+            let response = error.error_response();
+            Ok(request.into_response(response).map_into_right_body())
+        }
+        None => next
+            .call(request)
+            .instrument(span.clone())
+            .await
+            .map(ServiceResponse::map_into_left_body),
+    };
     let elapsed = started.elapsed();
     let _entered = span.enter();
     match result {
@@ -240,15 +267,24 @@ pub async fn observe(
             if let Ok(value) = HeaderValue::from_str(&request_id) {
                 response.headers_mut().insert(REQUEST_ID, value);
             }
-            if state
-                .as_ref()
-                .is_some_and(|state| state.in_flight.is_draining())
+            if refused.is_some()
+                || state
+                    .as_ref()
+                    .is_some_and(|state| state.in_flight.is_draining())
             {
-                // Shutting down: this connection takes no further request.
+                // Shutting down, or a request whose framing cannot be trusted (whatever follows
+                // it on the connection might be a smuggled request): this connection takes no
+                // further request.
                 response
                     .response_mut()
                     .head_mut()
                     .set_connection_type(ConnectionType::Close);
+            }
+            if let Some(closing) = &closing
+                && (client_closes
+                    || response.response().head().connection_type() == ConnectionType::Close)
+            {
+                closing.set(true);
             }
             let millis = elapsed.as_secs_f64() * 1000.0;
             if status.is_server_error() {
@@ -269,6 +305,35 @@ pub async fn observe(
             Err(error)
         }
     }
+}
+
+/// Per connection (stored by the server's `on_connect`): set once a request on the connection
+/// was answered with `Connection: close` or asked for it, so that requests pipelined behind it
+/// are not run (RFC 9112 section 9.6). actix-http writes the close and still serves requests it
+/// had already read from the socket.
+#[derive(Debug, Default)]
+pub struct Closing(Rc<Cell<bool>>);
+
+/// A request that names its body length two ways, or its host zero or several times, is refused
+/// (RFC 9112 sections 6.1 and 3.2). Both are what request smuggling through a proxy relies on:
+/// a proxy that frames by `Content-Length` sees one request where this server, framing by
+/// `Transfer-Encoding`, would see two.
+fn framing_problem(request: &ServiceRequest) -> Option<ApiError> {
+    let headers = request.headers();
+    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
+        return Some(ApiError::bad_request(
+            "ambiguous_framing",
+            "a request may not carry both Content-Length and Transfer-Encoding",
+        ));
+    }
+    let hosts = headers.get_all(HOST).count();
+    if request.version() == Version::HTTP_11 && hosts != 1 {
+        return Some(ApiError::bad_request(
+            "invalid_host",
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
+    None
 }
 
 #[cfg(test)]

@@ -34,12 +34,45 @@ impl<T: Serialize> Success<T> {
     }
 }
 
-/// The body of `POST /api/users/batch`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+/// The body of `POST /api/users/batch`: a JSON object, and only that (serde's derived
+/// implementation would also take `[[1, 2]]`, and name this type in its error messages).
+#[derive(Debug, utoipa::ToSchema)]
 pub struct BatchRequest {
     /// 1 to 1000 positive user ids; duplicates are summarised once.
     pub user_ids: Vec<i64>,
+}
+
+impl<'de> Deserialize<'de> for BatchRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            user_ids: Vec<i64>,
+        }
+
+        struct Object;
+
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = BatchRequest;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(r#"an object {"user_ids": [...]}"#)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let fields =
+                    Fields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(BatchRequest {
+                    user_ids: fields.user_ids,
+                })
+            }
+        }
+
+        deserializer.deserialize_map(Object)
+    }
 }
 
 /// Parses a user id from the path: a positive 64-bit integer in plain decimal digits.
@@ -320,6 +353,31 @@ mod tests {
         ] {
             let err = parse_user_id(bad).unwrap_err();
             assert_eq!(err.code(), "invalid_user_id", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_batch_body_is_an_object_with_user_ids_only() {
+        let parse = |text: &str| serde_json::from_str::<BatchRequest>(text);
+        assert_eq!(parse(r#"{"user_ids":[1,2]}"#).unwrap().user_ids, [1, 2]);
+        for (text, expected) in [
+            (
+                "[[1]]",
+                r#"invalid type: sequence, expected an object {"user_ids": [...]}"#,
+            ),
+            (
+                "[]",
+                r#"invalid type: sequence, expected an object {"user_ids": [...]}"#,
+            ),
+            ("{}", "missing field `user_ids`"),
+            (
+                r#"{"user_ids":[1],"x":1}"#,
+                "unknown field `x`, expected `user_ids`",
+            ),
+        ] {
+            let message = parse(text).unwrap_err().to_string();
+            assert!(message.starts_with(expected), "{text}: {message}");
+            assert!(!message.contains("BatchRequest"), "{text}: {message}");
         }
     }
 

@@ -292,7 +292,113 @@ async fn unknown_routes_and_wrong_methods_are_json() {
         .await
         .unwrap();
     assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "GET, HEAD");
     assert_eq!(error_code(response).await, "method_not_allowed");
+    let response = app.get("/api/users/batch").await;
+    assert_eq!(response.headers()["allow"], "POST");
+}
+
+#[tokio::test]
+async fn get_routes_answer_head_without_a_body() {
+    let app = spawn_app().await;
+    for path in ["/healthz", "/readyz", "/metrics", "/api/users/1/dashboard"] {
+        let get = app.get(path).await;
+        assert_eq!(get.status(), 200, "{path}");
+        let head = app.http.head(app.url(path)).send().await.unwrap();
+        assert_eq!(head.status(), 200, "{path}");
+        assert_eq!(
+            head.headers().get("content-type"),
+            get.headers().get("content-type"),
+            "{path}"
+        );
+        assert!(head.bytes().await.unwrap().is_empty(), "{path}");
+    }
+    let head = app
+        .http
+        .head(app.url("/api/users/77/dashboard"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 404);
+}
+
+/// Sends raw bytes on one connection and reads until the server closes it (or 10 s pass).
+async fn raw_exchange(app: &support::TestApp, request: &[u8]) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt as _;
+        tcp.read_to_end(&mut answer).await
+    })
+    .await;
+    assert!(read.is_ok(), "the server kept the connection open");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_request_framed_two_ways_is_refused_and_what_follows_it_is_not_served() {
+    let app = spawn_app().await;
+    let smuggled = "GET /api/users/1/dashboard HTTP/1.1\r\nhost: a\r\n\r\n";
+    let body = format!("0\r\n\r\n{smuggled}");
+    let request = format!(
+        "POST /api/users/batch HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\ntransfer-encoding: chunked\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = raw_exchange(&app, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("ambiguous_framing"), "{answer}");
+    assert_smuggled_request_not_run(&answer);
+}
+
+/// actix-http may still write an answer for a request it had read behind one that closes the
+/// connection; that answer must be a refusal, not the request's result.
+fn assert_smuggled_request_not_run(answer: &str) {
+    assert!(!answer.contains(r#""status":"success""#), "{answer}");
+    let answers = answer.matches("HTTP/1.1 ").count();
+    assert!(
+        answers == 1 || answer.contains("connection_closing"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn requests_pipelined_after_a_connection_close_are_not_run() {
+    let app = spawn_app().await;
+    let answer = raw_exchange(
+        &app,
+        b"GET /healthz HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n\
+          GET /api/users/1/dashboard HTTP/1.1\r\nhost: a\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.contains(r#"{"status":"ok"}"#), "{answer}");
+    assert_smuggled_request_not_run(&answer);
+    assert_eq!(
+        app.state
+            .metrics
+            .render(&app.state.service, 0)
+            .matches("dashboard\",method=\"GET\",status=\"200\"")
+            .count(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn an_http_1_1_request_needs_exactly_one_host() {
+    let app = spawn_app().await;
+    for request in [
+        "GET /healthz HTTP/1.1\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
+    ] {
+        let answer = raw_exchange(&app, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{request:?}: {answer}");
+        assert!(answer.contains("invalid_host"), "{answer}");
+    }
+    // HTTP/1.0 has no such rule.
+    let answer = raw_exchange(&app, b"GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.0 200 "), "{answer}");
 }
 
 #[tokio::test]
