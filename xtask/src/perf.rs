@@ -37,9 +37,9 @@ pub struct PerfArgs {
     /// Users to seed when the database is empty.
     #[arg(long, default_value_t = 100_000)]
     users: u32,
-    /// Rounds of `db-ceiling`: pgbench and the dashboard run alternately this many times and the
-    /// median of the per-round ratios is reported, so that a slow spell of a shared machine
-    /// lands on both sides instead of on one.
+    /// Rounds of `db-ceiling` and `modes`: the two compared runs (pgbench and the dashboard; the
+    /// two query modes) alternate this many times and medians are reported, so that a slow spell
+    /// of a shared machine lands on both sides instead of on one.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
 }
@@ -155,8 +155,7 @@ impl Ceiling {
     }
 
     fn rounds(&self) -> String {
-        let ratios: Vec<String> = self.ratios.iter().map(|r| format!("{r:.2}")).collect();
-        ratios.join(", ")
+        listed(&self.ratios)
     }
 }
 
@@ -299,27 +298,73 @@ struct ModeFigures {
     p99_ms: f64,
 }
 
-async fn modes(bench: &Bench) -> Result<Vec<ModeFigures>> {
-    let mut figures = Vec::new();
-    for mode in ["pipelined", "pooled"] {
-        let api = bench
-            .api(&[("APP__SERVICE__QUERY_MODE", mode.to_owned())])
-            .await?;
-        let report = measure(
-            &bench.load(&api, Scenario::Dashboard),
-            &format!("mode-{mode}"),
-        )
-        .await?;
-        api.stop(Duration::from_secs(20)).await?;
-        println!("{mode}:\n{}", report.summary());
-        figures.push(ModeFigures {
-            mode,
-            rps: report.measured.success_rps,
-            p50_ms: report.measured.latency.p50_ms,
-            p99_ms: report.measured.latency.p99_ms,
-        });
+/// Both query modes, one API each, measured alternately `rounds` times; each mode's figures are
+/// those of its median round, and `ratios` the pipelined/pooled throughput of every round.
+async fn modes(bench: &Bench) -> Result<(Vec<ModeFigures>, Vec<f64>)> {
+    const MODES: [&str; 2] = ["pipelined", "pooled"];
+    let mut apis = Vec::new();
+    for mode in MODES {
+        apis.push(
+            bench
+                .api(&[("APP__SERVICE__QUERY_MODE", mode.to_owned())])
+                .await?,
+        );
     }
-    Ok(figures)
+    let result = async {
+        let mut runs: [Vec<Report>; 2] = [Vec::new(), Vec::new()];
+        for round in 1..=bench.args.rounds {
+            for (i, (mode, api)) in MODES.iter().zip(&apis).enumerate() {
+                let mut config = bench.load(api, Scenario::Dashboard);
+                if round > 1 {
+                    config.warmup = config.warmup.min(Duration::from_secs(2));
+                }
+                let report = measure(&config, &format!("mode-{mode}-{round}")).await?;
+                println!(
+                    "{mode}, round {round}/{}:\n{}",
+                    bench.args.rounds,
+                    report.summary()
+                );
+                runs[i].push(report);
+            }
+        }
+        Ok::<_, anyhow::Error>(runs)
+    }
+    .await;
+    for api in apis {
+        api.stop(Duration::from_secs(20)).await?;
+    }
+    let [pipelined, pooled] = result?;
+    let ratios = pipelined
+        .iter()
+        .zip(&pooled)
+        .map(|(a, b)| a.measured.success_rps / b.measured.success_rps.max(1e-9))
+        .collect();
+    let figures = MODES
+        .iter()
+        .zip([pipelined, pooled])
+        .map(|(mode, mut reports)| {
+            reports.sort_by(|a, b| a.measured.success_rps.total_cmp(&b.measured.success_rps));
+            let median = &reports[reports.len() / 2].measured;
+            ModeFigures {
+                mode,
+                rps: median.success_rps,
+                p50_ms: median.latency.p50_ms,
+                p99_ms: median.latency.p99_ms,
+            }
+        })
+        .collect();
+    Ok((figures, ratios))
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn listed(values: &[f64]) -> String {
+    let parts: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+    parts.join(", ")
 }
 
 /// Time per batch of `ids` ids, for one chunk size.
@@ -575,14 +620,19 @@ pub async fn run_modes(args: PerfArgs) -> Result<()> {
     let bench = Bench::start(&args, Duration::ZERO).await?;
     let result = modes(&bench).await;
     bench.stop().await;
-    let figures = result?;
+    let (figures, ratios) = result?;
     println!();
     for f in &figures {
         println!(
-            "{:>9}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+            "{:>9}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms (median round)",
             f.mode, f.rps, f.p50_ms, f.p99_ms
         );
     }
+    println!(
+        "pipelined / pooled: {:.2} (median; every round: {})",
+        median(&ratios),
+        listed(&ratios)
+    );
     Ok(())
 }
 
@@ -634,7 +684,7 @@ fn render(
     args: &PerfArgs,
     ceiling: &Ceiling,
     latency: &LatencyFigures,
-    modes: &[ModeFigures],
+    modes: &(Vec<ModeFigures>, Vec<f64>),
     batch: &[BatchFigures],
     peer: &PeerFigures,
 ) -> String {
@@ -693,13 +743,24 @@ fn render(
         latency.errors * 100.0,
         latency.delay_ms + 2
     );
+    let (modes, ratios) = modes;
     for mode in modes {
         let _ = writeln!(
             out,
-            "| Dashboard, `query_mode = \"{}\"` | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | | `cargo xtask bench modes` |",
-            mode.mode, mode.rps, mode.p50_ms, mode.p99_ms
+            "| Dashboard, `query_mode = \"{}\"` (median of {} rounds) | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | | `cargo xtask bench modes` |",
+            mode.mode,
+            ratios.len(),
+            mode.rps,
+            mode.p50_ms,
+            mode.p99_ms
         );
     }
+    let _ = writeln!(
+        out,
+        "| Pipelined / pooled throughput, median of alternating rounds (each round: {}) | **{:.2}** | | `cargo xtask bench modes` |",
+        listed(ratios),
+        median(ratios)
+    );
     for b in batch {
         let how = if b.chunk_size == 1 {
             "one statement per id (the seed's way)".to_owned()
