@@ -20,7 +20,7 @@ pub mod migrations;
 pub mod models;
 
 pub use config::{DbConfig, Secret, mask_url};
-pub use database::{Conn, Database, PoolStatus};
+pub use database::{Conn, Database, PoolStatus, SETTLE_TIMEOUT};
 pub use error::Error;
 pub use models::{Order, OrderSummary, Profile, Review, UserSummary};
 
