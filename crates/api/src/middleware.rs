@@ -24,7 +24,9 @@ use std::time::Instant;
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::error::PayloadError;
-use actix_web::http::header::{CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use actix_web::http::header::{
+    CONTENT_ENCODING, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TRANSFER_ENCODING,
+};
 use actix_web::http::{ConnectionType, Method, Version};
 use actix_web::middleware::Next;
 use actix_web::{Error, HttpMessage as _, ResponseError as _, web};
@@ -315,7 +317,7 @@ pub async fn observe(
 pub struct Closing(Rc<Cell<bool>>);
 
 /// A request that names its body length two ways, or its host zero or several times, is refused
-/// (RFC 9112 sections 6.1 and 3.2). Both are what request smuggling through a proxy relies on:
+/// (RFC 9112 sections 6.1 and 3.2), and so is an encoded body. Both are what request smuggling through a proxy relies on:
 /// a proxy that frames by `Content-Length` sees one request where this server, framing by
 /// `Transfer-Encoding`, would see two.
 fn framing_problem(request: &ServiceRequest) -> Option<ApiError> {
@@ -324,6 +326,17 @@ fn framing_problem(request: &ServiceRequest) -> Option<ApiError> {
         return Some(ApiError::bad_request(
             "ambiguous_framing",
             "a request may not carry both Content-Length and Transfer-Encoding",
+        ));
+    }
+    // A body this server would read as-is although the client says it is encoded (gzip, br):
+    // refused rather than misread (RFC 9110 section 15.5.16).
+    if let Some(encoding) = headers.get(CONTENT_ENCODING)
+        && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return Some(ApiError::new(
+            actix_web::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_encoding",
+            "request bodies are read as sent: Content-Encoding is not supported",
         ));
     }
     let hosts = headers.get_all(HOST).count();

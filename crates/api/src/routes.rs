@@ -75,7 +75,8 @@ impl<'de> Deserialize<'de> for BatchRequest {
     }
 }
 
-/// Parses a user id from the path: a positive 64-bit integer in plain decimal digits.
+/// Parses a user id from the path: a positive 64-bit integer in plain decimal digits, without
+/// leading zeros.
 fn parse_user_id(text: &str) -> Result<i64, ApiError> {
     let invalid = || {
         ApiError::bad_request(
@@ -83,7 +84,8 @@ fn parse_user_id(text: &str) -> Result<i64, ApiError> {
             "user_id must be a positive 64-bit integer",
         )
     };
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+    // One spelling per user: no sign, no leading zero (`/api/users/01` is not user 1).
+    if text.is_empty() || text.starts_with('0') || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(invalid());
     }
     match text.parse::<i64>() {
@@ -350,6 +352,9 @@ mod tests {
             "9223372036854775808",
             "０",
             "1 ",
+            "01",
+            "007",
+            "00000000000000000000000000000001",
         ] {
             let err = parse_user_id(bad).unwrap_err();
             assert_eq!(err.code(), "invalid_user_id", "{bad:?}");

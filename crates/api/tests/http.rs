@@ -192,6 +192,7 @@ async fn bad_user_ids_are_400() {
         "%20",
         "1e3",
         "+7",
+        "01",
     ] {
         let response = app.get(&format!("/api/users/{id}/dashboard")).await;
         assert_eq!(response.status(), 400, "{id}");
@@ -383,6 +384,34 @@ async fn requests_pipelined_after_a_connection_close_are_not_run() {
             .count(),
         0
     );
+}
+
+#[tokio::test]
+async fn an_encoded_body_is_refused_not_misread() {
+    let app = spawn_app().await;
+    for encoding in ["gzip", "br"] {
+        let response = app
+            .http
+            .post(app.url("/api/users/batch"))
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .body(r#"{"user_ids":[1]}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 415, "{encoding}");
+        assert_eq!(error_code(response).await, "unsupported_content_encoding");
+    }
+    let response = app
+        .http
+        .post(app.url("/api/users/batch"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "identity")
+        .body(r#"{"user_ids":[1]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
 }
 
 #[tokio::test]
