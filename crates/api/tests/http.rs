@@ -389,7 +389,7 @@ async fn requests_pipelined_after_a_connection_close_are_not_run() {
 #[tokio::test]
 async fn an_encoded_body_is_refused_not_misread() {
     let app = spawn_app().await;
-    for encoding in ["gzip", "br"] {
+    for (encoding, status) in [("gzip", 415), ("br", 415), ("identity", 200)] {
         let response = app
             .http
             .post(app.url("/api/users/batch"))
@@ -399,19 +399,11 @@ async fn an_encoded_body_is_refused_not_misread() {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 415, "{encoding}");
-        assert_eq!(error_code(response).await, "unsupported_content_encoding");
+        assert_eq!(response.status(), status, "{encoding}");
+        if status == 415 {
+            assert_eq!(error_code(response).await, "unsupported_content_encoding");
+        }
     }
-    let response = app
-        .http
-        .post(app.url("/api/users/batch"))
-        .header("content-type", "application/json")
-        .header("content-encoding", "identity")
-        .body(r#"{"user_ids":[1]}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
 }
 
 #[tokio::test]

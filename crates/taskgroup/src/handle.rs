@@ -95,24 +95,27 @@ impl<T, E> Slot<T, E> {
 
     /// Records the child's result, unless one is already recorded, and wakes a waiting handle.
     pub(crate) fn finish(&self, result: Outcome<T, E>) {
+        let failed = |outcome: Outcome<(), E>, error| {
+            State::Failed(Box::new(Failed {
+                outcome: Some(outcome),
+                error,
+            }))
+        };
         let done = match result {
             Outcome::Ok(value) => State::Ok(Some(value)),
             Outcome::Cancelled(reason) => State::Cancelled(reason),
-            failed => {
-                let error = match &failed {
-                    Outcome::Err(_) => ChildErrorKind::Failed,
-                    Outcome::Panicked(panic) => ChildErrorKind::Panicked {
-                        message: panic.message().to_owned(),
-                    },
-                    Outcome::Cancelled(reason) => ChildErrorKind::Cancelled(reason.clone()),
-                    Outcome::TimedOut(timeout) => ChildErrorKind::TimedOut(*timeout),
-                    Outcome::Ok(_) => ChildErrorKind::Taken,
-                };
-                State::Failed(Box::new(Failed {
-                    outcome: Some(failed.map(|_| ())),
-                    error,
-                }))
+            Outcome::Err(error) => failed(Outcome::Err(error), ChildErrorKind::Failed),
+            Outcome::Panicked(panic) => {
+                let message = panic.message().to_owned();
+                failed(
+                    Outcome::Panicked(panic),
+                    ChildErrorKind::Panicked { message },
+                )
             }
+            Outcome::TimedOut(timeout) => failed(
+                Outcome::TimedOut(timeout),
+                ChildErrorKind::TimedOut(timeout),
+            ),
         };
         let waker = {
             let mut state = self.lock();
