@@ -6,9 +6,8 @@
 //! pipelines the statements on the one socket (tokio-postgres sends each as soon as it is polled).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Status, Timeouts,
