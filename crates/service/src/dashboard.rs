@@ -21,7 +21,7 @@ use std::sync::Arc;
 use client::Recommendation;
 use repository::{Order, Profile, Review};
 use serde::Serialize;
-use taskgroup::{Limit, Outcome, Policy, TaskGroup, TaskHandle};
+use taskgroup::{ChildContext, Limit, Outcome, Policy, TaskGroup, TaskHandle};
 use tokio::time::Instant;
 
 use crate::gate::Lease;
@@ -271,13 +271,11 @@ impl Service {
             Ok(report) => report,
             Err(error) => error.into_report(),
         };
-        let outcome = |index: usize| {
-            report
-                .get_index(index)
-                .map(|child| &child.outcome)
-                .unwrap_or(&Outcome::Cancelled(
-                    taskgroup::CancelReason::RuntimeShutdown,
-                ))
+        let missing = Outcome::Cancelled(taskgroup::CancelReason::RuntimeShutdown);
+        let outcome = |handle_index: Option<usize>| {
+            handle_index
+                .and_then(|index| report.get_index(index))
+                .map_or(&missing, |child| &child.outcome)
         };
         let outcomes = [
             (Source::Profile, outcome(profile.index())),
@@ -364,17 +362,20 @@ impl Service {
             .child(source.as_str())
             .timeout(timeout)
             .essential(source == Source::Profile)
-            .spawn_with(move |context| async move {
+            .spawn(async move {
                 let _watch = watch;
                 let lease = match shared {
                     Some(lease) => lease,
-                    None => Arc::new(
-                        service
-                            .inner
-                            .gate
-                            .lease(&service.inner.db, context.deadline())
-                            .await?,
-                    ),
+                    None => {
+                        let deadline = ChildContext::current().and_then(|c| c.deadline());
+                        Arc::new(
+                            service
+                                .inner
+                                .gate
+                                .lease(&service.inner.db, deadline)
+                                .await?,
+                        )
+                    }
                 };
                 read(lease).await
             })

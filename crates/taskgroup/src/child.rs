@@ -1,15 +1,15 @@
-//! The tokio task that runs one child: it builds the child's future, polls it inside the spawner's
-//! span with panics caught, enforces the child's own timeout, and records the result.
+//! The tokio task that runs one child: it polls the child's future as the current child (so a
+//! group built inside it nests), inside the spawner's span, with panics caught; enforces the
+//! child's own timeout; and records the result.
 //!
 //! Its drop first drops the child's future, then settles the child's bookkeeping: that ordering is
-//! what makes "the live count reached zero" mean "every child has finished and released its
+//! what makes "the group has no live children" mean "every child has finished and released its
 //! resources", whether the child completed or was aborted.
 
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,58 +18,19 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 
-use crate::context::ChildContext;
-use crate::group::Shared;
+use crate::books::{Ending, Fatal, Stop};
+use crate::context;
 use crate::handle::Slot;
-use crate::outcome::{Limit, Outcome, Panic, Timeout};
-
-/// Something that produces a child's future when the child starts: either a ready-made future or a
-/// closure that wants the child's [`ChildContext`].
-pub(crate) trait Starter<E>: Send + 'static {
-    type Output: Send + 'static;
-    type Fut: Future<Output = Result<Self::Output, E>> + Send + 'static;
-
-    fn start(self, context: impl FnOnce() -> ChildContext<E>) -> Self::Fut;
-}
-
-/// A child given as a future.
-pub(crate) struct Ready<F>(pub(crate) F);
-
-impl<F, T, E> Starter<E> for Ready<F>
-where
-    F: Future<Output = Result<T, E>> + Send + 'static,
-    T: Send + 'static,
-{
-    type Output = T;
-    type Fut = F;
-
-    fn start(self, _context: impl FnOnce() -> ChildContext<E>) -> F {
-        self.0
-    }
-}
-
-/// A child given as a closure over its context; the closure runs when the child starts.
-pub(crate) struct WithContext<C>(pub(crate) C);
-
-impl<C, F, T, E> Starter<E> for WithContext<C>
-where
-    C: FnOnce(ChildContext<E>) -> F + Send + 'static,
-    F: Future<Output = Result<T, E>> + Send + 'static,
-    T: Send + 'static,
-{
-    type Output = T;
-    type Fut = F;
-
-    fn start(self, context: impl FnOnce() -> ChildContext<E>) -> F {
-        (self.0)(context())
-    }
-}
+use crate::outcome::{CancelReason, Limit, Outcome, Panic, Timeout};
+use crate::shared::Shared;
 
 /// What only some children need: their own timeout and a tracing span to run in. Kept out of
 /// line so that an ordinary child's task stays within one 128-byte tokio task cell, which is what
 /// keeps a task group's cost per child level with `JoinSet`'s.
 pub(crate) struct Extras {
     pub(crate) timeout: Option<Duration>,
+    /// When the child's own timeout cuts it off, from its start.
+    pub(crate) deadline: Option<Instant>,
     pub(crate) sleep: Option<Pin<Box<Sleep>>>,
     pub(crate) span: tracing::Span,
 }
@@ -77,13 +38,18 @@ pub(crate) struct Extras {
 /// A child waiting for a concurrency slot: its task, built but not yet handed to tokio, so a queued
 /// child costs its future and nothing more.
 pub(crate) trait Queued: Send {
-    /// The child's index in the registry.
+    /// The child's index in the books.
     fn index(&self) -> usize;
     /// Hands the child to tokio.
     fn spawn_on(self: Box<Self>, runtime: &Handle) -> JoinHandle<()>;
 }
 
-impl<S: Starter<E>, E: Send + 'static> Queued for ChildTask<S, E> {
+impl<F, T, E> Queued for ChildTask<F, T, E>
+where
+    F: Future<Output = Result<T, E>> + Send + 'static,
+    T: Send + 'static,
+    E: Send + 'static,
+{
     fn index(&self) -> usize {
         self.slot.index()
     }
@@ -95,13 +61,13 @@ impl<S: Starter<E>, E: Send + 'static> Queued for ChildTask<S, E> {
 
 pin_project! {
     /// Where a child is in its life. One enum rather than separate fields, so a child's future is
-    /// stored once, not twice, before it starts. `Done` means the result has been recorded.
+    /// stored once. `Done` means the result has been recorded, and says how it ended.
     #[project = StageProj]
     #[project_replace = StageReplace]
-    enum Stage<S, F> {
-        Waiting { starter: S },
+    enum Stage<F> {
+        Waiting { fut: F },
         Running { #[pin] fut: F },
-        Done,
+        Done { ending: Ending, fatal: Option<Fatal> },
     }
 }
 
@@ -109,114 +75,132 @@ pin_project! {
     /// The future tokio runs for one child.
     ///
     /// Its drop (below) first drops the child's future, then records a cancellation if the child
-    /// had not finished, and only then tells the group the child is gone: that ordering is what
-    /// makes "no live children" mean "every child's resources are released".
-    pub(crate) struct ChildTask<S, E>
+    /// had not finished, and only then tells the group the child is gone.
+    pub(crate) struct ChildTask<F, T, E>
     where
-        S: Starter<E>,
         E: Send,
         E: 'static,
     {
         #[pin]
-        stage: Stage<S, S::Fut>,
-        slot: Arc<Slot<S::Output, E>>,
+        stage: Stage<F>,
+        slot: Arc<Slot<T, E>>,
         extras: Option<Box<Extras>>,
     }
 
-    impl<S, E> PinnedDrop for ChildTask<S, E>
+    impl<F, T, E> PinnedDrop for ChildTask<F, T, E>
     where
-        S: Starter<E>,
         E: Send,
         E: 'static,
     {
         fn drop(this: Pin<&mut Self>) {
             let mut this = this.project();
-            let finished = matches!(this.stage.as_mut().project(), StageProj::Done);
+            let done = match this.stage.as_mut().project() {
+                StageProj::Done { ending, fatal } => Some((*ending, *fatal)),
+                _ => None,
+            };
             // The child's destructor is user code and may panic; the bookkeeping below must run
-            // regardless, or `join` would wait for ever. (If dropping the old value unwinds, the
-            // assignment still leaves `Done` in place.)
+            // regardless, or `join` would wait for ever.
             let dropped = drop_stage(this.stage.as_mut());
-            let shared = this.slot.shared();
-            if !finished {
-                // Unless the group is stopping, the runtime is shutting down: stop the group, so
-                // that the queue is discarded rather than started child by child (each start
-                // dropped on the spot by the closed runtime, recursively through this drop).
-                shared.dropped_unfinished();
-                let outcome = match dropped {
-                    Ok(()) => shared.cancellation_outcome(),
-                    Err(panic) => Outcome::Panicked(panic),
-                };
-                complete(this.slot, shared, outcome);
-            }
+            let slot: &Arc<Slot<T, E>> = this.slot;
+            let shared = slot.shared();
+            let (ending, fatal) = match done {
+                Some(done) => done,
+                None => {
+                    let (outcome, ending) = if slot.cancel_requested() {
+                        (
+                            Outcome::Cancelled(CancelReason::HandleCancelled),
+                            Ending::HandleCancelled,
+                        )
+                    } else {
+                        // Unless the group is stopping, only a runtime shutting down drops an
+                        // unfinished child: stop the group, so that the queue is discarded
+                        // rather than started child by child on a runtime that drops each one.
+                        if !shared.books.is_stopping() {
+                            shared.stop(Stop::RuntimeShutdown);
+                        }
+                        let stop = shared.books.stop_reason();
+                        (shared.cancellation_outcome(stop.as_ref()), Ending::CutOff)
+                    };
+                    let outcome = match dropped {
+                        Ok(()) => outcome,
+                        Err(panic) => Outcome::Panicked(panic),
+                    };
+                    (ending, record(slot, shared, outcome))
+                }
+            };
             *this.extras = None;
-            shared.child_gone();
-            // A finished child frees a concurrency slot for the next queued one. (Never when the
-            // group is stopping, so this drop does not recurse through a queued child's.)
-            shared.start_queued();
+            let fatal = fatal.map(|fatal| (fatal, slot.name().clone()));
+            shared.child_gone(slot.index(), ending, fatal);
         }
     }
 }
 
-impl<S: Starter<E>, E: Send + 'static> ChildTask<S, E> {
-    pub(crate) fn new(
-        starter: S,
-        slot: Arc<Slot<S::Output, E>>,
-        extras: Option<Box<Extras>>,
-    ) -> Self {
+impl<F, T, E: Send + 'static> ChildTask<F, T, E> {
+    pub(crate) fn new(future: F, slot: Arc<Slot<T, E>>, extras: Option<Box<Extras>>) -> Self {
         ChildTask {
-            stage: Stage::Waiting { starter },
+            stage: Stage::Waiting { fut: future },
             slot,
             extras,
         }
     }
 }
 
-impl<S: Starter<E>, E: Send + 'static> Future for ChildTask<S, E> {
+impl<F, T, E> Future for ChildTask<F, T, E>
+where
+    F: Future<Output = Result<T, E>> + Send + 'static,
+    T: Send + 'static,
+    E: Send + 'static,
+{
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
-        let slot: &Arc<Slot<S::Output, E>> = this.slot;
+        let slot: &Arc<Slot<T, E>> = this.slot;
         let shared: &Arc<Shared<E>> = slot.shared();
 
         match this.stage.as_mut().project() {
-            StageProj::Done => return Poll::Ready(()),
+            StageProj::Done { .. } => return Poll::Ready(()),
             StageProj::Running { .. } => {}
             StageProj::Waiting { .. } => {
-                // A child aborted or dropped before its first poll never starts.
-                if shared.is_stopping() {
+                // A child whose group stopped, or whose handle cancelled it, before its first
+                // poll never starts; its drop records why.
+                if shared.books.is_stopping() || slot.cancel_requested() {
                     return Poll::Ready(());
                 }
-                let StageReplace::Waiting { starter } =
-                    this.stage.as_mut().project_replace(Stage::Done)
+                let StageReplace::Waiting { fut } =
+                    this.stage.as_mut().project_replace(Stage::Done {
+                        ending: Ending::CutOff,
+                        fatal: None,
+                    })
                 else {
                     return Poll::Ready(());
                 };
-                // From here until the future is in place the stage reads `Done`; every path out
-                // of this block either installs the future or records the result.
-                let timeout = this.extras.as_deref().and_then(|x| x.timeout);
-                // Building the future and the timer runs user code (and tokio's timer, which
-                // panics when the runtime has no time driver), so it is caught like any poll.
-                let started = {
-                    let _entered = this.extras.as_deref().map(|x| x.span.enter());
-                    catch_unwind(AssertUnwindSafe(|| {
-                        let child_deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-                        let sleep = child_deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
-                        let fut = starter.start(|| context(slot, shared, child_deadline));
-                        (fut, sleep)
-                    }))
-                };
-                match started {
-                    Ok((fut, sleep)) => {
-                        this.stage.set(Stage::Running { fut });
-                        if let Some(extras) = this.extras.as_deref_mut() {
+                this.stage.set(Stage::Running { fut });
+                if let Some(extras) = this.extras.as_deref_mut()
+                    && let Some(timeout) = extras.timeout
+                {
+                    // tokio's timer panics on a runtime without a time driver; that panic is
+                    // this child's, like any other in its code.
+                    let sleep = catch_unwind(|| {
+                        let deadline = Instant::now().checked_add(timeout);
+                        (
+                            deadline,
+                            deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+                        )
+                    });
+                    match sleep {
+                        Ok((deadline, sleep)) => {
+                            extras.deadline = deadline;
                             extras.sleep = sleep;
                         }
-                    }
-                    Err(payload) => {
-                        let outcome = Outcome::Panicked(Panic::new(payload));
-                        complete(slot, shared, outcome);
-                        return Poll::Ready(());
+                        Err(payload) => {
+                            return finish(
+                                this.stage,
+                                slot,
+                                shared,
+                                Outcome::Panicked(Panic::new(payload)),
+                            );
+                        }
                     }
                 }
             }
@@ -225,7 +209,13 @@ impl<S: Starter<E>, E: Send + 'static> Future for ChildTask<S, E> {
         let StageProj::Running { fut } = this.stage.as_mut().project() else {
             return Poll::Ready(());
         };
+        let own_deadline = this.extras.as_deref().and_then(|x| x.deadline);
+        let deadline = match (own_deadline, shared.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let polled = {
+            let _current = context::enter(Arc::clone(slot) as _, deadline);
             let _entered = this.extras.as_deref().map(|x| x.span.enter());
             catch_unwind(AssertUnwindSafe(|| fut.poll(cx)))
         };
@@ -252,60 +242,59 @@ impl<S: Starter<E>, E: Send + 'static> Future for ChildTask<S, E> {
                 })
             }
         };
-        // Drop the child's future before recording the result, so that its destructors have run
-        // by the time a waiting handle or `join` sees the child as finished. A destructor that
-        // panics is the child's panic.
-        let outcome = match drop_stage(this.stage.as_mut()) {
-            Ok(()) => outcome,
-            Err(panic) => Outcome::Panicked(panic),
-        };
         if let Some(extras) = this.extras.as_deref_mut() {
             extras.sleep = None;
         }
-        complete(slot, shared, outcome);
-        Poll::Ready(())
+        finish(this.stage, slot, shared, outcome)
     }
 }
 
-/// Drops whatever the stage holds (the child's starter or future), catching a panicking
-/// destructor.
-fn drop_stage<S, F>(mut stage: Pin<&mut Stage<S, F>>) -> Result<(), Panic> {
-    catch_unwind(AssertUnwindSafe(move || stage.set(Stage::Done))).map_err(Panic::new)
-}
-
-fn context<T, E: Send + 'static>(
-    slot: &Slot<T, E>,
-    shared: &Arc<Shared<E>>,
-    child_deadline: Option<Instant>,
-) -> ChildContext<E> {
-    let deadline = match (child_deadline, shared.deadline) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    ChildContext::new(slot.name().clone(), Arc::clone(shared), deadline)
-}
-
-/// Records a child's result exactly once: counts it, logs a panic, fills the slot, and stops the
-/// group if the failure is fatal.
-fn complete<T, E: Send + 'static>(
+/// Ends a child that finished on its own: drops its future first (so its destructors have run by
+/// the time anyone sees it finished; a destructor that panics is the child's panic), then records
+/// the outcome.
+fn finish<F, T, E: Send + 'static>(
+    mut stage: Pin<&mut Stage<F>>,
     slot: &Slot<T, E>,
     shared: &Arc<Shared<E>>,
     outcome: Outcome<T, E>,
-) {
-    let counters = &shared.counters;
+) -> Poll<()> {
+    let outcome = match drop_stage(stage.as_mut()) {
+        Ok(()) => outcome,
+        Err(panic) => Outcome::Panicked(panic),
+    };
     // Still running when the group stopped, and finished on its own since: it wound down.
-    let late = shared.is_stopping();
-    let mut panicked = false;
-    // Successes are not counted here: `Stats` derives them, so that the common path touches no
-    // shared counter.
+    let late = shared.books.is_stopping();
+    let fatal = record(slot, shared, outcome);
+    stage.set(Stage::Done {
+        ending: Ending::Finished { late },
+        fatal,
+    });
+    Poll::Ready(())
+}
+
+/// Drops whatever the stage holds, catching a panicking destructor. Leaves a placeholder `Done`.
+fn drop_stage<F>(mut stage: Pin<&mut Stage<F>>) -> Result<(), Panic> {
+    catch_unwind(AssertUnwindSafe(move || {
+        stage.set(Stage::Done {
+            ending: Ending::CutOff,
+            fatal: None,
+        });
+    }))
+    .map_err(Panic::new)
+}
+
+/// Records a child's result exactly once: counts it, logs a panic, fills the slot, and says
+/// whether the failure stops the group.
+fn record<T, E: Send + 'static>(
+    slot: &Slot<T, E>,
+    shared: &Shared<E>,
+    outcome: Outcome<T, E>,
+) -> Option<Fatal> {
+    shared.count(&outcome);
     let fatal = match &outcome {
-        Outcome::Ok(_) => false,
-        Outcome::Err(_) => {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
-            slot.essential()
-        }
+        Outcome::Ok(_) | Outcome::Cancelled(_) => None,
+        Outcome::Err(_) => slot.essential().then_some(Fatal::Failed),
         Outcome::Panicked(panic) => {
-            counters.panicked.fetch_add(1, Ordering::Relaxed);
             // Logged here, at once, so the panic is seen even if nobody ever joins the group.
             // The panic hook already printed the message with the original location.
             tracing::error!(
@@ -314,38 +303,13 @@ fn complete<T, E: Send + 'static>(
                 panic = %panic.message(),
                 "task group child panicked; cancelling its siblings"
             );
-            panicked = true;
-            true
+            Some(Fatal::Panicked)
         }
+        // Only the child's own timeout is its failure; the group's deadline is the group's.
         Outcome::TimedOut(timeout) => {
-            counters.timed_out.fetch_add(1, Ordering::Relaxed);
-            // Only the child's own timeout is its failure; the group's deadline is the group's,
-            // and is reported as such by `join`.
-            slot.essential() && timeout.limit == Limit::Child
-        }
-        Outcome::Cancelled(_) => {
-            counters.cancelled.fetch_add(1, Ordering::Relaxed);
-            false
+            (slot.essential() && timeout.limit == Limit::Child).then_some(Fatal::Failed)
         }
     };
-    let stopped_by_group = matches!(
-        outcome,
-        Outcome::Cancelled(_)
-            | Outcome::TimedOut(Timeout {
-                limit: Limit::Group,
-                ..
-            })
-    );
-    if late && !stopped_by_group {
-        counters.wound_down.fetch_add(1, Ordering::Relaxed);
-    }
-    // Record our own result before cancelling the siblings, so that this child reads as failed
-    // (not cancelled) however quickly the group reacts.
     slot.finish(outcome);
-    if panicked {
-        shared.panicked(slot.index(), slot.name().clone());
-    } else if fatal {
-        // Does nothing if the group is already stopping: the first reason stays the cause.
-        shared.fail(slot.index(), slot.name().clone());
-    }
+    fatal
 }

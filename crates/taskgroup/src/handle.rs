@@ -1,5 +1,6 @@
-//! The per-child slot where a finished child leaves its result, and [`TaskHandle`], the typed
-//! handle that reads the output from it.
+//! The per-child slot where a finished child leaves its result; [`TaskHandle`], the typed handle
+//! that reads the output from it (or cancels the child); and [`AsCompleted`], outputs in the
+//! order children finish.
 //!
 //! A slot is shared by three parties: the child's task writes it exactly once (on completion, or
 //! from its drop guard when it is cancelled), the handle takes the output, and the group takes the
@@ -15,8 +16,12 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use crate::group::Shared;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+
+use crate::books::ErasedSlot;
+use crate::context::ChildNode;
 use crate::outcome::{CancelReason, ChildError, ChildErrorKind, Outcome};
+use crate::shared::{Node, Shared};
 
 /// Where a child's result waits to be read.
 pub(crate) struct Slot<T, E> {
@@ -33,8 +38,9 @@ pub(crate) struct Slot<T, E> {
 }
 
 enum State<T, E> {
-    /// The child has not finished; the waker belongs to a task awaiting the handle.
-    Pending(Option<Waker>),
+    /// The child has not finished; the waker belongs to a task awaiting the handle, and
+    /// `cancel` says whether the handle asked for the child to be cancelled.
+    Pending { waker: Option<Waker>, cancel: bool },
     /// The child succeeded; the output waits for the handle (`None` once taken).
     Ok(Option<T>),
     /// The child was cancelled (or cut off by the group's stop). Kept inline, without the
@@ -64,7 +70,10 @@ impl<T, E> Slot<T, E> {
             name,
             index,
             essential,
-            state: Mutex::new(State::Pending(None)),
+            state: Mutex::new(State::Pending {
+                waker: None,
+                cancel: false,
+            }),
         }
     }
 
@@ -120,7 +129,7 @@ impl<T, E> Slot<T, E> {
         let waker = {
             let mut state = self.lock();
             match &mut *state {
-                State::Pending(waker) => {
+                State::Pending { waker, .. } => {
                     let waker = waker.take();
                     *state = done;
                     waker
@@ -135,13 +144,29 @@ impl<T, E> Slot<T, E> {
     }
 
     pub(crate) fn is_finished(&self) -> bool {
-        !matches!(&*self.lock(), State::Pending(_))
+        !matches!(&*self.lock(), State::Pending { .. })
+    }
+
+    /// Whether the handle asked for this child to be cancelled.
+    pub(crate) fn cancel_requested(&self) -> bool {
+        matches!(&*self.lock(), State::Pending { cancel: true, .. })
+    }
+
+    /// Marks an unfinished child as cancelled by its handle; false once it has finished.
+    fn request_cancel(&self) -> bool {
+        match &mut *self.lock() {
+            State::Pending { cancel, .. } => {
+                *cancel = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn poll_output(&self, cx: Option<&mut Context<'_>>) -> Poll<Result<T, ChildErrorKind>> {
         let mut state = self.lock();
         let ready = match &mut *state {
-            State::Pending(waker) => match &cx {
+            State::Pending { waker, .. } => match &cx {
                 Some(cx) if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) => None,
                 _ => return Poll::Pending,
             },
@@ -161,7 +186,7 @@ impl<T, E> Slot<T, E> {
         let mut new = Some(cx.waker().clone());
         let mut state = self.lock();
         let ready = match &mut *state {
-            State::Pending(waker) => {
+            State::Pending { waker, .. } => {
                 // Swapped, so the old waker (if any) is dropped after the lock.
                 std::mem::swap(waker, &mut new);
                 None
@@ -176,17 +201,17 @@ impl<T, E> Slot<T, E> {
     }
 }
 
-/// The group's type-erased view of a slot: it needs the outcome and name, not the output type.
-pub(crate) trait ErasedSlot<E>: Send + Sync {
-    /// Takes the outcome for the report. A slot that was somehow never written (which the drop
-    /// guard prevents) reads as cancelled by a runtime shutdown rather than panicking.
-    fn take_outcome(&self) -> Outcome<(), E>;
-    fn name(&self) -> &Cow<'static, str>;
-}
+impl<T: Send, E: Send + 'static> ChildNode for Slot<T, E> {
+    fn name(&self) -> &str {
+        &self.name
+    }
 
-impl<T, E> Slot<T, E> {
-    fn group_id(&self) -> u64 {
-        self.shared.id
+    fn group(&self) -> &dyn Node {
+        &*self.shared
+    }
+
+    fn group_arc(&self) -> Arc<dyn Node> {
+        Arc::clone(&self.shared) as _
     }
 }
 
@@ -200,7 +225,7 @@ impl<T: Send, E: Send> ErasedSlot<E> for Slot<T, E> {
                 .outcome
                 .take()
                 .unwrap_or(Outcome::Cancelled(CancelReason::RuntimeShutdown)),
-            State::Pending(_) => Outcome::Cancelled(CancelReason::RuntimeShutdown),
+            State::Pending { .. } => Outcome::Cancelled(CancelReason::RuntimeShutdown),
         }
     }
 
@@ -218,9 +243,11 @@ impl<T: Send, E: Send> ErasedSlot<E> for Slot<T, E> {
 /// [`join`](crate::TaskGroup::join).
 ///
 /// Dropping a handle does not cancel or detach the child: the child still belongs to its group.
+/// [`cancel`](TaskHandle::cancel) cancels this one child.
 pub struct TaskHandle<T> {
     slot: Arc<dyn OutputSlot<T>>,
-    index: usize,
+    /// `None` for a child spawned after the group closed, which is in no report.
+    index: Option<usize>,
     _marker: PhantomData<fn() -> T>,
 }
 
@@ -231,9 +258,10 @@ trait OutputSlot<T>: Send + Sync {
     fn is_finished(&self) -> bool;
     fn name(&self) -> &Cow<'static, str>;
     fn group_id(&self) -> u64;
+    fn cancel(&self);
 }
 
-impl<T: Send, E: Send> OutputSlot<T> for Slot<T, E> {
+impl<T: Send, E: Send + 'static> OutputSlot<T> for Slot<T, E> {
     fn poll_output(&self, cx: Option<&mut Context<'_>>) -> Poll<Result<T, ChildErrorKind>> {
         Slot::poll_output(self, cx)
     }
@@ -247,12 +275,19 @@ impl<T: Send, E: Send> OutputSlot<T> for Slot<T, E> {
     }
 
     fn group_id(&self) -> u64 {
-        Slot::group_id(self)
+        self.shared.id
+    }
+
+    fn cancel(&self) {
+        if self.request_cancel() {
+            // A running child is aborted now; a queued one never starts (it looks at the flag).
+            self.shared.books.abort_one(self.index);
+        }
     }
 }
 
 impl<T: Send + 'static> TaskHandle<T> {
-    pub(crate) fn new<E: Send + 'static>(slot: Arc<Slot<T, E>>, index: usize) -> Self {
+    pub(crate) fn new<E: Send + 'static>(slot: Arc<Slot<T, E>>, index: Option<usize>) -> Self {
         TaskHandle {
             slot,
             index,
@@ -267,15 +302,25 @@ impl<T> TaskHandle<T> {
         self.slot.name()
     }
 
-    /// The child's position in its group, in spawn order; the same index as in the group's
-    /// [`Report`](crate::Report).
-    pub fn index(&self) -> usize {
+    /// The child's position in its group, in spawn order: the same index as in the group's
+    /// [`Report`](crate::Report). `None` for a child spawned after the group was joined, which
+    /// never joined it and is in no report.
+    pub fn index(&self) -> Option<usize> {
         self.index
     }
 
     /// Whether the child has finished (in any way). Always true after the group is joined.
     pub fn is_finished(&self) -> bool {
         self.slot.is_finished()
+    }
+
+    /// Cancels this child alone, like `task.cancel()` in asyncio: a queued child never starts, a
+    /// running one is aborted at its next await (without a grace period), and either reports
+    /// [`CancelReason::HandleCancelled`]. Its siblings and the group's verdict are unaffected: a
+    /// child cancelled this way is neither a failure nor cut off by the group. Does nothing once
+    /// the child has finished.
+    pub fn cancel(&self) {
+        self.slot.cancel();
     }
 
     /// The id of the group the child belongs to, unique in the process.
@@ -359,6 +404,94 @@ impl<T> fmt::Debug for TaskHandle<T> {
             .field("name", &self.slot.name())
             .field("index", &self.index)
             .field("finished", &self.slot.is_finished())
+            .finish()
+    }
+}
+
+/// Outputs in the order children finish, like `asyncio.as_completed`: see [`as_completed`].
+pub struct AsCompleted<T> {
+    pending: FuturesUnordered<Positioned<T>>,
+}
+
+/// A handle with its position among those given to [`as_completed`].
+struct Positioned<T> {
+    position: usize,
+    handle: TaskHandle<T>,
+}
+
+impl<T> Future for Positioned<T> {
+    type Output = (usize, Result<T, ChildError>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let position = self.position;
+        Pin::new(&mut self.handle)
+            .poll(cx)
+            .map(|result| (position, result))
+    }
+}
+
+/// Yields each child's result as it finishes, with the handle's position in `handles`, like
+/// `asyncio.as_completed`. Waking costs nothing per pending child (the handles sit in a
+/// `FuturesUnordered`), so it suits thousands of children.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use taskgroup::{TaskGroup, as_completed};
+///
+/// let group = TaskGroup::<std::io::Error>::new()?;
+/// let handles: Vec<_> = [30u64, 10, 20]
+///     .into_iter()
+///     .map(|ms| {
+///         group.spawn("sleeper", async move {
+///             tokio::time::sleep(Duration::from_millis(ms)).await;
+///             Ok(ms)
+///         })
+///     })
+///     .collect();
+/// let mut finished = as_completed(handles);
+/// let mut order = Vec::new();
+/// while let Some((position, result)) = finished.next().await {
+///     order.push((position, result?));
+/// }
+/// assert_eq!(order, [(1, 10), (2, 20), (0, 30)]);
+/// group.join().await?;
+/// # Ok(())
+/// # }
+/// ```
+pub fn as_completed<T>(handles: impl IntoIterator<Item = TaskHandle<T>>) -> AsCompleted<T> {
+    AsCompleted {
+        pending: handles
+            .into_iter()
+            .enumerate()
+            .map(|(position, handle)| Positioned { position, handle })
+            .collect(),
+    }
+}
+
+impl<T> AsCompleted<T> {
+    /// The next child to finish: its position in the handles given, and its output or why it
+    /// has none. `None` once every child has been yielded.
+    pub async fn next(&mut self) -> Option<(usize, Result<T, ChildError>)> {
+        self.pending.next().await
+    }
+
+    /// How many children have not been yielded yet.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether every child has been yielded.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+impl<T> fmt::Debug for AsCompleted<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsCompleted")
+            .field("pending", &self.pending.len())
             .finish()
     }
 }

@@ -1,5 +1,4 @@
-//! The ordered map with a concurrency limit: [`TaskGroup::map`], the seed's batch processor
-//! (section 七) as one call.
+//! The ordered map with a concurrency limit: [`TaskGroup::map`], a batch processor as one call.
 
 use std::future::Future;
 
@@ -14,7 +13,8 @@ impl<E: Send + 'static> TaskGroup<E> {
     ///
     /// `f` is called for every input up front, but it only builds futures: a queued child costs
     /// its future and nothing more, is never polled until a slot frees up, and is discarded
-    /// unstarted if the group stops. Children are named `<group>[<index>]`.
+    /// unstarted if the group stops. Children are named `<group>[<index>]`. Every child is
+    /// spawned before `map` waits, so the group is never joined early: no child is refused.
     ///
     /// Under [`Policy::FailFast`](crate::Policy::FailFast) a successful result holds only `Ok`
     /// outcomes; under [`Policy::CollectAll`](crate::Policy::CollectAll) it holds every outcome,
@@ -79,7 +79,7 @@ impl<E: Send + 'static> TaskGroup<E> {
             .into_iter()
             .map(|handle| {
                 let outcome = outcomes
-                    .get_mut(handle.index())
+                    .get_mut(handle.index().unwrap_or(usize::MAX))
                     .and_then(Option::take)
                     // Every handle has an entry; a missing one would mean the child never ran.
                     .unwrap_or(Outcome::Cancelled(CancelReason::RuntimeShutdown));

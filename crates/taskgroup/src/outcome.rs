@@ -208,12 +208,13 @@ pub enum CancelReason {
         /// The name of the child whose failure cancelled the group.
         name: Cow<'static, str>,
     },
-    /// Someone called [`TaskGroup::cancel`](crate::TaskGroup::cancel),
-    /// [`Spawner::cancel`](crate::Spawner::cancel) or cancelled the group's token.
+    /// Someone called [`TaskGroup::cancel`](crate::TaskGroup::cancel) or
+    /// [`Spawner::cancel`](crate::Spawner::cancel).
     Requested,
     /// The group's deadline had already passed. Children cut off by a deadline report
     /// [`Outcome::TimedOut`] instead; this reason appears only on a refused spawn
-    /// ([`SpawnError::reason`](crate::SpawnError::reason)).
+    /// ([`SpawnError::reason`](crate::SpawnError::reason)) and on a nested group stopped by its
+    /// parent's deadline before it cut anything off.
     DeadlineExceeded,
     /// The parent group, or the external token the group was linked to, was cancelled.
     ParentCancelled,
@@ -224,10 +225,9 @@ pub enum CancelReason {
     /// The child was dropped without the group asking for it, which happens when the runtime
     /// shuts down. The group then stops: queued children are discarded with this reason too.
     RuntimeShutdown,
-    /// The child has a timeout, but the runtime has no time driver to enforce it (build the
-    /// runtime with `enable_time()` or `enable_all()`), so it was refused when spawned and never
-    /// started.
-    TimerDisabled,
+    /// The child alone was cancelled through its
+    /// [`TaskHandle::cancel`](crate::TaskHandle::cancel); its group was not.
+    HandleCancelled,
 }
 
 impl fmt::Display for CancelReason {
@@ -240,9 +240,7 @@ impl fmt::Display for CancelReason {
             CancelReason::GroupDropped => f.write_str("group dropped without being joined"),
             CancelReason::GroupClosed => f.write_str("group already closed"),
             CancelReason::RuntimeShutdown => f.write_str("runtime shut down"),
-            CancelReason::TimerDisabled => {
-                f.write_str("child timeouts need a tokio runtime with the time driver enabled")
-            }
+            CancelReason::HandleCancelled => f.write_str("cancelled through its handle"),
         }
     }
 }

@@ -56,12 +56,13 @@ impl<E> Report<E> {
         self.children.iter()
     }
 
-    /// The entry of the child behind `handle`; `None` for a handle of another group.
+    /// The entry of the child behind `handle`; `None` for a handle of another group, or of a
+    /// child spawned after the group was joined (which never joined it).
     pub fn get<T>(&self, handle: &TaskHandle<T>) -> Option<&ChildReport<E>> {
         if handle.group_id() != self.id {
             return None;
         }
-        self.children.get(handle.index())
+        self.children.get(handle.index()?)
     }
 
     /// The entry of the child at `index` in spawn order.

@@ -10,6 +10,11 @@ use taskgroup::{
     BuildError, CancelReason, CancellationToken, ChildContext, ChildErrorKind, GroupErrorKind,
     Limit, Outcome, OutcomeKind, Policy, Spawner, TaskGroup, Timeout,
 };
+
+/// The running child's context (these tests only call it inside children).
+fn current() -> ChildContext {
+    ChildContext::current().expect("called inside a child")
+}
 use tokio::time::{Instant, sleep};
 
 fn ms(n: u64) -> Duration {
@@ -127,7 +132,8 @@ async fn first_failure_is_the_cause_and_later_failures_are_kept() {
     // reported, tagged with its name; the cause stays the first failure.
     let group = TaskGroup::builder().grace(ms(50)).build().unwrap();
     group.spawn("first", sleep_err(ms(10), "first broke"));
-    group.spawn_with("second", |ctx| async move {
+    group.spawn("second", async move {
+        let ctx = current();
         ctx.cancelled().await;
         Err::<(), _>("second gave up".to_owned())
     });
@@ -543,11 +549,14 @@ async fn a_child_reads_its_remaining_budget() {
         .build()
         .unwrap();
     sleep(ms(100)).await;
-    let own = group
-        .child("own")
-        .timeout(ms(250))
-        .spawn_with(|ctx| async move { Ok(ctx.remaining()) });
-    let inherited = group.spawn_with("inherited", |ctx| async move { Ok(ctx.remaining()) });
+    let own = group.child("own").timeout(ms(250)).spawn(async move {
+        let ctx = current();
+        Ok(ctx.remaining())
+    });
+    let inherited = group.spawn("inherited", async move {
+        let ctx = current();
+        Ok(ctx.remaining())
+    });
     group.join().await.unwrap();
     assert_eq!(own.output().unwrap(), Some(ms(250)));
     assert_eq!(inherited.output().unwrap(), Some(ms(1900)));
@@ -560,20 +569,16 @@ async fn a_nested_group_inherits_the_tighter_deadline() {
         .timeout(ms(1000))
         .build()
         .unwrap();
-    let inner_result = outer
-        .child("middle")
-        .essential(false)
-        .spawn_with(|ctx| async move {
-            let inner = TaskGroup::<String>::builder()
-                .nested_in(&ctx)
-                .timeout(ms(5000))
-                .build()
-                .map_err(|e| e.to_string())?;
-            let deadline = inner.deadline();
-            inner.spawn("leaf", sleep_ok(ms(4000)));
-            let kind = inner.join().await.map(|_| ()).map_err(|e| e.kind().clone());
-            Ok((deadline, kind))
-        });
+    let inner_result = outer.child("middle").essential(false).spawn(async move {
+        let inner = TaskGroup::<String>::builder()
+            .timeout(ms(5000))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let deadline = inner.deadline();
+        inner.spawn("leaf", sleep_ok(ms(4000)));
+        let kind = inner.join().await.map(|_| ()).map_err(|e| e.kind().clone());
+        Ok((deadline, kind))
+    });
     let error = outer.join().await.unwrap_err();
     assert_eq!(error.kind(), &GroupErrorKind::DeadlineExceeded);
     assert_eq!(start.elapsed(), ms(1000));
@@ -593,9 +598,8 @@ async fn a_nested_group_reports_its_own_deadline_when_it_is_tighter() {
         .timeout(ms(1000))
         .build()
         .unwrap();
-    let middle = outer.spawn_with("middle", |ctx| async move {
+    let middle = outer.spawn("middle", async move {
         let inner = TaskGroup::<String>::builder()
-            .nested_in(&ctx)
             .timeout(ms(200))
             .build()
             .map_err(|e| e.to_string())?;
@@ -621,7 +625,8 @@ async fn two_phase_cancellation_signals_waits_then_aborts() {
         .build()
         .unwrap();
     let cleaned = Arc::clone(&cleaned_up);
-    let cooperative = group.spawn_with("cooperative", move |ctx| async move {
+    let cooperative = group.spawn("cooperative", async move {
+        let ctx = current();
         tokio::select! {
             () = sleep(ms(60_000)) => Ok("finished"),
             () = ctx.cancelled() => {
@@ -654,9 +659,8 @@ async fn cancelling_a_parent_cancels_its_nested_groups() {
     let leaf_drops = DropCounter::default();
     let outer = TaskGroup::<String>::new().unwrap();
     let flag = leaf_drops.flag();
-    let middle = outer.spawn_with("middle", move |ctx| async move {
+    let middle = outer.spawn("middle", async move {
         let inner = TaskGroup::<String>::builder()
-            .nested_in(&ctx)
             .build()
             .map_err(|e| e.to_string())?;
         inner.spawn("leaf", async move {
@@ -691,22 +695,17 @@ async fn an_external_token_cancels_a_linked_group() {
     );
 }
 
-/// Builds a group nested in `ctx` and linked to `shutdown`, the two options in either order,
-/// runs a leaf that would sleep for a minute, and returns the group's deadline and how its join
-/// ended.
+/// Builds a group (nested in the running child) linked to `shutdown`, runs a leaf that would
+/// sleep for a minute, and returns the group's deadline and how its join ended.
 async fn nested_and_linked(
-    ctx: ChildContext<String>,
     shutdown: CancellationToken,
-    nested_first: bool,
 ) -> Result<(Option<Instant>, Result<(), GroupErrorKind>), String> {
     // No grace of its own (rather than its parent's), so it stops at once when cancelled.
-    let builder = TaskGroup::<String>::builder().grace(Duration::ZERO);
-    let builder = if nested_first {
-        builder.nested_in(&ctx).cancel_on(&shutdown)
-    } else {
-        builder.cancel_on(&shutdown).nested_in(&ctx)
-    };
-    let inner = builder.build().map_err(|e| e.to_string())?;
+    let inner = TaskGroup::<String>::builder()
+        .grace(Duration::ZERO)
+        .cancel_on(&shutdown)
+        .build()
+        .map_err(|e| e.to_string())?;
     let deadline = inner.deadline();
     inner.spawn("leaf", sleep_ok(ms(60_000)));
     let joined = inner.join().await.map(|_| ()).map_err(|e| e.kind().clone());
@@ -721,14 +720,8 @@ async fn a_group_both_nested_and_linked_obeys_the_outside_token() {
         .timeout(ms(1000))
         .build()
         .unwrap();
-    let handles: Vec<_> = [true, false]
-        .into_iter()
-        .map(|nested_first| {
-            let shutdown = shutdown.clone();
-            outer.spawn_with(format!("nested_first={nested_first}"), move |ctx| {
-                nested_and_linked(ctx, shutdown, nested_first)
-            })
-        })
+    let handles: Vec<_> = (0..2)
+        .map(|i| outer.spawn(format!("nested-{i}"), nested_and_linked(shutdown.clone())))
         .collect();
     sleep(ms(10)).await;
     shutdown.cancel();
@@ -736,7 +729,7 @@ async fn a_group_both_nested_and_linked_obeys_the_outside_token() {
     assert_eq!(start.elapsed(), ms(10));
     for handle in handles {
         let (deadline, joined) = handle.output().unwrap();
-        // The parent's deadline is inherited whichever option came first.
+        // The parent's deadline is inherited along with the outside link.
         assert_eq!(deadline, Some(start + ms(1000)));
         assert_eq!(
             joined,
@@ -752,14 +745,8 @@ async fn a_group_both_nested_and_linked_obeys_its_parent_group() {
         .grace(ms(100))
         .build()
         .unwrap();
-    let handles: Vec<_> = [true, false]
-        .into_iter()
-        .map(|nested_first| {
-            let shutdown = shutdown.clone();
-            outer.spawn_with(format!("nested_first={nested_first}"), move |ctx| {
-                nested_and_linked(ctx, shutdown, nested_first)
-            })
-        })
+    let handles: Vec<_> = (0..2)
+        .map(|i| outer.spawn(format!("nested-{i}"), nested_and_linked(shutdown.clone())))
         .collect();
     sleep(ms(10)).await;
     // The nested groups stop within the outer grace period and report it to their parents.
@@ -794,28 +781,26 @@ async fn every_linked_token_cancels_the_group_and_the_tightest_deadline_wins() {
         &GroupErrorKind::Cancelled(CancelReason::ParentCancelled)
     );
 
-    // Nested in two children at once (a group's child and that child's own nested group's
-    // child), the tighter first: the looser one that follows must not replace its deadline.
+    // Nested two deep: the innermost group keeps the tightest deadline on its path (the middle
+    // child's own timeout, not the outer group's deadline).
     let start = Instant::now();
     let outer = TaskGroup::<String>::builder()
         .timeout(ms(300))
         .build()
         .unwrap();
-    let deadline = outer.spawn_with("outer-child", |outer_ctx| async move {
+    let deadline = outer.spawn("outer-child", async move {
         let middle = TaskGroup::<String>::builder()
-            .nested_in(&outer_ctx)
             .build()
             .map_err(|e| e.to_string())?;
-        let deadline = middle.child("middle-child").timeout(ms(100)).spawn_with(
-            move |middle_ctx| async move {
+        let deadline = middle
+            .child("middle-child")
+            .timeout(ms(100))
+            .spawn(async move {
                 let inner = TaskGroup::<String>::builder()
-                    .nested_in(&middle_ctx)
-                    .nested_in(&outer_ctx)
                     .build()
                     .map_err(|e| e.to_string())?;
                 Ok(inner.deadline())
-            },
-        );
+            });
         middle.join().await.map_err(|e| e.to_string())?;
         deadline.output().map_err(|e| e.to_string())
     });
@@ -834,7 +819,8 @@ async fn children_spawn_siblings_and_join_waits_for_them() {
     group.spawn("parent", async move {
         sleep(ms(10)).await;
         let sibling = spawner
-            .try_spawn("late", async {
+            .child("late")
+            .try_spawn(async {
                 sleep(ms(500)).await;
                 Ok(7usize)
             })
@@ -856,8 +842,11 @@ async fn spawning_into_a_closing_group_is_refused_and_gives_the_future_back() {
     let spawner = group.spawner();
     group.spawn("fails", sleep_err(ms(1), "down"));
     sleep(ms(5)).await;
-    assert!(spawner.is_closing());
-    let refused = spawner.try_spawn("late", async { Ok(41u8) }).unwrap_err();
+    assert!(spawner.is_stopping());
+    let refused = spawner
+        .child("late")
+        .try_spawn(async { Ok(41u8) })
+        .unwrap_err();
     assert_eq!(
         refused.reason(),
         &CancelReason::SiblingFailed {
@@ -866,7 +855,7 @@ async fn spawning_into_a_closing_group_is_refused_and_gives_the_future_back() {
     );
     assert_eq!(
         refused.to_string(),
-        "task group is shutting down (sibling `fails` failed); child not spawned"
+        "task group is not taking children (sibling `fails` failed); child not spawned"
     );
     // The future comes back intact and can still be run elsewhere.
     assert_eq!(refused.into_inner().await.unwrap(), 41);
@@ -877,7 +866,10 @@ async fn spawning_into_a_closing_group_is_refused_and_gives_the_future_back() {
         ChildErrorKind::Cancelled(_)
     ));
     group.join().await.unwrap_err();
-    let closed = spawner.try_spawn("after", async { Ok(0u8) }).unwrap_err();
+    let closed = spawner
+        .child("after")
+        .try_spawn(async { Ok(0u8) })
+        .unwrap_err();
     assert_eq!(closed.reason(), &CancelReason::GroupClosed);
 }
 
@@ -890,7 +882,8 @@ async fn a_failure_before_a_cancellation_wins_over_it() {
         .build()
         .unwrap();
     group.spawn("fails", sleep_err(ms(1), "down"));
-    group.spawn_with("cooperative", |ctx| async move {
+    group.spawn("cooperative", async move {
+        let ctx = current();
         ctx.cancelled().await;
         Ok(())
     });
@@ -907,7 +900,8 @@ async fn an_error_raised_while_winding_down_after_a_cancel_is_kept_but_is_not_th
         .grace(ms(50))
         .build()
         .unwrap();
-    group.spawn_with("rolls-back", |ctx| async move {
+    group.spawn("rolls-back", async move {
+        let ctx = current();
         ctx.cancelled().await;
         Err::<(), _>("rollback failed".to_owned())
     });
@@ -936,7 +930,8 @@ async fn an_error_raised_while_winding_down_after_the_deadline_is_kept_but_is_no
         .build()
         .unwrap();
     group.spawn("quick", sleep_ok(ms(10)));
-    group.spawn_with("query", |ctx| async move {
+    group.spawn("query", async move {
+        let ctx = current();
         tokio::select! {
             () = sleep(ms(10_000)) => Ok(ms(10_000)),
             // The PostgreSQL pattern: on the signal, send a cancel request; the statement then
@@ -994,7 +989,8 @@ async fn a_child_still_running_at_the_deadline_is_cut_off_even_if_it_winds_down_
         .grace(ms(50))
         .build()
         .unwrap();
-    let partial = group.spawn_with("partial", |ctx| async move {
+    let partial = group.spawn("partial", async move {
+        let ctx = current();
         ctx.cancelled().await;
         Ok("what was ready")
     });
@@ -1009,9 +1005,10 @@ async fn a_panic_while_winding_down_is_still_reported_as_the_cause() {
         .grace(ms(50))
         .build()
         .unwrap();
-    group.spawn_with("buggy-cleanup", |ctx| async move {
+    group.spawn("buggy-cleanup", async move {
+        let ctx = current();
         ctx.cancelled().await;
-        if ctx.is_cancelled() {
+        if ctx.is_stopping() {
             panic!("cleanup bug");
         }
         Ok(())
@@ -1074,23 +1071,39 @@ async fn timeouts_too_long_to_represent_mean_no_limit() {
     let child = group
         .child("patient")
         .timeout(Duration::MAX)
-        .spawn_with(|ctx| async move { Ok(ctx.remaining()) });
+        .spawn(async move {
+            let ctx = current();
+            Ok(ctx.remaining())
+        });
     group.join().await.unwrap();
     assert_eq!(child.output().unwrap(), None);
 }
 
+/// Runs `f` on a current-thread runtime without a time driver, returning its panic message.
+fn panic_without_timer(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
+    let payload = std::panic::catch_unwind(f).expect_err("it panics");
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_default()
+}
+
 #[test]
-fn a_deadline_without_a_time_driver_is_an_error() {
+fn a_deadline_or_grace_without_a_time_driver_panics_at_build_as_tokio_does() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
+    let _entered = runtime.enter();
+    for builder in [
+        TaskGroup::<String>::builder().timeout(ms(10)),
+        TaskGroup::<String>::builder().grace(ms(10)),
+    ] {
+        let message = panic_without_timer(move || drop(builder.build()));
+        assert!(message.contains("timers are disabled"), "{message}");
+    }
+    // Without a deadline the same runtime is fine.
     runtime.block_on(async {
-        let error = TaskGroup::<String>::builder()
-            .timeout(ms(10))
-            .build()
-            .unwrap_err();
-        assert_eq!(error, BuildError::TimerDisabled);
-        // Without a deadline the same runtime is fine.
         let group = TaskGroup::<String>::new().unwrap();
         let handle = group.spawn("plain", async { Ok(1) });
         group.join().await.unwrap();
@@ -1099,36 +1112,24 @@ fn a_deadline_without_a_time_driver_is_an_error() {
 }
 
 #[test]
-fn a_child_timeout_without_a_time_driver_is_refused_with_a_typed_reason() {
+fn a_child_timeout_without_a_time_driver_is_that_childs_panic() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
     runtime.block_on(async {
-        let group = TaskGroup::<String>::new().unwrap();
+        let group = TaskGroup::<String>::builder()
+            .policy(Policy::CollectAll)
+            .build()
+            .unwrap();
         let plain = group.spawn("plain", async { Ok(1) });
         let timed = group.child("timed").timeout(ms(10)).spawn(async { Ok(2) });
-        let refused = group
-            .child("try-timed")
-            .timeout(ms(10))
-            .try_spawn(async { Ok(3) })
-            .unwrap_err();
-        assert_eq!(refused.reason(), &CancelReason::TimerDisabled);
-        assert_eq!(
-            refused.to_string(),
-            "child not spawned: child timeouts need a tokio runtime with the time driver enabled"
-        );
-        assert_eq!(refused.into_inner().await.unwrap(), 3);
-        let report = group.join().await.unwrap();
-        assert!(matches!(
-            report.get(&timed).unwrap().outcome,
-            Outcome::Cancelled(CancelReason::TimerDisabled)
-        ));
-        assert_eq!(report.count(OutcomeKind::Panicked), 0);
+        let error = group.join().await.unwrap_err();
+        assert_eq!(error.cause().unwrap().name, "timed");
+        let Outcome::Panicked(panic) = &error.report().get(&timed).unwrap().outcome else {
+            panic!("not a panic: {error:?}");
+        };
+        assert!(panic.message().contains("timers are disabled"));
         assert_eq!(plain.output().unwrap(), 1);
-        assert_eq!(
-            timed.output().unwrap_err().kind,
-            ChildErrorKind::Cancelled(CancelReason::TimerDisabled)
-        );
     });
 }
 
@@ -1177,11 +1178,12 @@ fn dropping_a_group_drops_untaken_outputs_outside_its_lock() {
 async fn a_handed_out_token_cannot_cancel_the_group() {
     let group = TaskGroup::<String>::new().unwrap();
     let outside = group.token();
-    let child = group.spawn_with("child", |ctx| async move {
+    let child = group.spawn("child", async move {
+        let ctx = current();
         let token = ctx.token();
         token.cancel();
         sleep(ms(10)).await;
-        Ok(ctx.is_cancelled())
+        Ok(ctx.is_stopping())
     });
     outside.cancel();
     let report = group.join().await.unwrap();

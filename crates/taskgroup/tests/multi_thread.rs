@@ -105,7 +105,8 @@ async fn siblings_spawned_from_workers_are_all_joined() {
             for _ in 0..20 {
                 let total = Arc::clone(&total);
                 spawner
-                    .try_spawn("leaf", async move {
+                    .child("leaf")
+                    .try_spawn(async move {
                         tokio::task::yield_now().await;
                         total.fetch_add(1, Ordering::SeqCst);
                         Ok(())
