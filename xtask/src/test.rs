@@ -158,8 +158,30 @@ pub async fn run(args: TestArgs) -> Result<()> {
         runs.push(run);
     }
 
-    for run in runs {
-        let status = run_cargo(&run, &template.url).await?;
+    let mut runs: Vec<(Vec<String>, Vec<(&str, &str)>)> =
+        runs.into_iter().map(|run| (run, Vec::new())).collect();
+    if args.args.is_empty() {
+        // The whole suite includes taskgroup's loom model, built with its own cfg in its own
+        // target directory (so the ordinary build is not rebuilt).
+        runs.push((
+            [
+                "test",
+                "-p",
+                "taskgroup",
+                "--release",
+                "--lib",
+                "loom_model",
+            ]
+            .map(String::from)
+            .to_vec(),
+            vec![
+                ("RUSTFLAGS", "--cfg taskgroup_loom"),
+                ("CARGO_TARGET_DIR", "target/loom"),
+            ],
+        ));
+    }
+    for (run, env) in runs {
+        let status = run_cargo(&run, &env, &template.url).await?;
         if !status.success() {
             drop(guard);
             bail!("`cargo {}` failed ({status})", run.join(" "));
@@ -207,7 +229,11 @@ fn filter_for_doctests(args: &[String]) -> Vec<String> {
 }
 
 /// Runs cargo with the test environment; Ctrl-C stops it and still lets the caller clean up.
-async fn run_cargo(args: &[String], database_url: &str) -> Result<ExitStatus> {
+async fn run_cargo(
+    args: &[String],
+    env: &[(&str, &str)],
+    database_url: &str,
+) -> Result<ExitStatus> {
     let config_dir = std::env::current_dir()?.join("config");
     // In a process group of its own, so that stopping it stops nextest and every test binary
     // too, not just cargo.
@@ -215,6 +241,7 @@ async fn run_cargo(args: &[String], database_url: &str) -> Result<ExitStatus> {
         .args(args)
         .env("DATABASE_URL", database_url)
         .env("APP_CONFIG_DIR", config_dir)
+        .envs(env.iter().copied())
         .process_group(0)
         .spawn()
         .context("cannot run cargo")?;

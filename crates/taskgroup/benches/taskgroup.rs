@@ -52,7 +52,7 @@ fn spawn_join(c: &mut Criterion) {
 
 fn spawn_join_on(c: &mut Criterion, name: &str, rt: &Runtime) {
     let mut group = c.benchmark_group(name);
-    for n in [10usize, 1_000, 100_000] {
+    for n in [4usize, 10, 1_000, 100_000] {
         group.throughput(Throughput::Elements(n as u64));
         if n >= 100_000 {
             group.sample_size(10);

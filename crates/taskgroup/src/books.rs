@@ -21,7 +21,7 @@ use std::task::{Poll, Waker};
 use tokio_util::sync::CancellationToken;
 
 use crate::outcome::{CancelReason, Outcome};
-use crate::sync::{AtomicBool, Mutex, MutexGuard};
+use crate::sync::{AtomicBool, AtomicUsize, Mutex, MutexGuard};
 
 /// The types the books hold without knowing them.
 pub(crate) trait Kinds: 'static {
@@ -176,10 +176,22 @@ pub(crate) struct Gone<E, X: Kinds> {
     pub(crate) wake: Option<Waker>,
     /// The next queued child, now counted as running: hand it to the runtime.
     pub(crate) start: Option<X::Queued>,
-    /// The group stopped because of this child.
-    pub(crate) stopped: Option<Stopped<X>>,
+    /// The group stopped because of this child. (Boxed, as is `closed`: rare, and large to
+    /// move on every child's way out.)
+    pub(crate) stopped: Option<Box<Stopped<X>>>,
     /// The group was dropped and its last child is gone: release what it held.
-    pub(crate) closed: Option<Closed<E, X>>,
+    pub(crate) closed: Option<Box<Closed<E, X>>>,
+}
+
+impl<E, X: Kinds> Gone<E, X> {
+    fn nothing() -> Self {
+        Gone {
+            wake: None,
+            start: None,
+            stopped: None,
+            closed: None,
+        }
+    }
 }
 
 /// A group's owner went away without joining.
@@ -207,12 +219,8 @@ struct State<E, X: Kinds> {
     /// The group's owner dropped it without joining.
     dropped: bool,
     joiner: Option<Waker>,
-    /// Children not yet dropped: queued or running.
-    children: usize,
     /// Nested groups built inside a child, not yet closed with every child of theirs gone.
     nested_live: usize,
-    /// Children cut off by the stop or winding down after it.
-    cut_off: usize,
     entries: Vec<Entry<E, X>>,
     /// Children ever registered; unlike `entries.len()` it survives close.
     registered: usize,
@@ -231,8 +239,18 @@ struct State<E, X: Kinds> {
 }
 
 /// The group's books: see the module docs.
+///
+/// Two counts live outside the lock, so that an ordinary child of a group without a limit goes
+/// away with one atomic decrement instead of a lock (the lock is taken only by the last one, to
+/// wake the joiner): `children` only grows under the lock (so a closer holding it sees a final
+/// zero), and `cut_off` is added to before `children` is decremented (so a closer that saw zero
+/// sees every addition).
 pub(crate) struct Books<E, X: Kinds> {
     state: Mutex<State<E, X>>,
+    /// Children not yet dropped: queued or running.
+    children: AtomicUsize,
+    /// Children cut off by the stop or winding down after it.
+    cut_off: AtomicUsize,
     /// A copy of "stop is set", readable without the lock.
     stopping: AtomicBool,
     limit: Option<usize>,
@@ -249,9 +267,7 @@ impl<E, X: Kinds> Books<E, X> {
                 closed: false,
                 dropped: false,
                 joiner: None,
-                children: 0,
                 nested_live: 0,
-                cut_off: 0,
                 entries: Vec::new(),
                 registered: 0,
                 refused: 0,
@@ -262,6 +278,8 @@ impl<E, X: Kinds> Books<E, X> {
                 nested: Vec::new(),
                 free: Vec::new(),
             }),
+            children: AtomicUsize::new(0),
+            cut_off: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             limit,
             grace,
@@ -312,7 +330,7 @@ impl<E, X: Kinds> Books<E, X> {
                 return Admission::GiveBack(stop.reason());
             }
             let made = make(index, Fate::Refused(stop));
-            state.cut_off += 1;
+            self.cut_off.fetch_add(1, Ordering::Relaxed);
             state.registered += 1;
             state.entries.push(Entry {
                 task: None,
@@ -320,12 +338,13 @@ impl<E, X: Kinds> Books<E, X> {
             });
             return Admission::Refused(made.out);
         }
-        let running = state.children - state.queue.len();
+        let children = self.children.load(Ordering::Relaxed);
+        let running = children - state.queue.len();
         let queue = self
             .limit
             .is_some_and(|limit| running >= limit || !state.queue.is_empty());
         let made = make(index, if queue { Fate::Queue } else { Fate::Run });
-        state.children += 1;
+        self.children.fetch_add(1, Ordering::Relaxed);
         state.registered += 1;
         state.entries.push(Entry {
             task: None,
@@ -366,18 +385,34 @@ impl<E, X: Kinds> Books<E, X> {
         ending: Ending,
         fatal: Option<(Fatal, Cow<'static, str>)>,
     ) -> Gone<E, X> {
-        let mut state = self.lock();
-        state.children -= 1;
         match ending {
-            Ending::Finished { late: true } | Ending::CutOff => state.cut_off += 1,
+            Ending::Finished { late: true } | Ending::CutOff => {
+                self.cut_off.fetch_add(1, Ordering::Relaxed);
+            }
             Ending::Finished { late: false } | Ending::HandleCancelled => {}
         }
+        if fatal.is_none() && self.limit.is_none() {
+            // Nothing to decide and nothing queued: only the last child takes the lock.
+            if self.children.fetch_sub(1, Ordering::AcqRel) != 1 {
+                return Gone::nothing();
+            }
+            let mut state = self.lock();
+            let (wake, closed) = self.settle(&mut state);
+            return Gone {
+                wake,
+                start: None,
+                stopped: None,
+                closed,
+            };
+        }
+        let mut state = self.lock();
+        self.children.fetch_sub(1, Ordering::AcqRel);
         let mut stopped = None;
         if let Some((fatal, name)) = fatal {
             let stop = Stop::Failed { name, index };
             let late = !matches!(ending, Ending::Finished { late: false });
             match &state.stop {
-                None => stopped = self.stop_locked(&mut state, stop),
+                None => stopped = self.stop_locked(&mut state, stop).map(Box::new),
                 Some(Stop::Failed { .. }) => {}
                 // It failed before the group stopped (it read "not stopping" when it finished),
                 // though it reports only now: the failure came first, so it is the cause. The
@@ -392,7 +427,7 @@ impl<E, X: Kinds> Books<E, X> {
         }
         let start = match self.limit {
             Some(limit) if state.stop.is_none() => {
-                let running = state.children - state.queue.len();
+                let running = self.children.load(Ordering::Acquire) - state.queue.len();
                 // Counted as running from here: it leaves the queue but stays a live child.
                 if running < limit {
                     state.queue.pop_front()
@@ -412,12 +447,12 @@ impl<E, X: Kinds> Books<E, X> {
     }
 
     /// When nothing is left alive: takes the joiner's waker, or closes a dropped group.
-    fn settle(&self, state: &mut State<E, X>) -> (Option<Waker>, Option<Closed<E, X>>) {
-        if state.children + state.nested_live > 0 {
+    fn settle(&self, state: &mut State<E, X>) -> (Option<Waker>, Option<Box<Closed<E, X>>>) {
+        if self.children.load(Ordering::Acquire) + state.nested_live > 0 {
             return (None, None);
         }
         let wake = state.joiner.take();
-        let closed = (state.dropped && !state.closed).then(|| Self::close_locked(state));
+        let closed = (state.dropped && !state.closed).then(|| Box::new(self.close_locked(state)));
         (wake, closed)
     }
 
@@ -489,7 +524,7 @@ impl<E, X: Kinds> Books<E, X> {
                 reaper: None,
             });
         }
-        if state.children + state.nested_live > 0 {
+        if self.children.load(Ordering::Acquire) + state.nested_live > 0 {
             // Replaced only when it would wake another task; the old one is dropped outside the
             // lock.
             let old = match &state.joiner {
@@ -500,20 +535,21 @@ impl<E, X: Kinds> Books<E, X> {
             drop(old);
             return Poll::Pending;
         }
-        Poll::Ready(Self::close_locked(&mut state))
+        Poll::Ready(self.close_locked(&mut state))
     }
 
-    fn close_locked(state: &mut State<E, X>) -> Closed<E, X> {
+    fn close_locked(&self, state: &mut State<E, X>) -> Closed<E, X> {
         state.closed = true;
+        let cut_off = self.cut_off.load(Ordering::Acquire);
         let verdict = match &state.stop {
             None => Verdict::Ok,
             Some(Stop::Failed { index, .. }) => Verdict::Failed(*index),
             Some(stop) => match state.late_panic {
                 Some(index) => Verdict::Failed(index),
-                None if state.cut_off == 0 => Verdict::Ok,
+                None if cut_off == 0 => Verdict::Ok,
                 None => Verdict::Stopped {
                     stop: stop.clone(),
-                    cut_off: state.cut_off,
+                    cut_off,
                 },
             },
         };
@@ -528,10 +564,10 @@ impl<E, X: Kinds> Books<E, X> {
     pub(crate) fn owner_dropped(&self) -> Dropped<E, X> {
         let mut state = self.lock();
         state.dropped = true;
-        if state.closed || state.children + state.nested_live > 0 {
+        if state.closed || self.children.load(Ordering::Acquire) + state.nested_live > 0 {
             return Dropped::Pending;
         }
-        Dropped::Closed(Self::close_locked(&mut state))
+        Dropped::Closed(self.close_locked(&mut state))
     }
 
     /// A group built inside one of this group's children asks to be held: this group does not
@@ -598,7 +634,7 @@ impl<E, X: Kinds> Books<E, X> {
             registered: state.registered,
             refused: state.refused,
             queued: state.queue.len(),
-            live: state.children,
+            live: self.children.load(Ordering::Relaxed),
         }
     }
 }

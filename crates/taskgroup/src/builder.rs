@@ -182,14 +182,20 @@ impl<E: Send + 'static> Builder<E> {
         if self.limit == Some(0) {
             return Err(BuildError::ZeroLimit);
         }
-        let now = Instant::now();
         let parent = context::parent();
         let inherited = parent.as_ref().and_then(|(_, deadline)| *deadline);
+        // Read only when needed: on most machines a clock read is the dearest part of a build.
+        let now = (self.timeout.is_some() || self.deadline.is_some() || inherited.is_some())
+            .then(Instant::now);
         // A timeout too long to represent as an instant is no limit at all.
-        let own = [self.deadline, self.timeout.and_then(|t| now.checked_add(t))]
-            .into_iter()
-            .flatten()
-            .min();
+        let own = [
+            self.deadline,
+            self.timeout
+                .and_then(|t| now.and_then(|now| now.checked_add(t))),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let deadline = [own, inherited].into_iter().flatten().min();
         let grace = match &parent {
             Some((parent, _)) => {
@@ -214,7 +220,10 @@ impl<E: Send + 'static> Builder<E> {
                 policy: self.policy,
                 limit: self.limit,
                 deadline,
-                budget: deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(now)),
+                budget: match (deadline, now) {
+                    (Some(deadline), Some(now)) => deadline.saturating_duration_since(now),
+                    _ => Duration::ZERO,
+                },
                 grace,
                 runtime: runtime.clone(),
             },
@@ -224,7 +233,7 @@ impl<E: Send + 'static> Builder<E> {
         let born = born.or_else(|| {
             if self.tokens.iter().any(CancellationToken::is_cancelled) {
                 Some(Stop::Parent)
-            } else if deadline.is_some_and(|d| d <= now) {
+            } else if deadline.is_some_and(|d| now.is_some_and(|now| d <= now)) {
                 Some(Stop::Deadline)
             } else {
                 None

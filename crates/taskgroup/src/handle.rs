@@ -13,6 +13,7 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -34,13 +35,15 @@ pub(crate) struct Slot<T, E> {
     index: usize,
     /// Whether the child's error or own timeout stops the group.
     essential: bool,
+    /// The handle asked for this child to be cancelled. An atomic rather than part of `state`,
+    /// because the child's task reads it on its first poll, and a lock there costs every child.
+    cancel: AtomicBool,
     state: Mutex<State<T, E>>,
 }
 
 enum State<T, E> {
-    /// The child has not finished; the waker belongs to a task awaiting the handle, and
-    /// `cancel` says whether the handle asked for the child to be cancelled.
-    Pending { waker: Option<Waker>, cancel: bool },
+    /// The child has not finished; the waker belongs to a task awaiting the handle.
+    Pending(Option<Waker>),
     /// The child succeeded; the output waits for the handle (`None` once taken).
     Ok(Option<T>),
     /// The child was cancelled (or cut off by the group's stop). Kept inline, without the
@@ -70,10 +73,8 @@ impl<T, E> Slot<T, E> {
             name,
             index,
             essential,
-            state: Mutex::new(State::Pending {
-                waker: None,
-                cancel: false,
-            }),
+            cancel: AtomicBool::new(false),
+            state: Mutex::new(State::Pending(None)),
         }
     }
 
@@ -129,7 +130,7 @@ impl<T, E> Slot<T, E> {
         let waker = {
             let mut state = self.lock();
             match &mut *state {
-                State::Pending { waker, .. } => {
+                State::Pending(waker) => {
                     let waker = waker.take();
                     *state = done;
                     waker
@@ -144,29 +145,29 @@ impl<T, E> Slot<T, E> {
     }
 
     pub(crate) fn is_finished(&self) -> bool {
-        !matches!(&*self.lock(), State::Pending { .. })
+        !matches!(&*self.lock(), State::Pending(_))
     }
 
     /// Whether the handle asked for this child to be cancelled.
     pub(crate) fn cancel_requested(&self) -> bool {
-        matches!(&*self.lock(), State::Pending { cancel: true, .. })
+        self.cancel.load(Ordering::Acquire)
     }
 
-    /// Marks an unfinished child as cancelled by its handle; false once it has finished.
+    /// Marks an unfinished child as cancelled by its handle; false once it has finished. (A
+    /// child finishing meanwhile keeps its result: its task looks at the flag only when it has
+    /// not finished.)
     fn request_cancel(&self) -> bool {
-        match &mut *self.lock() {
-            State::Pending { cancel, .. } => {
-                *cancel = true;
-                true
-            }
-            _ => false,
+        if self.is_finished() {
+            return false;
         }
+        self.cancel.store(true, Ordering::Release);
+        true
     }
 
     fn poll_output(&self, cx: Option<&mut Context<'_>>) -> Poll<Result<T, ChildErrorKind>> {
         let mut state = self.lock();
         let ready = match &mut *state {
-            State::Pending { waker, .. } => match &cx {
+            State::Pending(waker) => match &cx {
                 Some(cx) if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) => None,
                 _ => return Poll::Pending,
             },
@@ -186,7 +187,7 @@ impl<T, E> Slot<T, E> {
         let mut new = Some(cx.waker().clone());
         let mut state = self.lock();
         let ready = match &mut *state {
-            State::Pending { waker, .. } => {
+            State::Pending(waker) => {
                 // Swapped, so the old waker (if any) is dropped after the lock.
                 std::mem::swap(waker, &mut new);
                 None
@@ -225,7 +226,7 @@ impl<T: Send, E: Send> ErasedSlot<E> for Slot<T, E> {
                 .outcome
                 .take()
                 .unwrap_or(Outcome::Cancelled(CancelReason::RuntimeShutdown)),
-            State::Pending { .. } => Outcome::Cancelled(CancelReason::RuntimeShutdown),
+            State::Pending(_) => Outcome::Cancelled(CancelReason::RuntimeShutdown),
         }
     }
 

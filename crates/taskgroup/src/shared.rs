@@ -197,13 +197,13 @@ impl<E: Send + 'static> Shared<E> {
             closed,
         } = gone;
         if let Some(stopped) = stopped {
-            self.stopped(stopped);
+            self.stopped(*stopped);
         }
         if let Some(next) = start {
             self.start(next);
         }
         if let Some(closed) = closed {
-            self.closed(closed);
+            self.closed(*closed);
         }
         if let Some(waker) = wake {
             waker.wake();

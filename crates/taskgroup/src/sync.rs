@@ -7,11 +7,11 @@
 //! The cfg is not `loom` because tokio reads that one to switch itself to its own loom build.
 
 #[cfg(not(taskgroup_loom))]
-pub(crate) use std::sync::atomic::AtomicBool;
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicUsize};
 #[cfg(not(taskgroup_loom))]
 pub(crate) use std::sync::{Mutex, MutexGuard};
 
 #[cfg(taskgroup_loom)]
-pub(crate) use loom::sync::atomic::AtomicBool;
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicUsize};
 #[cfg(taskgroup_loom)]
 pub(crate) use loom::sync::{Mutex, MutexGuard};

@@ -1237,3 +1237,58 @@ async fn a_panicking_destructor_is_reported_and_does_not_hang_join() {
     assert_eq!(error.cause().unwrap().name, "completes");
     assert_eq!(error.report().count(OutcomeKind::Panicked), 2);
 }
+
+// 12. A scoped form.
+
+#[tokio::test(start_paused = true)]
+async fn a_scope_returns_the_bodys_value_once_every_child_is_done() {
+    let finished = DropCounter::default();
+    let start = Instant::now();
+    let value = TaskGroup::<String>::scope(|group| {
+        let flag = finished.flag();
+        async move {
+            group.spawn("background", async move {
+                let _flag = flag;
+                sleep(ms(100)).await;
+                Ok(())
+            });
+            Ok(42)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(value, 42);
+    assert_eq!(start.elapsed(), ms(100), "the scope waited for its child");
+    assert_eq!(finished.dropped(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_early_return_from_a_scope_cancels_and_awaits_its_children() {
+    let dropped = DropCounter::default();
+    let start = Instant::now();
+    let result: Result<(), _> = TaskGroup::<String>::builder()
+        .grace(ms(20))
+        .scope(|group| {
+            let flag = dropped.flag();
+            async move {
+                group.spawn("cleans-up", async move {
+                    let _flag = flag;
+                    current().cancelled().await;
+                    sleep(ms(10)).await;
+                    Ok(())
+                });
+                sleep(ms(5)).await;
+                Err("validation failed".to_owned())?;
+                Ok(())
+            }
+        })
+        .await;
+    let Err(taskgroup::ScopeError::Body { error, report }) = result else {
+        panic!("expected the body's error");
+    };
+    assert_eq!(error, "validation failed");
+    // Cancelled at 5 ms, cleaned up for 10 ms, and awaited before the scope returned.
+    assert_eq!(start.elapsed(), ms(15));
+    assert_eq!(dropped.dropped(), 1);
+    assert_eq!(report.len(), 1);
+}
