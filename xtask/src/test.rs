@@ -158,7 +158,7 @@ pub async fn run(args: TestArgs) -> Result<()> {
         runs.push(run);
     }
 
-    let mut runs: Vec<(Vec<String>, Vec<(&str, &str)>)> =
+    let mut runs: Vec<(Vec<String>, CargoEnv)> =
         runs.into_iter().map(|run| (run, Vec::new())).collect();
     if args.args.is_empty() {
         // The whole suite includes taskgroup's loom model, built with its own cfg in its own
@@ -190,6 +190,9 @@ pub async fn run(args: TestArgs) -> Result<()> {
     drop(guard);
     Ok(())
 }
+
+/// Environment variables for one cargo run, on top of the test environment.
+type CargoEnv = Vec<(&'static str, &'static str)>;
 
 /// The `-p NAME` pairs among the arguments, for the doctest run.
 fn packages(args: &[String]) -> Vec<String> {
