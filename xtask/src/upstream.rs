@@ -55,6 +55,10 @@ pub struct UpstreamArgs {
     /// Items per answer.
     #[arg(long, default_value_t = 10)]
     items: usize,
+    /// How items are written: `objects` ({"product_id","score","reason"}) or `ids` (plain
+    /// product ids, as the seed article's service answers).
+    #[arg(long, default_value = "objects")]
+    shape: upstream::Shape,
     /// Seed of the latency and fault draws: the same seed injects the same faults in the same
     /// order of arrival.
     #[arg(long, default_value_t = 0x5eed)]
@@ -80,6 +84,7 @@ impl UpstreamArgs {
             oversized_bytes: self.oversized_bytes,
             reset_rate: self.reset_rate,
             items_per_user: self.items,
+            shape: self.shape,
             seed: self.seed,
             ..Config::default()
         })

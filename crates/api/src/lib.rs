@@ -24,8 +24,6 @@ use std::time::Duration;
 
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{App, HttpServer, web};
-use client::RecommendationClient;
-use repository::Database;
 use service::Service;
 use tokio::time::Instant;
 
@@ -63,7 +61,7 @@ pub enum StartupError {
         waited: Duration,
         /// The last error.
         #[source]
-        source: repository::Error,
+        source: service::NotReady,
     },
     /// The listening socket could not be bound.
     #[error("cannot listen on {address}: {source}")]
@@ -106,18 +104,22 @@ impl Application {
             n => n,
         };
         // One pool and one HTTP client per worker (see `Service::adopt_worker_thread`).
-        let database = Database::connect_lazy_in_lanes(&settings.database, workers)
-            .map_err(|e| StartupError::Settings(e.to_string()))?;
-        let client = RecommendationClient::in_lanes(settings.recommendations.clone(), workers)
-            .map_err(|e| {
-                StartupError::Settings(format!("invalid [recommendations] settings: {e}"))
-            })?;
-        let service = Service::new(database.clone(), client, settings.service.clone())
-            .map_err(|e| StartupError::Settings(e.to_string()))?;
+        let service = Service::connect(
+            &settings.database,
+            settings.recommendations.clone(),
+            settings.service.clone(),
+            workers,
+        )
+        .map_err(|e| StartupError::Settings(e.to_string()))?;
         check_file_limit(&settings);
-        wait_for_database(&database, &settings).await?;
-        // The check's connection is driven by this thread, which serves no requests.
-        database.close_idle();
+        service
+            .wait_until_ready(settings.startup.db_wait)
+            .await
+            .map_err(|source| StartupError::Database {
+                url: settings.database.masked_url(),
+                waited: settings.startup.db_wait,
+                source,
+            })?;
         let state = web::Data::new(AppState {
             service,
             metrics: Metrics::new(),
@@ -237,7 +239,7 @@ impl Application {
         });
         let served = self.server.await;
         signals.abort();
-        self.state.service.database().close();
+        self.state.service.close();
         tracing::info!("shut down: pool closed");
         served
     }
@@ -345,35 +347,6 @@ fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
-}
-
-/// Retries the database with exponential backoff until it answers or `startup.db_wait` passes.
-async fn wait_for_database(database: &Database, settings: &Settings) -> Result<(), StartupError> {
-    let started = Instant::now();
-    let give_up = started + settings.startup.db_wait;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match database.ping().await {
-            Ok(()) => return Ok(()),
-            Err(error) if Instant::now() + backoff < give_up => {
-                tracing::warn!(
-                    %error,
-                    retry_in = ?backoff,
-                    database = %settings.database.masked_url(),
-                    "database not answering yet"
-                );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            Err(source) => {
-                return Err(StartupError::Database {
-                    url: settings.database.masked_url(),
-                    waited: started.elapsed(),
-                    source,
-                });
-            }
-        }
-    }
 }
 
 /// Gives the calling worker thread the next worker index, once: actix-web calls the app factory

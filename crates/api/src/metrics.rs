@@ -215,7 +215,7 @@ impl Metrics {
             self.source_errors
                 .get_or_create(&ErrorLabels {
                     source: error.source.as_str(),
-                    kind: error.kind,
+                    kind: error.kind.as_str(),
                 })
                 .inc();
         }
@@ -223,25 +223,19 @@ impl Metrics {
 
     /// Reads the gauges from the live objects and renders everything in the text format.
     pub fn render(&self, service: &Service, in_flight: usize) -> String {
-        let pool = service.database().status();
+        let gauges = service.gauges();
         let to_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        self.pool_max.set(to_i64(pool.max_size));
-        self.pool_size.set(to_i64(pool.size));
-        self.pool_idle.set(to_i64(pool.idle));
-        self.pool_waiting.set(to_i64(pool.waiting));
-        let gate = service.gate_stats();
-        self.gate_in_use.set(to_i64(gate.in_use));
-        self.gate_slots.set(to_i64(gate.slots));
-        self.live_children.set(to_i64(taskgroup::live_children()));
+        self.pool_max.set(to_i64(gauges.pool_max));
+        self.pool_size.set(to_i64(gauges.pool_size));
+        self.pool_idle.set(to_i64(gauges.pool_idle));
+        self.pool_waiting.set(to_i64(gauges.pool_waiting));
+        self.gate_in_use.set(to_i64(gauges.slots_in_use));
+        self.gate_slots.set(to_i64(gauges.slots));
+        self.live_children.set(to_i64(gauges.live_children));
         self.in_flight.set(to_i64(in_flight));
-        let stats = service.recommendations_client().stats();
-        self.breaker_state.set(match stats.breaker.state {
-            client::BreakerState::Closed => 0,
-            client::BreakerState::HalfOpen => 1,
-            client::BreakerState::Open => 2,
-        });
+        self.breaker_state.set(i64::from(gauges.breaker.as_gauge()));
         self.breaker_failures
-            .set(i64::from(stats.breaker.consecutive_failures));
+            .set(i64::from(gauges.breaker_failures));
         // Counters only go up: bring ours level with the client's own totals, one scrape at a
         // time (two concurrent scrapes would both add the same difference).
         let _sync = self
@@ -250,8 +244,8 @@ impl Metrics {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let calls = self.recommendation_calls.get();
         self.recommendation_calls
-            .inc_by(stats.calls.saturating_sub(calls));
-        for (kind, count) in stats.errors.iter() {
+            .inc_by(gauges.recommendation_calls.saturating_sub(calls));
+        for &(kind, count) in &gauges.recommendation_errors {
             let counter = self.recommendation_errors.get_or_create(&KindLabels {
                 kind: kind.as_str(),
             });

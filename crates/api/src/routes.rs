@@ -1,4 +1,6 @@
-//! The HTTP handlers: the seed's routes (路由层, section 六) and the operational endpoints.
+//! The HTTP handlers: the dashboard and batch routes and the operational endpoints. Each handler
+//! parses its input into the service's types, calls the service, and maps the typed answer to a
+//! status and a JSON body; no decision about the data is made here.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -7,7 +9,7 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{CONTENT_TYPE, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
-use service::{BatchError, DashboardError, SourceFailure, SourceTiming};
+use service::{BatchError, DashboardError, ErrorKind, SourceFailure, SourceTiming, UserId};
 
 use crate::AppState;
 use crate::disconnect::unless_disconnected;
@@ -37,9 +39,11 @@ impl<T: Serialize> Success<T> {
 /// The body of `POST /api/users/batch`: a JSON object, and only that (serde's derived
 /// implementation would also take `[[1, 2]]`, and name this type in its error messages).
 #[derive(Debug, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct BatchRequest {
     /// 1 to 1000 positive user ids; duplicates are summarised once.
-    pub user_ids: Vec<i64>,
+    #[schema(min_items = 1, max_items = 1000)]
+    pub user_ids: Vec<UserId>,
 }
 
 impl<'de> Deserialize<'de> for BatchRequest {
@@ -47,7 +51,7 @@ impl<'de> Deserialize<'de> for BatchRequest {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Fields {
-            user_ids: Vec<i64>,
+            user_ids: Vec<UserId>,
         }
 
         struct Object;
@@ -75,23 +79,11 @@ impl<'de> Deserialize<'de> for BatchRequest {
     }
 }
 
-/// Parses a user id from the path: a positive 64-bit integer in plain decimal digits, without
-/// leading zeros.
-fn parse_user_id(text: &str) -> Result<i64, ApiError> {
-    let invalid = || {
-        ApiError::bad_request(
-            "invalid_user_id",
-            "user_id must be a positive 64-bit integer",
-        )
-    };
-    // One spelling per user: no sign, no leading zero (`/api/users/01` is not user 1).
-    if text.is_empty() || text.starts_with('0') || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(invalid());
-    }
-    match text.parse::<i64>() {
-        Ok(id) if id > 0 => Ok(id),
-        _ => Err(invalid()),
-    }
+/// Parses a user id from the path: its one canonical spelling (see [`UserId`]).
+fn parse_user_id(text: &str) -> Result<UserId, ApiError> {
+    text.parse().map_err(|e: service::InvalidUserId| {
+        ApiError::bad_request("invalid_user_id", e.to_string())
+    })
 }
 
 /// `Server-Timing`: each source's duration and outcome, which browsers' developer tools draw.
@@ -115,8 +107,8 @@ fn server_timing(timings: &[SourceTiming]) -> Option<HeaderValue> {
 /// The 503 a failed essential source answers with, without internals.
 fn profile_unavailable(errors: &[SourceFailure]) -> ApiError {
     let message = match errors.first().map(|e| e.kind) {
-        Some("busy") => "the database is busy; retry shortly",
-        Some("timeout") => "the user's profile took too long to read; retry shortly",
+        Some(ErrorKind::Busy | ErrorKind::PoolTimeout) => "the database is busy; retry shortly",
+        Some(ErrorKind::Timeout) => "the user's profile took too long to read; retry shortly",
         _ => "the user's profile cannot be read right now; retry shortly",
     };
     ApiError::unavailable(message, 1)
@@ -128,7 +120,7 @@ fn profile_unavailable(errors: &[SourceFailure]) -> ApiError {
     get,
     path = "/api/users/{user_id}/dashboard",
     tag = "dashboard",
-    params(("user_id" = i64, Path, description = "A positive 64-bit user id", minimum = 1)),
+    params(("user_id" = UserId, Path, description = "A positive 64-bit user id, in plain decimal digits without leading zeros")),
     responses(
         (status = 200, description = "The dashboard; `errors` lists sources that failed (the rest is still there)", body = crate::openapi::DashboardEnvelope,
          headers(("Server-Timing" = String, description = "Each source's duration (ms) and outcome"))),
@@ -137,6 +129,7 @@ fn profile_unavailable(errors: &[SourceFailure]) -> ApiError {
         (status = 503, description = "The profile cannot be read right now", body = crate::error::ErrorBody,
          headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
         (status = 504, description = "The deadline passed before the profile was known", body = crate::error::ErrorBody),
+        (status = 500, description = "A bug (logged with the request id)", body = crate::error::ErrorBody),
     )
 )]
 pub async fn dashboard(
@@ -164,11 +157,11 @@ pub async fn dashboard(
             ))
         }
         Err(DashboardError::Unavailable { errors, .. }) => {
-            tracing::warn!(user_id, ?errors, "dashboard unavailable");
+            tracing::warn!(%user_id, ?errors, "dashboard unavailable");
             actix_web::ResponseError::error_response(&profile_unavailable(&errors))
         }
         Err(DashboardError::DeadlineExceeded { errors, .. }) => {
-            tracing::warn!(user_id, ?errors, "dashboard deadline exceeded");
+            tracing::warn!(%user_id, ?errors, "dashboard deadline exceeded");
             actix_web::ResponseError::error_response(&ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "deadline_exceeded",
@@ -176,7 +169,7 @@ pub async fn dashboard(
             ))
         }
         Err(DashboardError::Internal { message, .. }) => {
-            tracing::error!(user_id, %message, "dashboard failed");
+            tracing::error!(%user_id, %message, "dashboard failed");
             actix_web::ResponseError::error_response(&ApiError::internal())
         }
     };
@@ -204,6 +197,7 @@ pub async fn dashboard(
         (status = 503, description = "The database is unavailable, or so busy that no user could be summarised", body = crate::error::ErrorBody,
          headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
         (status = 504, description = "The batch's deadline passed", body = crate::error::ErrorBody),
+        (status = 500, description = "A bug (logged with the request id)", body = crate::error::ErrorBody),
     )
 )]
 pub async fn batch(
@@ -216,17 +210,11 @@ pub async fn batch(
         return Err(ApiError::client_closed());
     };
     match result {
-        Ok(summary) if nothing_summarised_for_now(&summary) => {
-            tracing::warn!(
-                ids = summary.errors.len(),
-                "batch summarised no user: database busy or slow"
-            );
-            Err(ApiError::unavailable(
-                "the database is busy: no user could be summarised; retry shortly",
-                1,
-            ))
-        }
         Ok(summary) => Ok(Success::response(summary)),
+        Err(BatchError::Overloaded) => Err(ApiError::unavailable(
+            "the database is busy: no user could be summarised; retry shortly",
+            1,
+        )),
         Err(BatchError::Invalid(message)) => Err(ApiError::bad_request("invalid_batch", message)),
         Err(BatchError::Unavailable(cause)) => {
             tracing::warn!(%cause, "batch failed: database unavailable");
@@ -245,20 +233,6 @@ pub async fn batch(
             Err(ApiError::internal())
         }
     }
-}
-
-/// Whether a batch came back with no summary at all because of overload (some ids busy or timed
-/// out, the rest unknown users): a 200 "success" with nothing in it would tell a client that
-/// checks the status it got its data. A batch with some summaries stays a 200 with per-id errors,
-/// like a partial dashboard.
-fn nothing_summarised_for_now(summary: &service::BatchSummary) -> bool {
-    let retryable = |kind: &str| {
-        matches!(
-            kind,
-            "busy" | "timeout" | "pool_timeout" | "unavailable" | "closed"
-        )
-    };
-    summary.results.is_empty() && summary.errors.iter().any(|e| retryable(e.kind))
 }
 
 /// Liveness and readiness answers.
@@ -286,20 +260,10 @@ pub async fn healthz() -> HttpResponse {
     )
 )]
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let database = state.service.database();
-    let ready = || Ok(HttpResponse::Ok().json(Health { status: "ready" }));
-    match tokio::time::timeout(READY_TIMEOUT, database.ping()).await {
-        Ok(Ok(())) => ready(),
-        // Every connection busy serving requests is a loaded instance, not a broken one: taking
-        // it out of a load balancer would only push its load onto the others.
-        Ok(Err(repository::Error::PoolTimeout(_))) => ready(),
-        Err(_) if database.status().idle == 0 && database.status().size > 0 => ready(),
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "not ready: database check failed");
-            Err(ApiError::unavailable("the database does not answer", 1))
-        }
-        Err(_) => {
-            tracing::warn!("not ready: database check timed out");
+    match state.service.readiness(READY_TIMEOUT).await {
+        Ok(()) => Ok(HttpResponse::Ok().json(Health { status: "ready" })),
+        Err(not_ready) => {
+            tracing::warn!(%not_ready, "not ready");
             Err(ApiError::unavailable("the database does not answer", 1))
         }
     }
@@ -337,8 +301,8 @@ mod tests {
 
     #[test]
     fn user_ids_are_positive_plain_integers() {
-        assert_eq!(parse_user_id("42").unwrap(), 42);
-        assert_eq!(parse_user_id("9223372036854775807").unwrap(), i64::MAX);
+        assert_eq!(parse_user_id("42").unwrap().get(), 42);
+        assert_eq!(parse_user_id("9223372036854775807").unwrap(), UserId::MAX);
         for bad in [
             "",
             "0",
@@ -364,7 +328,13 @@ mod tests {
     #[test]
     fn a_batch_body_is_an_object_with_user_ids_only() {
         let parse = |text: &str| serde_json::from_str::<BatchRequest>(text);
-        assert_eq!(parse(r#"{"user_ids":[1,2]}"#).unwrap().user_ids, [1, 2]);
+        let ids: Vec<i64> = parse(r#"{"user_ids":[1,2]}"#)
+            .unwrap()
+            .user_ids
+            .into_iter()
+            .map(UserId::get)
+            .collect();
+        assert_eq!(ids, [1, 2]);
         for (text, expected) in [
             (
                 "[[1]]",

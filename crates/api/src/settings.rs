@@ -11,11 +11,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use client::ClientConfig;
 use config::{Config, Environment, File, FileFormat};
-use repository::DbConfig;
 use serde::Deserialize;
 use service::ServiceConfig;
+use service::settings::{ClientConfig, DbConfig};
 
 /// Every setting of the service and its tools.
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -220,11 +220,11 @@ fn no_request_gets_a_5xx_and_every_4xx_is_json() {
         assert_eq!(support::live_children_settled().await, 0);
         // A slot is released with its connection, after any abandoned statement settled.
         for _ in 0..300 {
-            if app.state.service.gate_stats().in_use == 0 {
+            if app.state.service.gauges().slots_in_use == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
-    assert_eq!(app.state.service.gate_stats().in_use, 0);
+    assert_eq!(app.state.service.gauges().slots_in_use, 0);
 }

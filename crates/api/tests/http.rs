@@ -487,22 +487,22 @@ async fn two_workers_share_the_database_limit_and_return_every_slot() {
     let statuses = futures::future::join_all(requests).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let service = &app.state.service;
-    assert_eq!(service.gate_stats().slots, 3);
-    assert_eq!(service.database().lanes(), 2);
-    let pool = service.database().status();
-    assert_eq!(pool.max_size, 4);
+    assert_eq!(service.gauges().slots, 3);
+    assert_eq!(service.gauges().lanes, 2);
+    let gauges = service.gauges();
+    assert_eq!(gauges.pool_max, 4);
     assert!(
-        pool.size <= 3,
-        "at most one connection per slot is ever needed: {pool:?}"
+        gauges.pool_size <= 3,
+        "at most one connection per slot is ever needed: {gauges:?}"
     );
     // Released as the answers went out; the last ones may still be on their way back.
     for _ in 0..200 {
-        if service.gate_stats().in_use == 0 {
+        if service.gauges().slots_in_use == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(service.gate_stats().in_use, 0);
+    assert_eq!(service.gauges().slots_in_use, 0);
 }
 
 #[tokio::test]
@@ -531,12 +531,12 @@ async fn a_client_that_disconnects_leaves_no_live_children() {
     // The database slot goes with its connection, once the abandoned statements have settled
     // (or been cancelled): poll, with a bound.
     for _ in 0..300 {
-        if app.state.service.gate_stats().in_use == 0 {
+        if app.state.service.gauges().slots_in_use == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(app.state.service.gate_stats().in_use, 0);
+    assert_eq!(app.state.service.gauges().slots_in_use, 0);
 }
 
 #[tokio::test]
@@ -568,7 +568,7 @@ async fn shutdown_lets_an_in_flight_request_finish() {
     );
     assert!(body["data"]["errors"].as_array().unwrap().is_empty());
     app.server.await.unwrap().unwrap();
-    assert!(app.state.service.database().is_closed());
+    assert!(app.state.service.gauges().pool_closed);
     // Once stopped, the port no longer accepts connections.
     assert!(tokio::net::TcpStream::connect(app.address).await.is_err());
 }
@@ -613,7 +613,7 @@ async fn shutdown_closes_keep_alive_connections_and_answers_what_they_sent() {
     let body = json(response).await;
     assert!(body["data"]["errors"].as_array().unwrap().is_empty());
     app.server.await.unwrap().unwrap();
-    assert!(app.state.service.database().is_closed());
+    assert!(app.state.service.gauges().pool_closed);
     assert_eq!(app.state.in_flight.get(), 0);
 }
 

@@ -39,12 +39,13 @@ impl BreakerState {
         }
     }
 
-    /// 0 for closed, 1 for open, 2 for half-open: the conventional value of a state gauge.
+    /// The state as a gauge, in order of severity: 0 closed, 1 half-open (probing), 2 open.
+    /// `/metrics` exports exactly this.
     pub const fn as_gauge(self) -> u8 {
         match self {
             BreakerState::Closed => 0,
-            BreakerState::Open => 1,
-            BreakerState::HalfOpen => 2,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open => 2,
         }
     }
 }
@@ -412,6 +413,12 @@ mod tests {
     fn states_have_labels_and_gauge_values() {
         assert_eq!(BreakerState::Closed.as_str(), "closed");
         assert_eq!(BreakerState::HalfOpen.as_str(), "half_open");
-        assert_eq!(BreakerState::Open.as_gauge(), 1);
+        let gauges = [
+            BreakerState::Closed,
+            BreakerState::HalfOpen,
+            BreakerState::Open,
+        ]
+        .map(BreakerState::as_gauge);
+        assert_eq!(gauges, [0, 1, 2]);
     }
 }

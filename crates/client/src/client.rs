@@ -29,6 +29,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::debug;
@@ -50,23 +51,66 @@ const STATUS_BODY_DRAIN: usize = 64 * 1024;
 
 const USER_AGENT_VALUE: &str = concat!("dashboard-recommendations/", env!("CARGO_PKG_VERSION"));
 
-/// One recommended product.
+/// The recommendation service's `items`, exactly as it sent them.
 ///
-/// Fields the service adds beyond these are ignored, so it can grow its answer without breaking
-/// us.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct Recommendation {
-    /// The recommended product.
-    pub product_id: i64,
-    /// The service's relevance score; higher is better.
-    pub score: f64,
+/// What an item is (a product id, an object, anything) is the service's business: the client
+/// checks only that `items` is a JSON array (within the body cap), keeps its text, and the
+/// dashboard writes that text into its answer without decoding or re-encoding it.
+#[derive(Debug, Clone, Default)]
+pub struct Recommendations(Option<Box<RawValue>>);
+
+impl Recommendations {
+    /// The array's JSON text, verbatim (`[]` for none).
+    pub fn as_json(&self) -> &str {
+        self.0.as_deref().map_or("[]", RawValue::get)
+    }
+
+    /// Items from their JSON text, which must be an array.
+    ///
+    /// # Errors
+    ///
+    /// When `items` is not JSON, or not an array.
+    pub fn from_json(items: &str) -> Result<Self, serde_json::Error> {
+        let raw: Box<RawValue> = serde_json::from_str(items)?;
+        if !raw.get().starts_with('[') {
+            return Err(<serde_json::Error as serde::de::Error>::custom(
+                "`items` is not an array",
+            ));
+        }
+        Ok(Recommendations(Some(raw)))
+    }
+
+    /// Takes `items` out of the service's answer: any JSON array; anything else (not JSON, no
+    /// `items`, `items` not an array) is an error.
+    pub(crate) fn from_answer(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Envelope<'a> {
+            #[serde(borrow)]
+            items: &'a RawValue,
+        }
+        let envelope: Envelope<'_> = serde_json::from_slice(bytes)?;
+        if !envelope.items.get().starts_with('[') {
+            return Err(<serde_json::Error as serde::de::Error>::custom(
+                "`items` is not an array",
+            ));
+        }
+        Ok(Recommendations(Some(envelope.items.to_owned())))
+    }
 }
 
-/// The document the service answers.
-#[derive(Debug, Deserialize)]
-struct Envelope {
-    items: Vec<Recommendation>,
+impl PartialEq for Recommendations {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_json() == other.as_json()
+    }
+}
+
+impl Serialize for Recommendations {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Some(raw) => raw.serialize(serializer),
+            None => serializer.collect_seq(std::iter::empty::<()>()),
+        }
+    }
 }
 
 /// Error counts by kind, indexed in the order of [`ErrorKind::ALL`].
@@ -237,7 +281,7 @@ impl RecommendationClient {
     pub async fn recommendations(
         &self,
         user_id: i64,
-    ) -> Result<Vec<Recommendation>, RecommendationError> {
+    ) -> Result<Recommendations, RecommendationError> {
         self.call(user_id, None).await
     }
 
@@ -258,7 +302,7 @@ impl RecommendationClient {
         &self,
         user_id: i64,
         deadline: Instant,
-    ) -> Result<Vec<Recommendation>, RecommendationError> {
+    ) -> Result<Recommendations, RecommendationError> {
         self.call(user_id, Some(deadline)).await
     }
 
@@ -292,7 +336,7 @@ impl RecommendationClient {
         &self,
         user_id: i64,
         deadline: Option<Instant>,
-    ) -> Result<Vec<Recommendation>, RecommendationError> {
+    ) -> Result<Recommendations, RecommendationError> {
         let inner = &*self.inner;
         bump(&inner.counters.calls);
         let result = inner.call(user_id, deadline).await;
@@ -309,7 +353,7 @@ impl Inner {
         &self,
         user_id: i64,
         deadline: Option<Instant>,
-    ) -> Result<Vec<Recommendation>, RecommendationError> {
+    ) -> Result<Recommendations, RecommendationError> {
         let started = Instant::now();
         let configured = started + self.config.timeout;
         let deadline = deadline.map_or(configured, |deadline| deadline.min(configured));
@@ -376,7 +420,7 @@ impl Inner {
         &self,
         uri: &Uri,
         deadline: Instant,
-    ) -> Result<Vec<Recommendation>, RecommendationError> {
+    ) -> Result<Recommendations, RecommendationError> {
         let first = self.attempt(uri, deadline);
         if !self.config.hedge.enabled {
             return first.await;
@@ -410,8 +454,8 @@ impl Inner {
 
     fn hedge_outcome(
         &self,
-        result: Result<Vec<Recommendation>, RecommendationError>,
-    ) -> Result<Vec<Recommendation>, RecommendationError> {
+        result: Result<Recommendations, RecommendationError>,
+    ) -> Result<Recommendations, RecommendationError> {
         if result.is_ok() {
             bump(&self.counters.hedge_wins);
         }
@@ -423,7 +467,7 @@ impl Inner {
         &self,
         uri: &Uri,
         deadline: Instant,
-    ) -> Result<Vec<Recommendation>, RecommendationError> {
+    ) -> Result<Recommendations, RecommendationError> {
         let (parts, body) = self.send(uri).await?.into_parts();
         if parts.status != StatusCode::OK {
             let announced = content_length(&parts.headers);
@@ -445,9 +489,8 @@ impl Inner {
             }
             Err(error) => return Err(RecommendationError::unavailable(error)),
         };
-        let envelope: Envelope = serde_json::from_slice(&bytes)
-            .map_err(|source| RecommendationError::Decode { source })?;
-        Ok(envelope.items)
+        Recommendations::from_answer(&bytes)
+            .map_err(|source| RecommendationError::Decode { source })
     }
 
     /// Sends the request, retrying failed connects as configured.
@@ -455,7 +498,7 @@ impl Inner {
         let mut retries = 0;
         loop {
             bump(&self.counters.requests_sent);
-            let http = &self.http[crate::lane::current(self.http.len())];
+            let http = &self.http[lanes::current(self.http.len())];
             match http.request(request(uri)).await {
                 Ok(response) => return Ok(response),
                 Err(error) if error.is_connect() && retries < self.config.connect_retries => {
@@ -658,23 +701,36 @@ mod tests {
     }
 
     #[test]
-    fn recommendations_ignore_unknown_fields_and_serialise_back() {
-        let item: Recommendation =
-            serde_json::from_str(r#"{"product_id": 42, "score": 0.5, "reason": "because"}"#)
-                .unwrap();
+    fn items_of_any_shape_pass_through_verbatim_and_anything_else_is_a_decode_error() {
+        for items in [
+            "[101,202,303]",
+            r#"[{"product_id":42,"score":0.5,"reason":"because"}]"#,
+            r#"[1,"two",{"three":3},[4],null,true,5.5]"#,
+            "[]",
+            "[ 1 , 2 ]",
+        ] {
+            let answer = format!(r#"{{"user_id":7,"items":{items},"next":null}}"#);
+            let decoded = Recommendations::from_answer(answer.as_bytes()).unwrap();
+            assert_eq!(decoded.as_json(), items);
+            assert_eq!(serde_json::to_string(&decoded).unwrap(), items);
+        }
+        for bad in [
+            r#"{"user_id":7}"#,
+            r#"{"items":{"a":1}}"#,
+            r#"{"items":null}"#,
+            r#"{"items":"[1]"}"#,
+            r#"{"items":[1,2"#,
+            "[1,2]",
+            "",
+        ] {
+            assert!(
+                Recommendations::from_answer(bad.as_bytes()).is_err(),
+                "{bad}"
+            );
+        }
         assert_eq!(
-            item,
-            Recommendation {
-                product_id: 42,
-                score: 0.5
-            }
-        );
-        assert_eq!(
-            serde_json::to_string(&item).unwrap(),
-            r#"{"product_id":42,"score":0.5}"#
-        );
-        assert!(
-            serde_json::from_str::<Recommendation>(r#"{"product_id": "42", "score": 1}"#).is_err()
+            serde_json::to_string(&Recommendations::default()).unwrap(),
+            "[]"
         );
     }
 

@@ -26,9 +26,8 @@ mod breaker;
 mod client;
 mod config;
 mod error;
-pub mod lane;
 
 pub use breaker::{BreakerSnapshot, BreakerState};
-pub use client::{ClientStats, ErrorCounts, Recommendation, RecommendationClient};
+pub use client::{ClientStats, ErrorCounts, RecommendationClient, Recommendations};
 pub use config::{BreakerConfig, ClientConfig, HedgeConfig};
 pub use error::{ConfigError, ErrorKind, RecommendationError};

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use client::{
-    BreakerState, ClientConfig, ErrorKind, Recommendation, RecommendationClient,
-    RecommendationError,
+    BreakerState, ClientConfig, ErrorKind, RecommendationClient, RecommendationError,
+    Recommendations,
 };
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,16 +37,10 @@ fn client_for(server: &Server, tweak: impl FnOnce(&mut ClientConfig)) -> Recomme
     RecommendationClient::new(config).unwrap()
 }
 
-fn expected_items(server: &Server, user_id: i64) -> Vec<Recommendation> {
-    server
-        .config()
-        .items_for(user_id)
-        .into_iter()
-        .map(|item| Recommendation {
-            product_id: item.product_id,
-            score: item.score,
-        })
-        .collect()
+/// What the stand-in answers for `user_id`: its items, passed through as they were sent.
+fn expected_items(server: &Server, user_id: i64) -> Recommendations {
+    let items = serde_json::to_string(&server.config().items_for(user_id)).unwrap();
+    Recommendations::from_json(&items).unwrap()
 }
 
 /// Checks the kind and that the message is one line, and returns the message.
@@ -69,7 +63,7 @@ fn message_of(error: &RecommendationError, kind: ErrorKind) -> String {
 fn spawn_calls(
     client: &RecommendationClient,
     count: i64,
-) -> Vec<JoinHandle<Result<Vec<Recommendation>, RecommendationError>>> {
+) -> Vec<JoinHandle<Result<Recommendations, RecommendationError>>> {
     (1..=count)
         .map(|user_id| {
             let client = client.clone();
@@ -319,7 +313,7 @@ async fn bodies_over_the_limit_are_refused_announced_or_streamed() {
             let result = client.recommendations(7).await;
             if accepted {
                 // The padded document has an empty item list.
-                assert_eq!(result.unwrap(), Vec::new(), "{name}, {size} bytes");
+                assert_eq!(result.unwrap().as_json(), "[]", "{name}, {size} bytes");
             } else {
                 let error = result.unwrap_err();
                 assert_eq!(

@@ -119,8 +119,8 @@ impl DbConfig {
             ("database.orders_limit", self.orders_limit),
             ("database.reviews_limit", self.reviews_limit),
         ] {
-            if value < 1 {
-                return Err(Error::Config(format!("{key} must be at least 1")));
+            if !(1..=10_000).contains(&value) {
+                return Err(Error::Config(format!("{key} must be 1 to 10000")));
             }
         }
         pg.application_name(&self.application_name);

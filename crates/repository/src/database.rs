@@ -13,12 +13,11 @@ use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Status, Timeouts,
     Transaction,
 };
-use rust_decimal::Decimal;
 use tokio_postgres::types::FromSql;
 use tokio_postgres::{NoTls, Row};
 use tracing::instrument;
 
-use crate::models::{Order, OrderSummary, Profile, Review, UserSummary};
+use crate::models::{Order, OrderSummary, Page, Profile, Review, UserSummary};
 use crate::{DbConfig, Error};
 
 const PROFILE: &str = "SELECT id, username, email, avatar FROM users WHERE id = $1";
@@ -26,8 +25,6 @@ const ORDERS: &str = "SELECT id, product, amount, created_at FROM orders \
      WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2";
 const REVIEWS: &str = "SELECT id, product_id, rating, content FROM reviews \
      WHERE user_id = $1 ORDER BY id DESC LIMIT $2";
-const ORDER_SUMMARY: &str =
-    "SELECT count(*), coalesce(sum(amount), 0.00) FROM orders WHERE user_id = $1";
 const USER_SUMMARIES: &str = "SELECT u.id, u.username, u.email, u.avatar, s.order_count, s.total_amount \
      FROM users u \
      CROSS JOIN LATERAL (SELECT count(*) AS order_count, coalesce(sum(o.amount), 0.00) AS total_amount \
@@ -124,7 +121,7 @@ impl Database {
                     },
                 );
                 Pool::builder(manager)
-                    .max_size(crate::lane::share(config.max_size, count, lane))
+                    .max_size(lanes::share(config.max_size, count, lane))
                     .wait_timeout(Some(config.wait_timeout))
                     .create_timeout(Some(config.create_timeout))
                     .recycle_timeout(Some(config.recycle_timeout))
@@ -154,7 +151,7 @@ impl Database {
     /// its workers' set-up code on another runtime (actix-server does, inside an existing tokio
     /// runtime).
     pub fn adopt_thread(&self, worker: usize) {
-        crate::lane::bind_thread(worker);
+        lanes::bind_thread(worker);
     }
 
     /// Claims the calling thread's lane for the current runtime, if the thread is bound and the
@@ -162,7 +159,7 @@ impl Database {
     /// a server calls it earlier too (when its worker accepts a connection), so that no other
     /// worker opens connections of this lane on its own runtime before the first request here.
     pub fn claim_home(&self) {
-        let Some(worker) = crate::lane::bound() else {
+        let Some(worker) = lanes::bound() else {
             return;
         };
         let Some(home) = self.homes.get(worker % self.homes.len().max(1)) else {
@@ -189,7 +186,7 @@ impl Database {
 
     /// Takes a connection out of lane `lane` (modulo the number of lanes), waiting at most the
     /// configured `wait_timeout`. For a caller that keeps its own per-lane accounting of
-    /// connections, such as a concurrency limit split the same way ([`crate::lane::share`]).
+    /// connections, such as a concurrency limit split the same way ([`lanes::share`]).
     ///
     /// # Errors
     ///
@@ -217,7 +214,7 @@ impl Database {
     /// A connection from the calling thread's lane if one is free there (or may be opened), else
     /// an idle one from another lane, else the first to free up in its own lane.
     async fn take(&self) -> Result<Object, PoolError> {
-        let own = crate::lane::current(self.lanes.len());
+        let own = lanes::current(self.lanes.len());
         let Some(pool) = self.lanes.get(own) else {
             return Err(PoolError::Closed);
         };
@@ -262,51 +259,6 @@ impl Database {
         let conn = self.conn().await?;
         conn.track(conn.client().simple_query("SELECT 1").await)?;
         Ok(())
-    }
-
-    /// The profile of one user, or `None` when there is no such user.
-    ///
-    /// # Errors
-    ///
-    /// Any [`Error`] from taking a connection or running the query.
-    pub async fn profile(&self, user_id: i64) -> Result<Option<Profile>, Error> {
-        self.conn().await?.profile(user_id).await
-    }
-
-    /// A user's orders, newest first, at most `orders_limit` of them.
-    ///
-    /// # Errors
-    ///
-    /// Any [`Error`] from taking a connection or running the query.
-    pub async fn orders(&self, user_id: i64) -> Result<Vec<Order>, Error> {
-        self.conn().await?.orders(user_id).await
-    }
-
-    /// A user's reviews, newest first, at most `reviews_limit` of them.
-    ///
-    /// # Errors
-    ///
-    /// Any [`Error`] from taking a connection or running the query.
-    pub async fn reviews(&self, user_id: i64) -> Result<Vec<Review>, Error> {
-        self.conn().await?.reviews(user_id).await
-    }
-
-    /// The count and total of all a user's orders.
-    ///
-    /// # Errors
-    ///
-    /// Any [`Error`] from taking a connection or running the query.
-    pub async fn order_summary(&self, user_id: i64) -> Result<OrderSummary, Error> {
-        self.conn().await?.order_summary(user_id).await
-    }
-
-    /// Profile and order summary of every listed user that exists, in one statement.
-    ///
-    /// # Errors
-    ///
-    /// Any [`Error`] from taking a connection or running the query.
-    pub async fn user_summaries(&self, user_ids: &[i64]) -> Result<Vec<UserSummary>, Error> {
-        self.conn().await?.user_summaries(user_ids).await
     }
 
     /// The pool's current size, idle connections and waiters (all lanes together).
@@ -432,66 +384,43 @@ impl Conn {
         rows.first().map(|row| profile_from(row, 0)).transpose()
     }
 
-    /// A user's orders, newest first, at most `orders_limit` of them.
+    /// A user's orders, newest first, at most `orders_limit` of them, and whether there are
+    /// more.
     ///
     /// # Errors
     ///
     /// Any [`Error`] of the query.
     #[instrument(level = "debug", skip(self))]
-    pub async fn orders(&self, user_id: i64) -> Result<Vec<Order>, Error> {
-        let rows = self
-            .statement(ORDERS, &[&user_id, &self.limits.orders])
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Order {
-                    id: get(row, 0)?,
-                    product: get(row, 1)?,
-                    amount: get(row, 2)?,
-                    created_at: get(row, 3)?,
-                })
+    pub async fn orders(&self, user_id: i64) -> Result<Page<Order>, Error> {
+        let limit = self.limits.orders;
+        let rows = self.statement(ORDERS, &[&user_id, &(limit + 1)]).await?;
+        Page::of(rows, limit, |row| {
+            Ok(Order {
+                id: get(row, 0)?,
+                product: get(row, 1)?,
+                amount: get(row, 2)?,
+                created_at: get(row, 3)?,
             })
-            .collect()
+        })
     }
 
-    /// A user's reviews, newest first, at most `reviews_limit` of them.
+    /// A user's reviews, newest first, at most `reviews_limit` of them, and whether there are
+    /// more.
     ///
     /// # Errors
     ///
     /// Any [`Error`] of the query.
     #[instrument(level = "debug", skip(self))]
-    pub async fn reviews(&self, user_id: i64) -> Result<Vec<Review>, Error> {
-        let rows = self
-            .statement(REVIEWS, &[&user_id, &self.limits.reviews])
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Review {
-                    id: get(row, 0)?,
-                    product_id: get(row, 1)?,
-                    rating: get(row, 2)?,
-                    content: get(row, 3)?,
-                })
+    pub async fn reviews(&self, user_id: i64) -> Result<Page<Review>, Error> {
+        let limit = self.limits.reviews;
+        let rows = self.statement(REVIEWS, &[&user_id, &(limit + 1)]).await?;
+        Page::of(rows, limit, |row| {
+            Ok(Review {
+                id: get(row, 0)?,
+                product_id: get(row, 1)?,
+                rating: get(row, 2)?,
+                content: get(row, 3)?,
             })
-            .collect()
-    }
-
-    /// The count and total of all a user's orders; zero and zero for a user with none (or no
-    /// such user).
-    ///
-    /// # Errors
-    ///
-    /// Any [`Error`] of the query.
-    #[instrument(level = "debug", skip(self))]
-    pub async fn order_summary(&self, user_id: i64) -> Result<OrderSummary, Error> {
-        let rows = self.statement(ORDER_SUMMARY, &[&user_id]).await?;
-        let row = rows.first().ok_or_else(|| Error::Query {
-            code: "XX000".to_owned(),
-            message: "an aggregate returned no row".to_owned(),
-        })?;
-        Ok(OrderSummary {
-            order_count: get(row, 0)?,
-            total_amount: get::<Decimal>(row, 1)?,
         })
     }
 

@@ -6,7 +6,7 @@
 //! - [`Database`] owns the pool. Every wait on it is bounded (`wait`, `create` and `recycle`
 //!   timeouts from [`DbConfig`]), and every connection carries a server-side `statement_timeout`.
 //! - The reads the dashboard and the batch summaries need ([`Conn::profile`], [`Conn::orders`],
-//!   [`Conn::reviews`], [`Conn::order_summary`], [`Conn::user_summaries`]) run prepared statements
+//!   [`Conn::reviews`], [`Conn::user_summaries`]) run prepared statements
 //!   cached per connection and return typed rows ([`models`]); money is an exact decimal.
 //! - Errors are a typed [`Error`] a caller can match on: pool timeout, unavailable server,
 //!   statement timeout, other query errors with their SQLSTATE. No database error panics.
@@ -15,14 +15,14 @@
 mod config;
 mod database;
 mod error;
-pub mod lane;
+mod lane;
 pub mod migrations;
 pub mod models;
 
 pub use config::{DbConfig, Secret, mask_url};
 pub use database::{Conn, Database, PoolStatus, SETTLE_TIMEOUT};
 pub use error::Error;
-pub use models::{Order, OrderSummary, Profile, Review, UserSummary};
+pub use models::{Order, OrderSummary, Page, Profile, Review, UserSummary};
 
 /// Opens one connection outside the pool, for tools (migrations, seeding, admin statements).
 /// The connection's driver task runs on the current tokio runtime until the client is dropped.

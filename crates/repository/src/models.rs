@@ -71,3 +71,40 @@ pub struct UserSummary {
     #[serde(flatten)]
     pub orders: OrderSummary,
 }
+
+/// At most a configured number of rows, newest first, and whether there are more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The rows.
+    pub items: Vec<T>,
+    /// Whether more rows exist beyond these.
+    pub more: bool,
+}
+
+impl<T> Default for Page<T> {
+    fn default() -> Self {
+        Page {
+            items: Vec::new(),
+            more: false,
+        }
+    }
+}
+
+impl<T> Page<T> {
+    /// The first `limit` of `rows` (read with a limit one higher, to learn whether there are
+    /// more), converted by `each`.
+    pub(crate) fn of(
+        rows: Vec<tokio_postgres::Row>,
+        limit: i64,
+        each: impl Fn(&tokio_postgres::Row) -> Result<T, crate::Error>,
+    ) -> Result<Self, crate::Error> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let more = rows.len() > limit;
+        let items = rows
+            .iter()
+            .take(limit)
+            .map(each)
+            .collect::<Result<_, _>>()?;
+        Ok(Page { items, more })
+    }
+}

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use repository::{Database, DbConfig, Error, Order, OrderSummary, Profile, Review};
+use repository::{Database, DbConfig, Error, Order, OrderSummary, Page, Profile, Review};
 use rust_decimal::Decimal;
 use testkit::TestDb;
 
@@ -39,11 +39,17 @@ async fn fixtures(db: &TestDb) {
         .unwrap();
 }
 
+/// One profile read on a connection of its own, errors of taking it included.
+async fn profile_of(database: &Database, user_id: i64) -> Result<Option<Profile>, Error> {
+    database.conn().await?.profile(user_id).await
+}
+
 #[tokio::test]
 async fn reads_return_exactly_the_fixture_rows() {
     let db = TestDb::create().await;
     fixtures(&db).await;
     let database = Database::connect_lazy(&db.config()).unwrap();
+    let database = database.conn().await.unwrap();
 
     assert_eq!(
         database.profile(1).await.unwrap(),
@@ -58,9 +64,10 @@ async fn reads_return_exactly_the_fixture_rows() {
     assert_eq!(database.profile(3).await.unwrap().unwrap().username, "cy's");
 
     let orders = database.orders(1).await.unwrap();
+    assert!(!orders.more);
     let at = |y, m, d, h, min, s| Utc.with_ymd_and_hms(y, m, d, h, min, s).unwrap();
     assert_eq!(
-        orders,
+        orders.items,
         vec![
             Order {
                 id: 2,
@@ -82,10 +89,10 @@ async fn reads_return_exactly_the_fixture_rows() {
             },
         ]
     );
-    assert!(database.orders(2).await.unwrap().is_empty());
+    assert!(database.orders(2).await.unwrap().items.is_empty());
 
     assert_eq!(
-        database.reviews(1).await.unwrap(),
+        database.reviews(1).await.unwrap().items,
         vec![
             Review {
                 id: 2,
@@ -101,22 +108,29 @@ async fn reads_return_exactly_the_fixture_rows() {
             },
         ]
     );
-    assert!(database.reviews(3).await.unwrap().is_empty());
+    assert!(database.reviews(3).await.unwrap().items.is_empty());
 
     // Exact decimal arithmetic: 49.99 + 0.10 + 199.01 is 249.10, not 249.09999.
+    let summaries = database.user_summaries(&[1, 2]).await.unwrap();
+    let summary_of = |id| {
+        summaries
+            .iter()
+            .find(|s| s.profile.id == id)
+            .map(|s| s.orders)
+    };
     assert_eq!(
-        database.order_summary(1).await.unwrap(),
-        OrderSummary {
+        summary_of(1),
+        Some(OrderSummary {
             order_count: 3,
             total_amount: dec("249.10"),
-        }
+        })
     );
     assert_eq!(
-        database.order_summary(2).await.unwrap(),
-        OrderSummary {
+        summary_of(2),
+        Some(OrderSummary {
             order_count: 0,
             total_amount: Decimal::ZERO,
-        }
+        })
     );
 }
 
@@ -125,12 +139,13 @@ async fn unknown_users_are_none_and_empty() {
     let db = TestDb::create().await;
     fixtures(&db).await;
     let database = Database::connect_lazy(&db.config()).unwrap();
+    let database = database.conn().await.unwrap();
     assert_eq!(database.profile(404).await.unwrap(), None);
     assert_eq!(database.profile(i64::MAX).await.unwrap(), None);
     assert_eq!(database.profile(-1).await.unwrap(), None);
-    assert!(database.orders(404).await.unwrap().is_empty());
-    assert!(database.reviews(404).await.unwrap().is_empty());
-    assert_eq!(database.order_summary(404).await.unwrap().order_count, 0);
+    assert_eq!(database.orders(404).await.unwrap(), Page::default());
+    assert_eq!(database.reviews(404).await.unwrap(), Page::default());
+    assert!(database.user_summaries(&[404]).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -138,6 +153,7 @@ async fn summaries_for_many_ids_in_one_statement() {
     let db = TestDb::create().await;
     fixtures(&db).await;
     let database = Database::connect_lazy(&db.config()).unwrap();
+    let database = database.conn().await.unwrap();
     let mut summaries = database.user_summaries(&[3, 1, 999, 2, 1]).await.unwrap();
     summaries.sort_by_key(|s| s.profile.id);
     let brief: Vec<(i64, i64, Decimal)> = summaries
@@ -165,11 +181,19 @@ async fn lists_are_capped_by_the_configured_limits() {
         ..db.config()
     };
     let database = Database::connect_lazy(&config).unwrap();
+    let database = database.conn().await.unwrap();
     let orders = database.orders(1).await.unwrap();
-    assert_eq!(orders.iter().map(|o| o.id).collect::<Vec<_>>(), vec![2, 1]);
-    assert_eq!(database.reviews(1).await.unwrap().len(), 1);
+    assert_eq!(
+        orders.items.iter().map(|o| o.id).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+    assert!(orders.more, "a third order exists beyond the limit");
+    let reviews = database.reviews(1).await.unwrap();
+    assert_eq!(reviews.items.len(), 1);
+    assert!(reviews.more);
     // The summary counts every order, not just the capped list.
-    assert_eq!(database.order_summary(1).await.unwrap().order_count, 3);
+    let summaries = database.user_summaries(&[1]).await.unwrap();
+    assert_eq!(summaries[0].orders.order_count, 3);
 }
 
 #[tokio::test]
@@ -177,7 +201,8 @@ async fn money_serialises_as_an_exact_string() {
     let db = TestDb::create().await;
     fixtures(&db).await;
     let database = Database::connect_lazy(&db.config()).unwrap();
-    let json = serde_json::to_value(database.orders(1).await.unwrap()).unwrap();
+    let orders = database.conn().await.unwrap().orders(1).await.unwrap();
+    let json = serde_json::to_value(orders.items).unwrap();
     assert_eq!(json[0]["amount"], "0.10");
     assert_eq!(json[0]["created_at"], "2025-03-04T10:00:00Z");
 }
@@ -190,9 +215,10 @@ async fn pipelined_reads_on_one_connection_agree_with_separate_ones() {
     let conn = database.conn().await.unwrap();
     let (profile, orders, reviews) =
         tokio::try_join!(conn.profile(1), conn.orders(1), conn.reviews(1)).unwrap();
-    assert_eq!(profile, database.profile(1).await.unwrap());
-    assert_eq!(orders, database.orders(1).await.unwrap());
-    assert_eq!(reviews, database.reviews(1).await.unwrap());
+    let other = database.conn().await.unwrap();
+    assert_eq!(profile, other.profile(1).await.unwrap());
+    assert_eq!(orders, other.orders(1).await.unwrap());
+    assert_eq!(reviews, other.reviews(1).await.unwrap());
 }
 
 #[tokio::test]
@@ -275,7 +301,7 @@ async fn a_server_that_is_not_there_is_unavailable() {
         .port();
     let config = DbConfig::with_url(format!("postgres://nobody@127.0.0.1:{port}/none"));
     let database = Database::connect_lazy(&config).unwrap();
-    let err = database.profile(1).await.unwrap_err();
+    let err = profile_of(&database, 1).await.unwrap_err();
     assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
     assert!(err.is_unavailable());
     let err = database.ping().await.unwrap_err();
@@ -307,7 +333,7 @@ async fn a_connection_killed_by_the_server_is_unavailable_then_replaced() {
     assert!(err.is_unavailable(), "{err:?}");
     drop(conn);
     // The pool notices the dead connection when it comes back and opens a new one.
-    assert_eq!(database.profile(1).await.unwrap().unwrap().id, 1);
+    assert_eq!(profile_of(&database, 1).await.unwrap().unwrap().id, 1);
 }
 
 #[tokio::test]
@@ -317,7 +343,7 @@ async fn a_closed_pool_refuses_with_closed() {
     database.ping().await.unwrap();
     database.close();
     assert!(database.is_closed());
-    let err = database.profile(1).await.unwrap_err();
+    let err = profile_of(&database, 1).await.unwrap_err();
     assert!(matches!(err, Error::Closed), "{err:?}");
 }
 
@@ -337,10 +363,13 @@ async fn sql_in_inputs_is_inert() {
         .unwrap();
     let database = Database::connect_lazy(&db.config()).unwrap();
     assert_eq!(
-        database.profile(10).await.unwrap().unwrap().username,
+        profile_of(&database, 10).await.unwrap().unwrap().username,
         hostile
     );
-    assert_eq!(database.profile(1).await.unwrap().unwrap().username, "ada");
+    assert_eq!(
+        profile_of(&database, 1).await.unwrap().unwrap().username,
+        "ada"
+    );
 }
 
 #[tokio::test]
@@ -404,5 +433,5 @@ async fn an_abandoned_statement_is_cancelled_on_the_server_and_its_connection_cl
     assert_eq!(database.status().size, 0);
 
     lock.release().await;
-    assert_eq!(database.profile(1).await.unwrap().unwrap().id, 1);
+    assert_eq!(profile_of(&database, 1).await.unwrap().unwrap().id, 1);
 }

@@ -17,7 +17,8 @@ use serde::Serialize;
 use taskgroup::{GroupErrorKind, Outcome, Policy, TaskGroup};
 use tokio::time::Instant;
 
-use crate::{Service, SourceError};
+use crate::kind::{ErrorKind, Limit};
+use crate::{Service, SourceError, UserId};
 
 /// The summaries of a batch, in the order the ids were given (each id once).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -34,7 +35,7 @@ pub struct BatchSummary {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UserSummaryEntry {
     /// The user's id.
-    pub user_id: i64,
+    pub user_id: UserId,
     /// The user's profile.
     pub profile: Profile,
     /// How many orders the user has placed.
@@ -49,9 +50,9 @@ pub struct UserSummaryEntry {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BatchFailure {
     /// The user's id.
-    pub user_id: i64,
-    /// A short, stable label: `not_found`, `timeout`, `busy`, ...
-    pub kind: &'static str,
+    pub user_id: UserId,
+    /// What kind of failure: `not_found`, `timeout`, `busy`, ...
+    pub kind: ErrorKind,
     /// What happened, in one line.
     pub error: String,
 }
@@ -59,12 +60,17 @@ pub struct BatchFailure {
 /// Why a whole batch failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    /// The request itself is unusable (no ids, too many, an id not positive).
+    /// The request itself is unusable (no ids, or too many).
     #[error("{0}")]
     Invalid(String),
     /// The database is out of reach; the remaining chunks were cancelled.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// No user could be summarised because the database was busy or slow (the ids that are not
+    /// unknown users all failed for that reason): an empty "success" would mislead a client that
+    /// checks only the status, so this is a failure to retry later.
+    #[error("the database is overloaded: no user could be summarised")]
+    Overloaded,
     /// The batch's deadline passed.
     #[error("the batch deadline passed")]
     DeadlineExceeded,
@@ -81,9 +87,9 @@ impl Service {
     ///
     /// # Errors
     ///
-    /// [`BatchError`]: the ids are unusable, the database is unavailable, the deadline passed, or
-    /// a bug.
-    pub async fn summaries(&self, user_ids: &[i64]) -> Result<BatchSummary, BatchError> {
+    /// [`BatchError`]: the ids are unusable, the database is unavailable or overloaded, the
+    /// deadline passed, or a bug.
+    pub async fn summaries(&self, user_ids: &[UserId]) -> Result<BatchSummary, BatchError> {
         let config = &self.inner.config.batch;
         if user_ids.is_empty() {
             return Err(BatchError::Invalid("user_ids must not be empty".into()));
@@ -95,13 +101,8 @@ impl Service {
                 config.max_ids
             )));
         }
-        if let Some(bad) = user_ids.iter().find(|&&id| id < 1) {
-            return Err(BatchError::Invalid(format!(
-                "user id {bad} is not a positive integer"
-            )));
-        }
         let mut seen = HashSet::with_capacity(user_ids.len());
-        let unique: Vec<i64> = user_ids
+        let unique: Vec<UserId> = user_ids
             .iter()
             .copied()
             .filter(|id| seen.insert(*id))
@@ -115,9 +116,9 @@ impl Service {
             .deadline(deadline)
             .build()
             .map_err(|e| BatchError::Internal(e.to_string()))?;
-        let chunks: Vec<Vec<i64>> = unique
+        let chunks: Vec<Vec<UserId>> = unique
             .chunks(config.chunk_size)
-            .map(<[i64]>::to_vec)
+            .map(<[UserId]>::to_vec)
             .collect();
         let outcomes = group
             .map(chunks, |chunk| {
@@ -149,6 +150,14 @@ impl Service {
                 other => return Err(BatchError::Internal(other.to_string())),
             }
         }
+        let overloaded = |failure: &BatchFailure| failure.kind.is_overload();
+        if summary.results.is_empty() && summary.errors.iter().any(overloaded) {
+            tracing::warn!(
+                ids = summary.errors.len(),
+                "batch summarised no user: database busy or slow"
+            );
+            return Err(BatchError::Overloaded);
+        }
         Ok(summary)
     }
 
@@ -156,7 +165,7 @@ impl Service {
     /// errors; failures that doom the batch are returned as `Err`, which stops the group.
     async fn summarise_chunk(
         &self,
-        chunk: Vec<i64>,
+        chunk: Vec<UserId>,
         deadline: Instant,
     ) -> Result<ChunkResult, SourceError> {
         let config = &self.inner.config;
@@ -172,17 +181,18 @@ impl Service {
                     .map_err(|_| SourceError::Busy(wait))?
                     .map_err(|_| SourceError::Database(repository::Error::Closed))?;
             let lease = self.inner.gate.lease(&self.inner.db, Some(cut_off)).await?;
-            Ok::<_, SourceError>(lease.conn.user_summaries(&chunk).await?)
+            let ids: Vec<i64> = chunk.iter().map(|id| id.get()).collect();
+            Ok::<_, SourceError>(lease.conn.user_summaries(&ids).await?)
         };
         let fetched = tokio::time::timeout_at(cut_off, fetched)
             .await
             .unwrap_or(Err(SourceError::TimedOut {
                 after: config.batch.chunk_timeout,
-                limit: "batch chunk timeout",
+                limit: Limit::BatchChunk,
             }));
         let rows = match fetched {
             Ok(rows) => rows,
-            Err(error) if is_fatal(&error) => return Err(error),
+            Err(error) if error.dooms_every_read() => return Err(error),
             Err(error) => {
                 error.log("batch");
                 let (kind, message) = (error.kind(), error.public_message());
@@ -202,7 +212,7 @@ impl Service {
             rows.into_iter().map(|row| (row.profile.id, row)).collect();
         Ok(chunk
             .into_iter()
-            .map(|user_id| match by_id.remove(&user_id) {
+            .map(|user_id| match by_id.remove(&user_id.get()) {
                 Some(row) => Ok(UserSummaryEntry {
                     user_id,
                     profile: row.profile,
@@ -211,18 +221,10 @@ impl Service {
                 }),
                 None => Err(BatchFailure {
                     user_id,
-                    kind: "not_found",
+                    kind: ErrorKind::NotFound,
                     error: "user not found".to_owned(),
                 }),
             })
             .collect())
     }
-}
-
-/// Whether an error means every other chunk would fail too.
-fn is_fatal(error: &SourceError) -> bool {
-    matches!(
-        error,
-        SourceError::Database(repository::Error::Closed | repository::Error::Unavailable(_))
-    )
 }

@@ -119,6 +119,18 @@ impl Default for BatchConfig {
 #[error("invalid service settings: {0}")]
 pub struct ConfigError(pub String);
 
+impl DashboardConfig {
+    /// The own timeout of `source`.
+    pub(crate) fn timeout(&self, source: crate::Source) -> Duration {
+        match source {
+            crate::Source::Profile => self.profile_timeout,
+            crate::Source::Orders => self.orders_timeout,
+            crate::Source::Reviews => self.reviews_timeout,
+            crate::Source::Recommendations => self.recommendations_timeout,
+        }
+    }
+}
+
 impl ServiceConfig {
     /// Checks the settings against each other and against the pool size.
     ///

@@ -1,32 +1,32 @@
 //! The dashboard: profile, orders, reviews and recommendations fetched at once, in one task group.
 //!
-//! This is the seed's `get_user_dashboard` (section 五) with its gaps closed:
+//! [`Service::dashboard`] reads as its three steps:
 //!
-//! - Each source's failure lands in `errors` and the response is partial, not failed, unless the
-//!   failing source is the profile, which is essential: a dashboard without a user is no dashboard.
-//!   A profile that shows no such user cancels the other sources at once (`NotFound`); a profile
-//!   that fails otherwise cancels them too and the call is `Unavailable`.
-//! - Every source has its own timeout and the whole dashboard a deadline; a source cut off by
-//!   either is reported as a timeout that names the limit.
-//! - Database work goes through the process-wide gate (see [`crate::gate`]), not a semaphore made
-//!   per request.
-//! - Dropping the future (the HTTP client went away) drops the group, which aborts every source;
-//!   abandoned statements are cancelled on the server by the repository.
+//! 1. **Take the database lease** ([`Service::lease`]): in pipelined mode one pooled connection
+//!    (and one slot of the process-wide gate) for the three reads; in pooled mode each read takes
+//!    its own, inside its task. The recommendation call needs no database and starts first, so its
+//!    round trip overlaps with this wait.
+//! 2. **Spawn the sources** into a collect-all group with the dashboard's deadline: each read
+//!    with its own timeout, the profile essential (a dashboard without a user is no dashboard: an
+//!    unknown user cancels the other sources at once).
+//! 3. **Assemble the answer** ([`assemble`]): every source's outcome, including "no connection at
+//!    all" from step 1, goes through the one describing function into `errors` and the per-source
+//!    timings, and the profile's outcome decides between a dashboard and a [`DashboardError`].
 //!
-//! The group is collect-all, with the profile marked essential: an optional source failing does
-//! not disturb its siblings, the profile failing stops them all.
+//! Dropping the future (the HTTP client went away) drops the group, which stops every source;
+//! abandoned statements are cancelled on the server by the repository.
 
-use std::sync::Arc;
-
-use client::Recommendation;
-use repository::{Order, Profile, Review};
+use client::Recommendations;
+use repository::{Order, Page, Profile, Review};
 use serde::Serialize;
-use taskgroup::{ChildContext, Limit, Outcome, Policy, TaskGroup, TaskHandle};
+use std::sync::Arc;
+use taskgroup::{ChildContext, Outcome, Policy, TaskGroup, TaskHandle};
 use tokio::time::Instant;
 
 use crate::gate::Lease;
-use crate::source::{Clocks, SourceFailure, SourceStatus, SourceTiming, describe};
-use crate::{QueryMode, Service, Source, SourceError};
+use crate::kind::Limit;
+use crate::source::{Clocks, SourceFailure, SourceTiming, describe};
+use crate::{QueryMode, Service, Source, SourceError, UserId};
 
 /// A user's dashboard, possibly partial: see `errors`.
 #[derive(Debug, Clone, Serialize)]
@@ -34,12 +34,20 @@ use crate::{QueryMode, Service, Source, SourceError};
 pub struct Dashboard {
     /// The user's profile (always present: without it there is no dashboard).
     pub profile: Profile,
-    /// The user's most recent orders, newest first (empty when the source failed).
+    /// The user's most recent orders, newest first, at most `database.orders_limit` (100 by
+    /// default); empty when the source failed.
     pub orders: Vec<Order>,
-    /// The user's reviews, newest first (empty when the source failed).
+    /// Whether the user has more orders than `orders` lists.
+    pub more_orders: bool,
+    /// The user's reviews, newest first, at most `database.reviews_limit` (100 by default);
+    /// empty when the source failed.
     pub reviews: Vec<Review>,
-    /// Recommended products (empty when the source failed).
-    pub recommendations: Vec<Recommendation>,
+    /// Whether the user has more reviews than `reviews` lists.
+    pub more_reviews: bool,
+    /// The recommendation service's `items`, exactly as it sent them (any JSON values); empty
+    /// when the source failed.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<Value>))]
+    pub recommendations: Recommendations,
     /// One entry per source that failed or was cut off.
     pub errors: Vec<SourceFailure>,
     /// How long each source took and how it ended (not serialised; for `Server-Timing` and
@@ -57,7 +65,7 @@ pub enum DashboardError {
     #[error("user {user_id} not found")]
     NotFound {
         /// The id asked for.
-        user_id: i64,
+        user_id: UserId,
         /// Per-source timings.
         timings: Vec<SourceTiming>,
     },
@@ -113,21 +121,61 @@ impl DashboardError {
     }
 }
 
-/// What a database source reads through: its own lease (pooled mode) or one shared with its
-/// siblings (pipelined mode).
+/// What the three database reads go through: one lease shared by all three (pipelined mode), or
+/// a lease each, taken inside each read (pooled mode).
 enum Db {
     Shared(Arc<Lease>),
     Own,
 }
 
+/// One dashboard in the making.
+struct Run {
+    user: UserId,
+    deadline: Instant,
+    clocks: Clocks,
+    group: TaskGroup<SourceError>,
+    recommendations: TaskHandle<Recommendations>,
+}
+
+/// The handles of the three reads, or why there are none.
+enum Reads {
+    Spawned {
+        profile: TaskHandle<Option<Profile>>,
+        orders: TaskHandle<Page<Order>>,
+        reviews: TaskHandle<Page<Review>>,
+    },
+    /// No database connection could be had: every read fails with this.
+    NoConnection(SourceError),
+}
+
 impl Service {
-    /// Builds the dashboard of `user_id`.
+    /// Builds the dashboard of `user`.
     ///
     /// # Errors
     ///
     /// [`DashboardError`]: the user does not exist, the profile is unavailable, the deadline
     /// passed before the profile was known, or a bug.
-    pub async fn dashboard(&self, user_id: i64) -> Result<Dashboard, DashboardError> {
+    pub async fn dashboard(&self, user: UserId) -> Result<Dashboard, DashboardError> {
+        let run = self.start(user)?;
+        let reads = match self.lease(run.deadline).await {
+            Ok(db) => self.spawn_reads(&run, &db),
+            // Without a connection there is no profile: stop the recommendation call too.
+            Err(error) => {
+                run.group.cancel();
+                Reads::NoConnection(error)
+            }
+        };
+        assemble(self, run, reads).await
+    }
+
+    /// Builds the group and starts the recommendation call, which needs no database.
+    ///
+    /// Its timeout is enforced by the client, not by the group: the client's deadline is the
+    /// source's timeout (or the dashboard's deadline, if that comes first). A call cut off from
+    /// outside is dropped, and a dropped call tells the client's circuit breaker nothing, so a
+    /// service that hangs would never open the breaker; ended by the client's own timer, the call
+    /// counts as a failure.
+    fn start(&self, user: UserId) -> Result<Run, DashboardError> {
         let config = &self.inner.config.dashboard;
         let started = Instant::now();
         let deadline = started + config.deadline;
@@ -141,226 +189,92 @@ impl Service {
                 message: e.to_string(),
                 timings: Vec::new(),
             })?;
-
-        // The recommendation call needs no database: it starts first, so its network round trip
-        // overlaps with waiting for a connection.
-        //
-        // Its timeout is enforced by the client, not by the group: the client's deadline is the
-        // source's timeout (or the dashboard's deadline, if that comes first). A call cut off from
-        // outside is dropped, and a dropped call tells the client's circuit breaker nothing, so a
-        // service that hangs would never open the breaker and every dashboard would wait the full
-        // timeout for it. Ended by the client's own timer, the call counts as a failure.
-        let recommendations = {
-            let client = self.inner.client.clone();
-            let watch = clocks.watch(Source::Recommendations);
-            let timeout = config.recommendations_timeout;
-            let dashboard_deadline = config.deadline;
-            group
-                .child(Source::Recommendations.as_str())
-                .spawn(async move {
-                    let _watch = watch;
-                    let own = Instant::now() + timeout;
-                    let (until, limit, after) = if own < deadline {
-                        (own, "recommendations timeout", timeout)
-                    } else {
-                        (deadline, "dashboard deadline", dashboard_deadline)
-                    };
-                    match client.recommendations_with_deadline(user_id, until).await {
-                        Ok(items) => Ok(items),
-                        Err(client::RecommendationError::Timeout { .. }) => {
-                            Err(SourceError::TimedOut { after, limit })
-                        }
-                        Err(error) => Err(error.into()),
+        let client = self.inner.client.clone();
+        let watch = clocks.watch(Source::Recommendations);
+        let (timeout, whole) = (config.recommendations_timeout, config.deadline);
+        let recommendations = group
+            .child(Source::Recommendations.as_str())
+            .spawn(async move {
+                let _watch = watch;
+                let own = Instant::now() + timeout;
+                let (until, limit, after) = if own < deadline {
+                    (own, Limit::Source(Source::Recommendations), timeout)
+                } else {
+                    (deadline, Limit::DashboardDeadline, whole)
+                };
+                match client
+                    .recommendations_with_deadline(user.get(), until)
+                    .await
+                {
+                    Err(client::RecommendationError::Timeout { .. }) => {
+                        Err(SourceError::TimedOut { after, limit })
                     }
-                })
-        };
+                    other => Ok(other?),
+                }
+            });
+        Ok(Run {
+            user,
+            deadline,
+            clocks,
+            group,
+            recommendations,
+        })
+    }
 
-        let db = match self.inner.config.query_mode {
-            QueryMode::Pooled => Db::Own,
+    /// Step 1: the database lease of pipelined mode (bounded by the deadline as a whole: the slot
+    /// wait is, but taking a pooled connection, perhaps opening one, comes on top of it).
+    async fn lease(&self, deadline: Instant) -> Result<Db, SourceError> {
+        match self.inner.config.query_mode {
+            QueryMode::Pooled => Ok(Db::Own),
             QueryMode::Pipelined => {
-                // Bounded by the deadline as a whole: the slot wait is, but taking a pooled
-                // connection (and perhaps opening one) comes on top of it.
-                let leased = tokio::time::timeout_at(
-                    deadline,
-                    self.inner.gate.lease(&self.inner.db, Some(deadline)),
-                )
-                .await
-                .unwrap_or(Err(SourceError::TimedOut {
-                    after: config.deadline,
-                    limit: "dashboard deadline",
-                }));
-                match leased {
-                    Ok(lease) => Db::Shared(Arc::new(lease)),
-                    Err(error) => {
-                        // Without a connection there is no profile: stop the recommendation call
-                        // and report every database source as failed by the same cause.
-                        drop(group);
-                        let failure = |source| SourceFailure {
-                            source,
-                            kind: error.kind(),
-                            error: error.public_message(),
-                        };
-                        let errors = vec![
-                            failure(Source::Profile),
-                            failure(Source::Orders),
-                            failure(Source::Reviews),
-                        ];
-                        // The database sources failed (they are in `errors`), and say so in
-                        // their status too, so that a dashboard of statuses sees the overload.
-                        let failed = if matches!(error, SourceError::TimedOut { .. }) {
-                            SourceStatus::Timeout
-                        } else {
-                            SourceStatus::Error
-                        };
-                        let timings = Source::ALL
-                            .iter()
-                            .map(|&source| SourceTiming {
-                                source,
-                                elapsed: clocks.elapsed(source),
-                                status: if source == Source::Recommendations {
-                                    SourceStatus::Cancelled
-                                } else {
-                                    failed
-                                },
-                            })
-                            .collect();
-                        if matches!(error, SourceError::TimedOut { .. }) {
-                            return Err(DashboardError::DeadlineExceeded { errors, timings });
-                        }
-                        return Err(DashboardError::Unavailable { errors, timings });
-                    }
+                let lease = self.inner.gate.lease(&self.inner.db, Some(deadline));
+                match tokio::time::timeout_at(deadline, lease).await {
+                    Ok(lease) => Ok(Db::Shared(Arc::new(lease?))),
+                    Err(_) => Err(SourceError::TimedOut {
+                        after: self.inner.config.dashboard.deadline,
+                        limit: Limit::DashboardDeadline,
+                    }),
                 }
             }
-        };
-
-        let profile = self.spawn_read(
-            &group,
-            &clocks,
-            &db,
-            Source::Profile,
-            config.profile_timeout,
-            move |lease| async move {
-                lease
-                    .conn
-                    .profile(user_id)
-                    .await?
-                    .ok_or(SourceError::NotFound)
-            },
-        );
-        let orders = self.spawn_read(
-            &group,
-            &clocks,
-            &db,
-            Source::Orders,
-            config.orders_timeout,
-            move |lease| async move { Ok(lease.conn.orders(user_id).await?) },
-        );
-        let reviews = self.spawn_read(
-            &group,
-            &clocks,
-            &db,
-            Source::Reviews,
-            config.reviews_timeout,
-            move |lease| async move { Ok(lease.conn.reviews(user_id).await?) },
-        );
-        // The group owns the only other references to a shared lease; the connection goes back to
-        // the pool as soon as the last read finishes, not when the recommendation call does.
-        drop(db);
-
-        let report = match group.join().await {
-            Ok(report) => report,
-            Err(error) => error.into_report(),
-        };
-        let missing = Outcome::Cancelled(taskgroup::CancelReason::RuntimeShutdown);
-        let outcome = |handle_index: Option<usize>| {
-            handle_index
-                .and_then(|index| report.get_index(index))
-                .map_or(&missing, |child| &child.outcome)
-        };
-        let outcomes = [
-            (Source::Profile, outcome(profile.index())),
-            (Source::Orders, outcome(orders.index())),
-            (Source::Reviews, outcome(reviews.index())),
-            (Source::Recommendations, outcome(recommendations.index())),
-        ];
-        let mut errors = Vec::new();
-        let mut timings = Vec::with_capacity(4);
-        for (source, outcome) in outcomes {
-            let (status, failure) =
-                describe(source, outcome, ("dashboard deadline", config.deadline));
-            errors.extend(failure);
-            timings.push(SourceTiming {
-                source,
-                elapsed: clocks.elapsed(source),
-                status,
-            });
         }
+    }
 
-        match outcome(profile.index()) {
-            Outcome::Ok(()) => {}
-            Outcome::Err(SourceError::NotFound) => {
-                return Err(DashboardError::NotFound { user_id, timings });
-            }
-            Outcome::TimedOut(timeout) if timeout.limit == Limit::Group => {
-                return Err(DashboardError::DeadlineExceeded { errors, timings });
-            }
-            Outcome::Err(_) | Outcome::TimedOut(_) => {
-                return Err(DashboardError::Unavailable { errors, timings });
-            }
-            Outcome::Panicked(panic) => {
-                return Err(DashboardError::Internal {
-                    message: format!("the profile read panicked: {}", panic.message()),
-                    timings,
-                });
-            }
-            Outcome::Cancelled(reason) => {
-                return Err(DashboardError::Internal {
-                    message: format!("the profile read was cancelled: {reason}"),
-                    timings,
-                });
-            }
+    /// Step 2: the three reads. The group holds the only other references to a shared lease, so
+    /// the connection goes back to the pool when the last read finishes, not when the
+    /// recommendation call does.
+    fn spawn_reads(&self, run: &Run, db: &Db) -> Reads {
+        let user = run.user.get();
+        Reads::Spawned {
+            profile: self.spawn_read(run, db, Source::Profile, move |lease| async move {
+                let profile = lease.conn.profile(user).await?;
+                profile.map(Some).ok_or(SourceError::NotFound)
+            }),
+            orders: self.spawn_read(run, db, Source::Orders, move |lease| async move {
+                Ok(lease.conn.orders(user).await?)
+            }),
+            reviews: self.spawn_read(run, db, Source::Reviews, move |lease| async move {
+                Ok(lease.conn.reviews(user).await?)
+            }),
         }
-        let Ok(profile) = profile.output() else {
-            return Err(DashboardError::Internal {
-                message: "the profile read succeeded without an output".to_owned(),
-                timings,
-            });
-        };
-        Ok(Dashboard {
-            profile,
-            orders: orders.output().unwrap_or_default(),
-            reviews: reviews.output().unwrap_or_default(),
-            recommendations: recommendations.output().unwrap_or_default(),
-            errors,
-            timings,
-        })
     }
 
     /// Spawns one database read: on the shared lease, or on a lease of its own taken inside the
     /// child (so waiting for it counts against the source's timeout).
-    fn spawn_read<T, F, Fut>(
-        &self,
-        group: &TaskGroup<SourceError>,
-        clocks: &Clocks,
-        db: &Db,
-        source: Source,
-        timeout: std::time::Duration,
-        read: F,
-    ) -> TaskHandle<T>
+    fn spawn_read<T, F, Fut>(&self, run: &Run, db: &Db, source: Source, read: F) -> TaskHandle<T>
     where
         T: Send + 'static,
         F: FnOnce(Arc<Lease>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, SourceError>> + Send + 'static,
     {
-        let watch = clocks.watch(source);
+        let watch = run.clocks.watch(source);
         let shared = match db {
             Db::Shared(lease) => Some(Arc::clone(lease)),
             Db::Own => None,
         };
         let service = self.clone();
-        group
+        run.group
             .child(source.as_str())
-            .timeout(timeout)
+            .timeout(self.inner.config.dashboard.timeout(source))
             .essential(source == Source::Profile)
             .spawn(async move {
                 let _watch = watch;
@@ -380,4 +294,115 @@ impl Service {
                 read(lease).await
             })
     }
+}
+
+/// Step 3: joins the group and turns every source's outcome into the answer.
+async fn assemble(service: &Service, run: Run, reads: Reads) -> Result<Dashboard, DashboardError> {
+    let config = &service.inner.config.dashboard;
+    let report = match run.group.join().await {
+        Ok(report) => report,
+        Err(error) => error.into_report(),
+    };
+    // Without a connection, every read ends with the lease's error.
+    let (handles, no_connection) = match reads {
+        Reads::Spawned {
+            profile,
+            orders,
+            reviews,
+        } => (Some((profile, orders, reviews)), None),
+        Reads::NoConnection(error) => (None, Some(Outcome::Err(error))),
+    };
+    // A child missing from its own group's report cannot happen; it would read as cancelled.
+    let missing = Outcome::Cancelled(taskgroup::CancelReason::RuntimeShutdown);
+    let outcome = |index: Option<usize>| -> &Outcome<(), SourceError> {
+        no_connection.as_ref().unwrap_or_else(|| {
+            index
+                .and_then(|index| report.get_index(index))
+                .map_or(&missing, |child| &child.outcome)
+        })
+    };
+    let (profile_at, orders_at, reviews_at) =
+        handles.as_ref().map_or((None, None, None), |(p, o, r)| {
+            (p.index(), o.index(), r.index())
+        });
+    let recommendations_outcome = run
+        .recommendations
+        .index()
+        .and_then(|index| report.get_index(index))
+        .map_or(&missing, |child| &child.outcome);
+    let outcomes = [
+        (Source::Profile, outcome(profile_at)),
+        (Source::Orders, outcome(orders_at)),
+        (Source::Reviews, outcome(reviews_at)),
+        (Source::Recommendations, recommendations_outcome),
+    ];
+    let deadline = (Limit::DashboardDeadline, config.deadline);
+    let mut errors = Vec::new();
+    let mut timings = Vec::with_capacity(outcomes.len());
+    for (source, outcome) in outcomes {
+        let (status, failure) = describe(source, outcome, (config.timeout(source), deadline));
+        errors.extend(failure);
+        timings.push(SourceTiming {
+            source,
+            elapsed: run.clocks.elapsed(source),
+            status,
+        });
+    }
+
+    match outcome(profile_at) {
+        Outcome::Ok(()) => {}
+        Outcome::Err(SourceError::NotFound) => {
+            return Err(DashboardError::NotFound {
+                user_id: run.user,
+                timings,
+            });
+        }
+        Outcome::TimedOut(taskgroup::Timeout {
+            limit: taskgroup::Limit::Group,
+            ..
+        })
+        | Outcome::Err(SourceError::TimedOut {
+            limit: Limit::DashboardDeadline,
+            ..
+        }) => return Err(DashboardError::DeadlineExceeded { errors, timings }),
+        Outcome::Err(_) | Outcome::TimedOut(_) => {
+            return Err(DashboardError::Unavailable { errors, timings });
+        }
+        Outcome::Panicked(panic) => {
+            return Err(DashboardError::Internal {
+                message: format!("the profile read panicked: {}", panic.message()),
+                timings,
+            });
+        }
+        Outcome::Cancelled(reason) => {
+            return Err(DashboardError::Internal {
+                message: format!("the profile read was cancelled: {reason}"),
+                timings,
+            });
+        }
+    }
+    let Some((profile, orders, reviews)) = handles else {
+        return Err(DashboardError::Internal {
+            message: "a profile without a read".to_owned(),
+            timings,
+        });
+    };
+    let Ok(Some(profile)) = profile.output() else {
+        return Err(DashboardError::Internal {
+            message: "the profile read succeeded without an output".to_owned(),
+            timings,
+        });
+    };
+    let orders = orders.output().unwrap_or_default();
+    let reviews = reviews.output().unwrap_or_default();
+    Ok(Dashboard {
+        profile,
+        orders: orders.items,
+        more_orders: orders.more,
+        reviews: reviews.items,
+        more_reviews: reviews.more,
+        recommendations: run.recommendations.output().unwrap_or_default(),
+        errors,
+        timings,
+    })
 }

@@ -6,7 +6,7 @@
 //! pooled connection that is free or about to be. A caller that cannot get a slot within its wait
 //! budget reports the database busy instead of queueing without bound.
 //!
-//! When the pool is split into lanes, one per worker thread (see [`repository::lane`]), the slots
+//! When the pool is split into lanes, one per worker thread (see the `lanes` crate), the slots
 //! are split the same way: lane `i` has as many slots as connections or fewer, and a slot of lane
 //! `i` is used with a connection of lane `i`. A caller takes a slot of its own lane if one is free
 //! (no thread but its own is involved), else a free slot of another lane (that request's
@@ -45,7 +45,7 @@ impl DbGate {
     pub(crate) fn new(slots: usize, wait: Duration, lanes: usize) -> Self {
         let count = lanes.clamp(1, slots.max(1));
         let lanes = (0..count)
-            .map(|lane| Arc::new(Semaphore::new(repository::lane::share(slots, count, lane))))
+            .map(|lane| Arc::new(Semaphore::new(lanes::share(slots, count, lane))))
             .collect();
         Self { lanes, slots, wait }
     }
@@ -64,7 +64,7 @@ impl DbGate {
         let (lane, permit) = match self.try_any() {
             Some(taken) => taken,
             None => {
-                let own = repository::lane::current(self.lanes.len());
+                let own = lanes::current(self.lanes.len());
                 let semaphore = Arc::clone(&self.lanes[own]);
                 let permit = tokio::time::timeout_at(now + budget, semaphore.acquire_owned())
                     .await
@@ -84,7 +84,7 @@ impl DbGate {
     /// another lane's slot never leaves a connection driven by the wrong thread.)
     fn try_any(&self) -> Option<(usize, OwnedSemaphorePermit)> {
         let count = self.lanes.len();
-        let own = repository::lane::current(count);
+        let own = lanes::current(count);
         (0..count)
             .map(|offset| (own + offset) % count)
             .find_map(|lane| {
@@ -125,7 +125,7 @@ mod tests {
     #[test]
     fn a_caller_takes_its_own_lane_first_then_any_free_slot() {
         let gate = DbGate::new(3, Duration::from_secs(1), 2);
-        repository::lane::bind_thread(1);
+        lanes::bind_thread(1);
         let taken: Vec<_> = (0..3).filter_map(|_| gate.try_any()).collect();
         let lanes: Vec<usize> = taken.iter().map(|(lane, _)| *lane).collect();
         // Lane 1 has one of the three slots, lane 0 two.

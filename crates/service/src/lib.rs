@@ -1,4 +1,7 @@
-//! Dashboard and batch orchestration: the seed's service layer (服务层), in task groups.
+//! Dashboard and batch orchestration: fan-out over the repository and the recommendation client
+//! in task groups. This crate is the API's one dependency: it answers in its own types (no
+//! repository or client error reaches a caller), and offers everything an HTTP layer needs:
+//! readiness, a snapshot of its gauges, and typed results.
 //!
 //! [`Service`] holds what every request shares: the database pool, the recommendation client,
 //! and the process-wide database gate. Its two operations are:
@@ -12,23 +15,40 @@
 //!
 //! The three dashboard reads run either pipelined on one connection or on three pooled
 //! connections ([`QueryMode`]); the gate bounds database work across all requests, not per
-//! request as the seed's semaphore did.
+//! request.
 
 mod batch;
 mod config;
 mod dashboard;
 mod gate;
+mod kind;
 mod source;
+mod user_id;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use client::RecommendationClient;
 use repository::Database;
+use tokio::time::Instant;
 
 pub use batch::{BatchError, BatchFailure, BatchSummary, UserSummaryEntry};
+pub use client::{BreakerState, Recommendations};
 pub use config::{BatchConfig, ConfigError, DashboardConfig, QueryMode, ServiceConfig};
 pub use dashboard::{Dashboard, DashboardError};
-pub use source::{Source, SourceError, SourceFailure, SourceStatus, SourceTiming};
+pub use kind::{ErrorKind, Limit};
+pub use repository::{Order, Profile, Review};
+pub use source::{Source, SourceFailure, SourceStatus, SourceTiming};
+pub use user_id::{InvalidUserId, UserId};
+
+/// The settings of the layers below, which the API's configuration holds: the `[database]` and
+/// `[recommendations]` sections.
+pub mod settings {
+    pub use client::{BreakerConfig, ClientConfig, HedgeConfig};
+    pub use repository::{DbConfig, Secret, mask_url};
+}
+
+pub(crate) use source::SourceError;
 
 use gate::DbGate;
 
@@ -48,17 +68,44 @@ struct Inner {
     config: ServiceConfig,
 }
 
-/// Database slot usage, for `/metrics`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GateStats {
-    /// Slots in use now.
-    pub in_use: usize,
-    /// Slots in all.
+/// The service's gauges at one moment, for `/metrics` and for tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gauges {
+    /// Most connections the pool opens.
+    pub pool_max: usize,
+    /// Connections open now.
+    pub pool_size: usize,
+    /// Idle pooled connections.
+    pub pool_idle: usize,
+    /// Callers waiting for a pooled connection.
+    pub pool_waiting: usize,
+    /// Lanes the pool (and the gate, and the client) is split into.
+    pub lanes: usize,
+    /// Whether the pool has been closed.
+    pub pool_closed: bool,
+    /// Database slots of the process-wide gate.
     pub slots: usize,
+    /// Database slots in use now.
+    pub slots_in_use: usize,
+    /// Task-group children alive in the process, at every depth.
+    pub live_children: usize,
+    /// The recommendation client's circuit breaker.
+    pub breaker: BreakerState,
+    /// Consecutive failures the breaker has counted.
+    pub breaker_failures: u32,
+    /// Calls made to the recommendation service.
+    pub recommendation_calls: u64,
+    /// Failed calls by kind (every kind a call can fail with, zero or not).
+    pub recommendation_errors: Vec<(ErrorKind, u64)>,
 }
 
+/// Why the service is not ready to serve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the database does not answer: {0}")]
+pub struct NotReady(pub String);
+
 impl Service {
-    /// Builds the service over a pool and a client.
+    /// Builds the service over a pool and a client (which tests build themselves).
     ///
     /// # Errors
     ///
@@ -85,14 +132,24 @@ impl Service {
         })
     }
 
-    /// The database pool.
-    pub fn database(&self) -> &Database {
-        &self.inner.db
-    }
-
-    /// The recommendation client.
-    pub fn recommendations_client(&self) -> &RecommendationClient {
-        &self.inner.client
+    /// Builds the pool, the recommendation client and the service from settings, split into
+    /// `workers` lanes (one per worker thread of the server; see the `lanes` crate). Connects
+    /// nothing yet: see [`Service::wait_until_ready`].
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the first unusable setting, of any of the three sections.
+    pub fn connect(
+        database: &settings::DbConfig,
+        recommendations: settings::ClientConfig,
+        config: ServiceConfig,
+        workers: usize,
+    ) -> Result<Self, ConfigError> {
+        let db = Database::connect_lazy_in_lanes(database, workers)
+            .map_err(|e| ConfigError(e.to_string()))?;
+        let client = RecommendationClient::in_lanes(recommendations, workers)
+            .map_err(|e| ConfigError(format!("invalid [recommendations] settings: {e}")))?;
+        Self::new(db, client, config)
     }
 
     /// The settings the service runs with.
@@ -100,27 +157,91 @@ impl Service {
         &self.inner.config
     }
 
+    /// Retries the database with exponential backoff (100 ms doubling to 2 s) until it answers or
+    /// `within` passes; then lets go of the connection it used, which was opened on the calling
+    /// thread rather than a worker's.
+    ///
+    /// # Errors
+    ///
+    /// [`NotReady`] with the last error, once `within` has passed.
+    pub async fn wait_until_ready(&self, within: Duration) -> Result<(), NotReady> {
+        let give_up = Instant::now() + within;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.inner.db.ping().await {
+                Ok(()) => {
+                    self.inner.db.close_idle();
+                    return Ok(());
+                }
+                Err(error) if Instant::now() + backoff < give_up => {
+                    tracing::warn!(%error, retry_in = ?backoff, "database not answering yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(error) => return Err(NotReady(error.to_string())),
+            }
+        }
+    }
+
+    /// Whether the service can serve: the database answers within `within`. Every connection
+    /// busy serving requests counts as ready: that is a loaded instance, not a broken one, and
+    /// taking it out of a load balancer would only push its load onto the others.
+    ///
+    /// # Errors
+    ///
+    /// [`NotReady`] saying why (for the log; the message may quote the server).
+    pub async fn readiness(&self, within: Duration) -> Result<(), NotReady> {
+        let db = &self.inner.db;
+        match tokio::time::timeout(within, db.ping()).await {
+            Ok(Ok(())) | Ok(Err(repository::Error::PoolTimeout(_))) => Ok(()),
+            Ok(Err(error)) => Err(NotReady(error.to_string())),
+            Err(_) if db.status().idle == 0 && db.status().size > 0 => Ok(()),
+            Err(_) => Err(NotReady(format!("no answer within {within:?}"))),
+        }
+    }
+
+    /// A snapshot of the gauges.
+    pub fn gauges(&self) -> Gauges {
+        let pool = self.inner.db.status();
+        let stats = self.inner.client.stats();
+        Gauges {
+            pool_max: pool.max_size,
+            pool_size: pool.size,
+            pool_idle: pool.idle,
+            pool_waiting: pool.waiting,
+            lanes: self.inner.db.lanes(),
+            pool_closed: self.inner.db.is_closed(),
+            slots: self.inner.gate.slots(),
+            slots_in_use: self.inner.gate.in_use(),
+            live_children: taskgroup::live_children(),
+            breaker: stats.breaker.state,
+            breaker_failures: stats.breaker.consecutive_failures,
+            recommendation_calls: stats.calls,
+            recommendation_errors: stats
+                .errors
+                .iter()
+                .map(|(kind, count)| (source::recommendation_kind(kind), count))
+                .collect(),
+        }
+    }
+
+    /// Closes the pool: the server has stopped.
+    pub fn close(&self) {
+        self.inner.db.close();
+    }
+
     /// Makes the calling thread the home of lane `worker` of the pool and of the recommendation
-    /// client (see [`repository::lane`] and [`client::lane`]): a server with one single-threaded
-    /// runtime per worker calls this once on each worker thread, so that a request's statements
-    /// and calls are driven by its own thread, without cross-thread wake-ups. The database gate is
-    /// split into the same lanes and still bounds the whole process (see the `gate` module).
+    /// client: a server with one single-threaded runtime per worker calls this once on each
+    /// worker thread, so that a request's statements and calls are driven by its own thread,
+    /// without cross-thread wake-ups. The database gate is split into the same lanes and still
+    /// bounds the whole process (see the `gate` module).
     pub fn adopt_worker_thread(&self, worker: usize) {
         self.inner.db.adopt_thread(worker);
-        client::lane::bind_thread(worker);
     }
 
     /// Tells the pool that the calling worker thread is now running on the runtime that serves
-    /// its requests (see [`Database::claim_home`]); cheap, meant for every accepted connection.
+    /// its requests; cheap, meant for every accepted connection.
     pub fn worker_serving(&self) {
         self.inner.db.claim_home();
-    }
-
-    /// Database slots in use.
-    pub fn gate_stats(&self) -> GateStats {
-        GateStats {
-            in_use: self.inner.gate.in_use(),
-            slots: self.inner.gate.slots(),
-        }
     }
 }

@@ -6,8 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
-use taskgroup::{Limit, Outcome};
+use taskgroup::Outcome;
 use tokio::time::Instant;
+
+use crate::kind::{ErrorKind, Limit};
 
 /// One of the four things a dashboard is made of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -70,27 +72,37 @@ pub enum SourceError {
     /// The recommendation service failed.
     #[error(transparent)]
     Recommendations(#[from] client::RecommendationError),
-    /// The source was cut off by a time limit that it enforces itself rather than leaving it to
-    /// the task group (the recommendation call, so that the client's breaker sees the timeout).
-    /// It reads exactly as a timeout enforced by the group does.
+    /// A time limit cut the source off: one it enforces itself (the recommendation call, so that
+    /// the client's breaker sees the timeout; a batch chunk), or, once described, one the task
+    /// group enforced. Both read the same.
     #[error("timed out after {after:?} ({limit})")]
     TimedOut {
         /// The length of the limit.
         after: Duration,
-        /// Which limit: `recommendations timeout` or `dashboard deadline`.
-        limit: &'static str,
+        /// Which limit.
+        limit: Limit,
     },
 }
 
 impl SourceError {
-    /// A short, stable label for metrics and machine-readable responses.
-    pub fn kind(&self) -> &'static str {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        use repository::Error as Db;
         match self {
-            SourceError::NotFound => "not_found",
-            SourceError::Busy(_) => "busy",
-            SourceError::Database(e) => e.kind(),
-            SourceError::Recommendations(e) => e.kind().as_str(),
-            SourceError::TimedOut { .. } => "timeout",
+            SourceError::NotFound => ErrorKind::NotFound,
+            SourceError::Busy(_) => ErrorKind::Busy,
+            SourceError::TimedOut { .. } => ErrorKind::Timeout,
+            SourceError::Database(error) => match error {
+                Db::PoolTimeout(_) => ErrorKind::PoolTimeout,
+                Db::Unavailable(_) => ErrorKind::Unavailable,
+                Db::Timeout => ErrorKind::Timeout,
+                Db::Cancelled => ErrorKind::Cancelled,
+                Db::Closed => ErrorKind::Closed,
+                Db::Config(_) => ErrorKind::Config,
+                // A new driver error is a query failure until it is told apart.
+                _ => ErrorKind::Query,
+            },
+            SourceError::Recommendations(error) => recommendation_kind(error.kind()),
         }
     }
 
@@ -125,14 +137,27 @@ impl SourceError {
         }
     }
 
-    /// Whether the database as a whole is out of reach or overloaded (rather than one statement
-    /// failing): the answer is "try again later".
-    pub fn is_unavailable(&self) -> bool {
-        match self {
-            SourceError::Busy(_) => true,
-            SourceError::Database(e) => e.is_unavailable(),
-            _ => false,
-        }
+    /// Whether the database as a whole is out of reach (rather than one statement failing or
+    /// one caller waiting too long): every other read would fail the same way.
+    pub(crate) fn dooms_every_read(&self) -> bool {
+        matches!(
+            self,
+            SourceError::Database(repository::Error::Closed | repository::Error::Unavailable(_))
+        )
+    }
+}
+
+/// The kind of a failed recommendation call.
+pub(crate) fn recommendation_kind(kind: client::ErrorKind) -> ErrorKind {
+    use client::ErrorKind as Rec;
+    match kind {
+        Rec::Timeout => ErrorKind::Timeout,
+        Rec::Unavailable => ErrorKind::Unavailable,
+        Rec::Status => ErrorKind::Status,
+        Rec::TooLarge => ErrorKind::TooLarge,
+        Rec::Decode => ErrorKind::Decode,
+        Rec::CircuitOpen => ErrorKind::CircuitOpen,
+        Rec::Saturated => ErrorKind::Saturated,
     }
 }
 
@@ -143,11 +168,20 @@ impl SourceError {
 pub struct SourceFailure {
     /// The source that failed.
     pub source: Source,
-    /// A short, stable label: `timeout`, `unavailable`, `busy`, `status`, `circuit_open`,
-    /// `saturated`, ...
-    pub kind: &'static str,
+    /// What kind of failure.
+    pub kind: ErrorKind,
     /// What happened, in one line.
     pub error: String,
+}
+
+impl SourceFailure {
+    pub(crate) fn new(source: Source, error: &SourceError) -> Self {
+        SourceFailure {
+            source,
+            kind: error.kind(),
+            error: error.public_message(),
+        }
+    }
 }
 
 /// How a source ended, for metrics and `Server-Timing`.
@@ -231,48 +265,46 @@ impl Drop for Stopwatch {
     }
 }
 
-/// Turns a child's outcome into the `errors` entry and the status it stands for.
+/// Turns a source's outcome into its status and, unless it succeeded or was merely cancelled,
+/// its `errors` entry. Every way a source can end goes through here, the early ones (no database
+/// connection at all) included. A time limit the task group enforced is described with the
+/// configured length of the limit (`limits`: the source's own timeout and the deadline), not the
+/// group's measured budget, which starts a few microseconds after the request did.
 pub(crate) fn describe<T>(
     source: Source,
     outcome: &Outcome<T, SourceError>,
-    deadline: (&str, Duration),
+    limits: (Duration, (Limit, Duration)),
 ) -> (SourceStatus, Option<SourceFailure>) {
-    let failure = |kind: &'static str, error: String| SourceFailure {
-        source,
-        kind,
-        error,
-    };
     match outcome {
         Outcome::Ok(_) => (SourceStatus::Ok, None),
-        Outcome::Err(e @ SourceError::TimedOut { .. }) => (
-            SourceStatus::Timeout,
-            Some(failure(e.kind(), e.public_message())),
-        ),
-        Outcome::Err(e) => {
-            e.log(source.as_str());
-            (
-                SourceStatus::Error,
-                Some(failure(e.kind(), e.public_message())),
-            )
+        Outcome::Err(error) => {
+            let status = match error {
+                SourceError::TimedOut { .. } => SourceStatus::Timeout,
+                error => {
+                    error.log(source.as_str());
+                    SourceStatus::Error
+                }
+            };
+            (status, Some(SourceFailure::new(source, error)))
         }
         Outcome::TimedOut(timeout) => {
-            // The configured length of the limit, not the group's measured budget, which starts
-            // a few microseconds after the request did.
-            let (which, after) = match timeout.limit {
-                Limit::Child => (format!("{source} timeout"), timeout.after),
-                Limit::Group => (deadline.0.to_owned(), deadline.1),
+            let (after, limit) = match timeout.limit {
+                taskgroup::Limit::Child => (limits.0, Limit::Source(source)),
+                taskgroup::Limit::Group => (limits.1.1, limits.1.0),
             };
+            let error = SourceError::TimedOut { after, limit };
             (
                 SourceStatus::Timeout,
-                Some(failure(
-                    "timeout",
-                    format!("timed out after {after:?} ({which})"),
-                )),
+                Some(SourceFailure::new(source, &error)),
             )
         }
         Outcome::Panicked(_) => (
             SourceStatus::Error,
-            Some(failure("internal", "internal error".to_owned())),
+            Some(SourceFailure {
+                source,
+                kind: ErrorKind::Internal,
+                error: "internal error".to_owned(),
+            }),
         ),
         Outcome::Cancelled(_) => (SourceStatus::Cancelled, None),
     }

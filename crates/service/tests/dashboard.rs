@@ -10,8 +10,13 @@ mod support;
 use std::time::Duration;
 
 use service::{DashboardError, QueryMode, Source, SourceStatus};
-use support::{test_config, world, world_with};
+use support::{test_config, uid, world, world_with};
 use upstream::{Fault, Reply};
+
+/// The recommendation items of a dashboard, parsed.
+fn items(recommendations: &service::Recommendations) -> Vec<serde_json::Value> {
+    serde_json::from_str(recommendations.as_json()).unwrap()
+}
 
 fn status_of(timings: &[service::SourceTiming], source: Source) -> SourceStatus {
     timings
@@ -27,7 +32,7 @@ async fn every_source_arrives_in_one_dashboard() {
         let mut config = test_config();
         config.query_mode = mode;
         let w = world(config).await;
-        let dashboard = w.service.dashboard(1).await.unwrap();
+        let dashboard = w.service.dashboard(uid(1)).await.unwrap();
         assert_eq!(dashboard.profile.username, "ada");
         assert_eq!(
             dashboard
@@ -38,7 +43,7 @@ async fn every_source_arrives_in_one_dashboard() {
             vec!["mouse", "keyboard"]
         );
         assert_eq!(dashboard.reviews.len(), 1);
-        assert_eq!(dashboard.recommendations.len(), 10);
+        assert_eq!(items(&dashboard.recommendations).len(), 10);
         assert!(dashboard.errors.is_empty(), "{:?}", dashboard.errors);
         assert_eq!(dashboard.timings.len(), 4);
         assert!(
@@ -63,7 +68,7 @@ async fn an_unknown_user_is_not_found_and_cancels_the_other_sources() {
     // The recommendation call would take a long time: it must be cancelled, not waited for.
     w.upstream
         .set_user_reply(404, Reply::ok().after(Duration::from_secs(30)));
-    let err = w.service.dashboard(404).await.unwrap_err();
+    let err = w.service.dashboard(uid(404)).await.unwrap_err();
     let DashboardError::NotFound { user_id, timings } = &err else {
         panic!("expected NotFound, got {err:?}");
     };
@@ -79,10 +84,10 @@ async fn an_unknown_user_is_not_found_and_cancels_the_other_sources() {
 async fn a_hanging_upstream_is_a_recommendations_timeout_in_a_partial_dashboard() {
     let w = world(test_config()).await;
     w.upstream.set_user_reply(1, Reply::fault(Fault::Hang));
-    let dashboard = w.service.dashboard(1).await.unwrap();
+    let dashboard = w.service.dashboard(uid(1)).await.unwrap();
     assert_eq!(dashboard.profile.id, 1);
     assert_eq!(dashboard.orders.len(), 2);
-    assert!(dashboard.recommendations.is_empty());
+    assert!(items(&dashboard.recommendations).is_empty());
     assert_eq!(dashboard.errors.len(), 1);
     let error = &dashboard.errors[0];
     assert_eq!(error.source, Source::Recommendations);
@@ -106,7 +111,7 @@ async fn a_hanging_upstream_opens_the_breaker() {
     w.upstream.set_user_reply(1, Reply::fault(Fault::Hang));
     let threshold = client::ClientConfig::default().breaker.failure_threshold;
     for _ in 0..threshold {
-        let dashboard = w.service.dashboard(1).await.unwrap();
+        let dashboard = w.service.dashboard(uid(1)).await.unwrap();
         assert_eq!(dashboard.errors.len(), 1, "{:?}", dashboard.errors);
         assert_eq!(dashboard.errors[0].kind, "timeout");
         assert_eq!(
@@ -118,12 +123,65 @@ async fn a_hanging_upstream_opens_the_breaker() {
             SourceStatus::Timeout
         );
     }
-    let breaker = w.service.recommendations_client().stats().breaker;
-    assert_eq!(breaker.state, client::BreakerState::Open, "{breaker:?}");
+    let gauges = w.service.gauges();
+    assert_eq!(gauges.breaker, service::BreakerState::Open, "{gauges:?}");
     // Open: the next dashboard does not wait for the service at all.
-    let dashboard = w.service.dashboard(2).await.unwrap();
+    let dashboard = w.service.dashboard(uid(2)).await.unwrap();
     assert_eq!(dashboard.errors.len(), 1, "{:?}", dashboard.errors);
     assert_eq!(dashboard.errors[0].kind, "circuit_open");
+}
+
+#[tokio::test]
+async fn recommendations_of_either_shape_pass_through_verbatim() {
+    for shape in [upstream::Shape::Objects, upstream::Shape::Ids] {
+        let w = support::world_with_upstream(
+            test_config(),
+            upstream::Config {
+                shape,
+                ..upstream::Config::default()
+            },
+        )
+        .await;
+        let dashboard = w.service.dashboard(uid(1)).await.unwrap();
+        assert!(
+            dashboard.errors.is_empty(),
+            "{shape:?}: {:?}",
+            dashboard.errors
+        );
+        let catalogue = w.upstream.config().items_for(1);
+        let expected: Vec<serde_json::Value> = match shape {
+            upstream::Shape::Objects => catalogue
+                .iter()
+                .map(|item| serde_json::to_value(item).unwrap())
+                .collect(),
+            upstream::Shape::Ids => catalogue
+                .iter()
+                .map(|item| serde_json::json!(item.product_id))
+                .collect(),
+        };
+        assert_eq!(items(&dashboard.recommendations), expected, "{shape:?}");
+        // Written into the answer as the service sent them (field order included).
+        let sent = match shape {
+            upstream::Shape::Objects => serde_json::to_string(&catalogue),
+            upstream::Shape::Ids => {
+                serde_json::to_string(&catalogue.iter().map(|i| i.product_id).collect::<Vec<_>>())
+            }
+        }
+        .unwrap();
+        let json = serde_json::to_string(&dashboard).unwrap();
+        assert!(
+            json.contains(&format!("\"recommendations\":{sent}")),
+            "{json}"
+        );
+        // Anything but an array under `items` is the service's fault, whatever the shape.
+        for fault in [Fault::MissingItems, Fault::ItemsNotArray] {
+            w.upstream.set_user_reply(1, Reply::fault(fault));
+            let dashboard = w.service.dashboard(uid(1)).await.unwrap();
+            assert_eq!(dashboard.errors.len(), 1, "{fault:?}");
+            assert_eq!(dashboard.errors[0].kind, "decode", "{fault:?}");
+            assert_eq!(dashboard.recommendations.as_json(), "[]");
+        }
+    }
 }
 
 #[tokio::test]
@@ -137,7 +195,7 @@ async fn upstream_faults_are_captured_per_source() {
         (Fault::Reset, "unavailable"),
     ] {
         w.upstream.set_user_reply(1, Reply::fault(fault));
-        let dashboard = w.service.dashboard(1).await.unwrap();
+        let dashboard = w.service.dashboard(uid(1)).await.unwrap();
         assert_eq!(
             dashboard.errors.len(),
             1,
@@ -165,7 +223,7 @@ async fn one_failing_query_gives_a_partial_dashboard() {
         .batch_execute("ALTER TABLE orders RENAME TO orders_gone")
         .await
         .unwrap();
-    let dashboard = w.service.dashboard(1).await.unwrap();
+    let dashboard = w.service.dashboard(uid(1)).await.unwrap();
     assert_eq!(dashboard.profile.id, 1);
     assert!(dashboard.orders.is_empty());
     assert_eq!(dashboard.reviews.len(), 1);
@@ -192,7 +250,7 @@ async fn a_database_that_is_down_makes_the_dashboard_unavailable() {
             db.url = format!("postgres://nobody@127.0.0.1:{port}/none");
         })
         .await;
-        let err = w.service.dashboard(1).await.unwrap_err();
+        let err = w.service.dashboard(uid(1)).await.unwrap_err();
         let DashboardError::Unavailable { errors, .. } = &err else {
             panic!("{mode:?}: expected Unavailable, got {err:?}");
         };
@@ -209,7 +267,7 @@ async fn the_deadline_passing_before_the_profile_is_known_is_deadline_exceeded()
     let w = world(config).await;
     // Another session locks the users table, so the profile read waits on the server.
     let lock = testkit::TableLock::take(&w.db, "users").await;
-    let err = w.service.dashboard(1).await.unwrap_err();
+    let err = w.service.dashboard(uid(1)).await.unwrap_err();
     let DashboardError::DeadlineExceeded { errors, timings } = &err else {
         panic!("expected DeadlineExceeded, got {err:?}");
     };
@@ -226,7 +284,7 @@ async fn a_source_timeout_on_the_profile_is_unavailable() {
     config.dashboard.profile_timeout = Duration::from_millis(200);
     let w = world(config).await;
     let lock = testkit::TableLock::take(&w.db, "users").await;
-    let err = w.service.dashboard(1).await.unwrap_err();
+    let err = w.service.dashboard(uid(1)).await.unwrap_err();
     let DashboardError::Unavailable { errors, .. } = &err else {
         panic!("expected Unavailable, got {err:?}");
     };
@@ -245,13 +303,13 @@ async fn database_slots_are_shared_by_all_requests() {
     // The first dashboard takes the only slot and waits on the lock.
     let first = tokio::spawn({
         let service = w.service.clone();
-        async move { service.dashboard(1).await }
+        async move { service.dashboard(uid(1)).await }
     });
-    while w.service.gate_stats().in_use == 0 {
+    while w.service.gauges().slots_in_use == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // The second cannot get a slot and says so instead of queueing without bound.
-    let err = w.service.dashboard(2).await.unwrap_err();
+    let err = w.service.dashboard(uid(2)).await.unwrap_err();
     let DashboardError::Unavailable { errors, timings } = &err else {
         panic!("expected Unavailable, got {err:?}");
     };
@@ -260,21 +318,29 @@ async fn database_slots_are_shared_by_all_requests() {
         errors[0].error,
         "database busy: no connection slot free within 100ms"
     );
-    // The database sources failed, and their statuses say so (not "never ran").
+    // The database sources failed, and their statuses say so (not "never ran"); the
+    // recommendation call, which needs no database, either finished first (the stand-in answers
+    // at once) or was cancelled with the rest.
     let statuses: Vec<_> = timings.iter().map(|t| (t.source, t.status)).collect();
     assert_eq!(
-        statuses,
+        statuses[..3],
         [
             (Source::Profile, SourceStatus::Error),
             (Source::Orders, SourceStatus::Error),
             (Source::Reviews, SourceStatus::Error),
-            (Source::Recommendations, SourceStatus::Cancelled),
         ]
     );
+    assert!(matches!(
+        statuses[3],
+        (
+            Source::Recommendations,
+            SourceStatus::Ok | SourceStatus::Cancelled
+        )
+    ));
 
     lock.release().await;
     assert_eq!(first.await.unwrap().unwrap().profile.id, 1);
-    assert_eq!(w.service.gate_stats().in_use, 0);
+    assert_eq!(w.service.gauges().slots_in_use, 0);
 }
 
 #[tokio::test]
@@ -285,7 +351,8 @@ async fn dropping_a_dashboard_mid_flight_leaves_no_child_and_no_statement() {
     let lock = testkit::TableLock::take(&w.db, "users").await;
 
     let before = taskgroup::live_children();
-    let abandoned = tokio::time::timeout(Duration::from_millis(200), w.service.dashboard(1)).await;
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(200), w.service.dashboard(uid(1))).await;
     assert!(abandoned.is_err());
     // Aborted children are dropped the next time the runtime reaches them.
     for _ in 0..100 {
@@ -298,14 +365,14 @@ async fn dropping_a_dashboard_mid_flight_leaves_no_child_and_no_statement() {
     // The slot is released with the connection: after the abandoned statement is cancelled
     // (it cannot finish on its own while the lock is held). Poll, with a bound.
     for _ in 0..200 {
-        if w.service.gate_stats().in_use == 0 {
+        if w.service.gauges().slots_in_use == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(w.service.gate_stats().in_use, 0);
+    assert_eq!(w.service.gauges().slots_in_use, 0);
     assert_eq!(
-        w.service.database().status().size,
+        w.database.status().size,
         0,
         "the stuck connection was closed"
     );
@@ -318,8 +385,8 @@ async fn an_unknown_user_keeps_its_pipelined_connection() {
     // answers come in a moment later, and the connection goes back to the pool instead of
     // being replaced (a crawler of unknown ids must not cost a new connection per request).
     let w = world(test_config()).await;
-    let pid = |service: service::Service| async move {
-        let conn = service.database().conn().await.unwrap();
+    let pid = |database: repository::Database| async move {
+        let conn = database.conn().await.unwrap();
         let row = conn
             .client()
             .query_one("SELECT pg_backend_pid()", &[])
@@ -327,22 +394,22 @@ async fn an_unknown_user_keeps_its_pipelined_connection() {
             .unwrap();
         row.get::<_, i32>(0)
     };
-    let first = pid(w.service.clone()).await;
+    let first = pid(w.database.clone()).await;
     for _ in 0..20 {
         assert!(matches!(
-            w.service.dashboard(404).await,
+            w.service.dashboard(uid(404)).await,
             Err(service::DashboardError::NotFound { .. })
         ));
         for _ in 0..200 {
-            if w.service.gate_stats().in_use == 0 {
+            if w.service.gauges().slots_in_use == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    assert_eq!(w.service.database().status().size, 1);
+    assert_eq!(w.database.status().size, 1);
     assert_eq!(
-        pid(w.service.clone()).await,
+        pid(w.database.clone()).await,
         first,
         "the connection was replaced"
     );

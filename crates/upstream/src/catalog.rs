@@ -25,11 +25,11 @@ pub struct Item {
     pub reason: &'static str,
 }
 
-/// The JSON document answered for one user.
+/// The JSON document answered for one user, with items of either shape.
 #[derive(Debug, Serialize)]
-pub(crate) struct Envelope<'a> {
+pub(crate) struct Envelope<'a, T> {
     pub(crate) user_id: i64,
-    pub(crate) items: &'a [Item],
+    pub(crate) items: &'a [T],
 }
 
 const REASONS: [&str; 4] = [

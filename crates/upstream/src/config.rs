@@ -60,11 +60,36 @@ pub struct Config {
     pub reset_rate: f64,
     /// Items in each answer (default 10).
     pub items_per_user: usize,
+    /// How each item is written: objects (the default) or plain product ids, as the seed
+    /// article's recommendation service answers.
+    pub shape: Shape,
     /// Product ids are drawn from `1..=catalog_size` (default 20 000, the id range of the seeded
     /// reviews).
     pub catalog_size: u32,
     /// Seed of the fault and latency draws.
     pub seed: u64,
+}
+
+/// How the stand-in writes each recommended item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Shape {
+    /// `{"product_id":…,"score":…,"reason":…}`.
+    #[default]
+    Objects,
+    /// The product id alone: `{"items":[101,202,303]}`.
+    Ids,
+}
+
+impl std::str::FromStr for Shape {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "objects" => Ok(Shape::Objects),
+            "ids" => Ok(Shape::Ids),
+            other => Err(format!("unknown shape {other:?}: expected objects or ids")),
+        }
+    }
 }
 
 impl Default for Config {
@@ -83,6 +108,7 @@ impl Default for Config {
             oversized_bytes: 2 << 20,
             reset_rate: 0.0,
             items_per_user: 10,
+            shape: Shape::Objects,
             catalog_size: 20_000,
             seed: 0x5eed,
         }
@@ -179,7 +205,7 @@ fn invalid(message: String) -> Error {
 /// A way for one request to go wrong.
 ///
 /// The string forms (used by the `x-upstream-fault` header and [`FromStr`]) are `error`,
-/// `error:<status>`, `hang`, `malformed`, `no-items`, `oversized`, `oversized-chunked` and `reset`.
+/// `error:<status>`, `hang`, `malformed`, `no-items`, `items-not-array`, `oversized`, `oversized-chunked` and `reset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// Answer with this status code and a small JSON error body.
@@ -190,6 +216,8 @@ pub enum Fault {
     Malformed,
     /// Answer `200 OK` with valid JSON that lacks the `items` field.
     MissingItems,
+    /// Answer `200 OK` with valid JSON whose `items` is an object, not an array.
+    ItemsNotArray,
     /// Answer `200 OK` with a body of [`Config::oversized_bytes`] bytes. With `declared` the length
     /// is sent in `Content-Length` up front; without it the body is chunked, so a client can only
     /// find out by reading.
@@ -202,7 +230,7 @@ pub enum Fault {
 }
 
 impl Fault {
-    /// A short name for logs and counters: `status`, `hang`, `malformed`, `no-items`, `oversized`,
+    /// A short name for logs and counters: `status`, `hang`, `malformed`, `no-items`, `items-not-array`, `oversized`,
     /// `oversized-chunked` or `reset`.
     pub fn name(self) -> &'static str {
         match self {
@@ -210,6 +238,7 @@ impl Fault {
             Fault::Hang => "hang",
             Fault::Malformed => "malformed",
             Fault::MissingItems => "no-items",
+            Fault::ItemsNotArray => "items-not-array",
             Fault::Oversized { declared: true } => "oversized",
             Fault::Oversized { declared: false } => "oversized-chunked",
             Fault::Reset => "reset",
@@ -229,14 +258,14 @@ impl fmt::Display for Fault {
 /// A fault name that [`Fault::from_str`] does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown fault {0:?}; expected error, error:<status>, hang, malformed, no-items, oversized, oversized-chunked or reset"
+    "unknown fault {0:?}; expected error, error:<status>, hang, malformed, no-items, items-not-array, oversized, oversized-chunked or reset"
 )]
 pub struct ParseFaultError(String);
 
 impl FromStr for Fault {
     type Err = ParseFaultError;
 
-    /// Parses `error` (503), `error:<status>`, `hang`, `malformed`, `no-items`, `oversized`,
+    /// Parses `error` (503), `error:<status>`, `hang`, `malformed`, `no-items`, `items-not-array`, `oversized`,
     /// `oversized-chunked` or `reset`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let fault = match s {
@@ -244,6 +273,7 @@ impl FromStr for Fault {
             "hang" => Fault::Hang,
             "malformed" => Fault::Malformed,
             "no-items" => Fault::MissingItems,
+            "items-not-array" => Fault::ItemsNotArray,
             "oversized" => Fault::Oversized { declared: true },
             "oversized-chunked" => Fault::Oversized { declared: false },
             "reset" => Fault::Reset,
@@ -393,6 +423,7 @@ mod tests {
             Fault::Hang,
             Fault::Malformed,
             Fault::MissingItems,
+            Fault::ItemsNotArray,
             Fault::Oversized { declared: true },
             Fault::Oversized { declared: false },
             Fault::Reset,

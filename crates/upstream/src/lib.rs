@@ -42,6 +42,7 @@ mod server;
 pub use catalog::Item;
 pub use config::{
     Config, Fault, MAX_DELAY, MAX_ITEMS_PER_USER, MAX_OVERSIZED_BYTES, ParseFaultError, Reply,
+    Shape,
 };
 pub use server::{DELAY_HEADER, FAULT_HEADER, Server, Stats};
 

@@ -28,6 +28,7 @@ use tracing::{debug, warn};
 use crate::Error;
 use crate::body::ResponseBody;
 use crate::catalog::Envelope;
+use crate::config::Shape;
 use crate::config::{Config, Fault, MAX_DELAY, Reply};
 use crate::reset::{ResetSwitch, ResettableStream};
 
@@ -386,7 +387,7 @@ fn header_reply(headers: &HeaderMap) -> Result<Option<Reply>, Rejection> {
             .ok()
             .and_then(|text| text.trim().parse::<Fault>().ok())
             .ok_or(Rejection::bad_request(
-                "invalid x-upstream-fault; expected error, error:<status>, hang, malformed, no-items, oversized, oversized-chunked or reset",
+                "invalid x-upstream-fault; expected error, error:<status>, hang, malformed, no-items, items-not-array, oversized, oversized-chunked or reset",
             ))?;
         reply.fault = Some(Some(fault));
     }
@@ -493,6 +494,10 @@ async fn handle(
             StatusCode::OK,
             format!("{{\"user_id\":{user_id}}}").into_bytes(),
         ),
+        Some(Fault::ItemsNotArray) => json_response(
+            StatusCode::OK,
+            format!("{{\"user_id\":{user_id},\"items\":{{\"product_id\":1}}}}").into_bytes(),
+        ),
         Some(Fault::Oversized { declared }) => json_body_response(
             StatusCode::OK,
             ResponseBody::oversized(config.oversized_bytes, declared),
@@ -507,13 +512,19 @@ async fn handle(
 
 fn recommendations_json(config: &Config, user_id: i64) -> Vec<u8> {
     let items = config.items_for(user_id);
-    let envelope = Envelope {
-        user_id,
-        items: &items,
-    };
     // Serialising plain structs of integers, floats and static strings cannot fail; should it
     // ever, an empty body still makes the client report a decode error rather than hang.
-    serde_json::to_vec(&envelope).unwrap_or_default()
+    match config.shape {
+        Shape::Objects => serde_json::to_vec(&Envelope {
+            user_id,
+            items: &items,
+        }),
+        Shape::Ids => serde_json::to_vec(&Envelope {
+            user_id,
+            items: &items.iter().map(|item| item.product_id).collect::<Vec<_>>(),
+        }),
+    }
+    .unwrap_or_default()
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<ResponseBody> {

@@ -15,6 +15,8 @@ pub struct World {
     pub db: TestDb,
     pub upstream: upstream::Server,
     pub service: Service,
+    /// The pool the service uses (the same pool: a clone).
+    pub database: Database,
 }
 
 /// The shared fixtures (see `testkit::insert_fixtures`).
@@ -40,11 +42,22 @@ pub async fn world(config: ServiceConfig) -> World {
 }
 
 pub async fn world_with(config: ServiceConfig, db_config: impl FnOnce(&mut DbConfig)) -> World {
+    world_of(config, db_config, upstream::Config::default()).await
+}
+
+/// A world whose stand-in answers as `upstream` says.
+pub async fn world_with_upstream(config: ServiceConfig, upstream: upstream::Config) -> World {
+    world_of(config, |_| {}, upstream).await
+}
+
+async fn world_of(
+    config: ServiceConfig,
+    db_config: impl FnOnce(&mut DbConfig),
+    upstream: upstream::Config,
+) -> World {
     let db = TestDb::create().await;
     fixtures(&db).await;
-    let upstream = upstream::Server::start(upstream::Config::default())
-        .await
-        .unwrap();
+    let upstream = upstream::Server::start(upstream).await.unwrap();
     let mut settings = db.config();
     db_config(&mut settings);
     let database = Database::connect_lazy(&settings).unwrap();
@@ -53,11 +66,12 @@ pub async fn world_with(config: ServiceConfig, db_config: impl FnOnce(&mut DbCon
         ..ClientConfig::default()
     })
     .unwrap();
-    let service = Service::new(database, client, config).unwrap();
+    let service = Service::new(database.clone(), client, config).unwrap();
     World {
         db,
         upstream,
         service,
+        database,
     }
 }
 
@@ -71,4 +85,14 @@ pub async fn live_children_settled() -> usize {
         tokio::task::yield_now().await;
     }
     taskgroup::live_children()
+}
+
+/// A user id from a test's literal.
+pub fn uid(id: i64) -> service::UserId {
+    service::UserId::new(id).unwrap()
+}
+
+/// User ids from a test's literals (any value: the batch decides what to do with each).
+pub fn uids(ids: &[i64]) -> Vec<service::UserId> {
+    ids.iter().map(|&id| uid(id)).collect()
 }
