@@ -10,6 +10,7 @@ mod db;
 mod loadtest;
 mod migrate;
 mod perf;
+mod schemathesis;
 mod pg;
 mod seed;
 mod stack;

@@ -97,7 +97,21 @@ impl ApiProcess {
     ///
     /// When it cannot start or exits before it answers.
     pub async fn start(port: u16, settings: &[(&str, String)], quiet: bool) -> Result<Self> {
-        let mut command = Command::new("target/release/api");
+        Self::start_binary("target/release/api", port, settings, quiet).await
+    }
+
+    /// Like [`ApiProcess::start`], with another build of the API.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot start or exits before it answers.
+    pub async fn start_binary(
+        binary: &str,
+        port: u16,
+        settings: &[(&str, String)],
+        quiet: bool,
+    ) -> Result<Self> {
+        let mut command = Command::new(binary);
         command
             .env("APP__SERVER__PORT", port.to_string())
             .stdin(Stdio::null())
@@ -108,7 +122,9 @@ impl ApiProcess {
         if quiet {
             command.stdout(Stdio::null());
         }
-        let child = command.spawn().context("cannot start target/release/api")?;
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {binary}"))?;
         let mut api = Self {
             child,
             base: format!("http://127.0.0.1:{port}"),

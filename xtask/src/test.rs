@@ -187,6 +187,12 @@ pub async fn run(args: TestArgs) -> Result<()> {
             bail!("`cargo {}` failed ({status})", run.join(" "));
         }
     }
+    if args.args.is_empty() {
+        // The OpenAPI document against the real server (the debug build the tests just made).
+        let checked = crate::schemathesis::run(&guard.cluster, TEMPLATE).await;
+        drop(guard);
+        return checked;
+    }
     drop(guard);
     Ok(())
 }

@@ -40,6 +40,7 @@ impl<T: Serialize> Success<T> {
 /// implementation would also take `[[1, 2]]`, and name this type in its error messages).
 #[derive(Debug, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"user_ids": [1, 2, 3]}))]
 pub struct BatchRequest {
     /// 1 to 1000 positive user ids; duplicates are summarised once.
     #[schema(min_items = 1, max_items = 1000)]

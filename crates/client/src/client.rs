@@ -194,7 +194,7 @@ fn bump(counter: &AtomicU64) {
 /// })?;
 ///
 /// let items = client.recommendations(7).await?;
-/// assert_eq!(items.len(), 10);
+/// assert!(items.as_json().starts_with(r#"[{"product_id":"#)); // as the service sent them
 ///
 /// // The caller's deadline wins when it is shorter than the configured timeout.
 /// server.script([upstream::Reply::ok().after(std::time::Duration::from_secs(1))]);

@@ -1,7 +1,8 @@
 //! The client of the external recommendation service.
 //!
 //! The dashboard asks a recommendation API for `GET {base}/users/{id}/recommendations` and gets
-//! `{"items": [{"product_id": …, "score": …}, …]}`. [`RecommendationClient`] makes that call on
+//! `{"items": [...]}`: what an item is (a product id, an object) is the service's business, and
+//! the client passes the array on verbatim ([`Recommendations`]). [`RecommendationClient`] makes that call on
 //! hyper and hyper-util's pooled client, shared by every request of the process, and adds what a
 //! high-concurrency service needs around it:
 //!

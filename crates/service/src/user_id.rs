@@ -61,12 +61,46 @@ impl FromStr for UserId {
     }
 }
 
+/// From JSON: an integer from 1 to `i64::MAX`. JSON Schema counts `7.0` as the integer 7, and so
+/// does this, as long as the number is read exactly (up to 2^53); a larger number written with a
+/// fraction part cannot be, and is refused rather than rounded to another user's id.
 impl<'de> Deserialize<'de> for UserId {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let id = i64::deserialize(deserializer)?;
-        UserId::new(id).map_err(|_| {
-            serde::de::Error::custom(format_args!("user id {id} is not a positive integer"))
-        })
+        struct Id;
+
+        impl serde::de::Visitor<'_> for Id {
+            type Value = UserId;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a positive integer")
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, id: i64) -> Result<UserId, E> {
+                UserId::new(id).map_err(|_| E::custom(format_args!("user id {id} is not positive")))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, id: u64) -> Result<UserId, E> {
+                i64::try_from(id)
+                    .map_err(|_| E::custom("user id is larger than 9223372036854775807"))
+                    .and_then(|id| self.visit_i64(id))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, id: f64) -> Result<UserId, E> {
+                // 2^53: every integer up to here is exactly representable.
+                const EXACT: f64 = 9_007_199_254_740_992.0;
+                if id.fract() != 0.0 || !(1.0..=EXACT).contains(&id) {
+                    return Err(E::custom(
+                        "user id must be a positive integer (a number with a fraction part is \
+                         accepted only when whole and at most 2^53)",
+                    ));
+                }
+                // Whole and within 2^53: the conversion is exact.
+                #[allow(clippy::cast_possible_truncation)]
+                self.visit_i64(id as i64)
+            }
+        }
+
+        deserializer.deserialize_any(Id)
     }
 }
 
@@ -81,12 +115,42 @@ impl utoipa::PartialSchema for UserId {
             .minimum(Some(1))
             .maximum(Some(i64::MAX))
             .description(Some("A user id: a positive 64-bit integer."))
+            .examples([1])
             .into()
     }
 }
 
 #[cfg(feature = "openapi")]
 impl utoipa::ToSchema for UserId {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_json_a_user_id_is_a_positive_integer_read_exactly() {
+        let read = |text: &str| serde_json::from_str::<UserId>(text).map(UserId::get);
+        assert_eq!(read("7").unwrap(), 7);
+        assert_eq!(read("7.0").unwrap(), 7, "JSON Schema's integer 7");
+        assert_eq!(read("9223372036854775807").unwrap(), i64::MAX);
+        assert_eq!(read("9007199254740992.0").unwrap(), 1 << 53);
+        for bad in [
+            "0",
+            "-1",
+            "7.5",
+            "0.0",
+            "9223372036854775808",
+            "9007199254740994.0",
+            "1e300",
+            "\"7\"",
+            "null",
+            "[7]",
+        ] {
+            let error = read(bad).unwrap_err().to_string();
+            assert!(error.len() < 200, "{bad}: {error}");
+        }
+    }
+}
 
 impl PartialEq<i64> for UserId {
     fn eq(&self, other: &i64) -> bool {

@@ -1,0 +1,98 @@
+//! The OpenAPI document checked against the real server by schemathesis, a tool we did not write:
+//! every operation, every phase (examples, coverage, fuzzing, stateful), every check. Part of
+//! `cargo xtask test`: the document must say exactly what the server enforces.
+//!
+//! The server is the debug `api` binary the test run has just built, on a database of the test
+//! cluster seeded with a few hundred users, beside the stand-in recommendation service. Schemathesis
+//! runs from a virtual environment under `target/`, created once from `requirements.txt` here.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::process::Command;
+
+use crate::pg::Cluster;
+
+const VENV: &str = "target/schemathesis-venv";
+const REQUIREMENTS: &str = "xtask/schemathesis-requirements.txt";
+/// The database the run uses on the test cluster (made from the migrated template).
+const DATABASE: &str = "schemathesis";
+/// Users seeded into it, so that generated ids hit real users as well as unknown ones.
+const USERS: u32 = 300;
+
+/// Creates the virtual environment with schemathesis, once; returns the CLI's path.
+async fn venv() -> Result<PathBuf> {
+    let cli = Path::new(VENV).join("bin/schemathesis");
+    let marker = Path::new(VENV).join("requirements.txt");
+    let wanted = std::fs::read_to_string(REQUIREMENTS)
+        .with_context(|| format!("cannot read {REQUIREMENTS}"))?;
+    if cli.is_file() && std::fs::read_to_string(&marker).ok().as_deref() == Some(&wanted) {
+        return Ok(cli);
+    }
+    eprintln!("schemathesis: creating {VENV} (PyPI must be reachable)");
+    let created = Command::new("python3")
+        .args(["-m", "venv", VENV])
+        .status()
+        .await
+        .context("cannot run python3 (CPython 3.9+ with venv is needed)")?;
+    if !created.success() {
+        bail!("python3 -m venv {VENV} failed");
+    }
+    let installed = Command::new(Path::new(VENV).join("bin/pip"))
+        .args(["install", "--quiet", "-r", REQUIREMENTS])
+        .status()
+        .await
+        .context("cannot run pip")?;
+    if !installed.success() {
+        bail!("pip install -r {REQUIREMENTS} failed");
+    }
+    std::fs::write(&marker, wanted).context("cannot record the installed requirements")?;
+    Ok(cli)
+}
+
+/// Runs schemathesis against a real server on `cluster`; fails on any failure it reports.
+///
+/// # Errors
+///
+/// When anything cannot be set up, or schemathesis finds a failure.
+pub async fn run(cluster: &Cluster, template: &str) -> Result<()> {
+    let cli = venv().await?;
+    crate::db::create_database(cluster, DATABASE, Some(template)).await?;
+    let database = cluster.db_config(DATABASE)?;
+    crate::seed::seed(&database, USERS, true, false).await?;
+    let upstream = upstream::Server::start(upstream::Config::default())
+        .await
+        .context("cannot start the stand-in recommendation service")?;
+    let port = crate::stack::free_port()?;
+    let api = crate::stack::ApiProcess::start_binary(
+        "target/debug/api",
+        port,
+        &[
+            ("DATABASE_URL", database.url.clone()),
+            ("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url()),
+            ("APP__SERVER__WORKERS", "2".to_owned()),
+            ("RUST_LOG", "error".to_owned()),
+        ],
+        true,
+    )
+    .await?;
+    eprintln!("schemathesis: checking {}/openapi.json", api.base);
+    let status = Command::new(&cli)
+        .args(["run", &format!("{}/openapi.json", api.base)])
+        .args(["--checks", "all"])
+        .args(["--phases", "examples,coverage,fuzzing,stateful"])
+        // Deterministic: the same cases on every run, so a red run reproduces.
+        .args(["--generation-deterministic", "--max-examples", "200"])
+        .args(["--request-timeout", "10", "--workers", "2"])
+        .env("NO_COLOR", "1")
+        .status()
+        .await
+        .context("cannot run schemathesis")?;
+    api.stop(Duration::from_secs(10)).await?;
+    drop(upstream);
+    if !status.success() {
+        bail!("schemathesis found failures ({status}); the report is above");
+    }
+    Ok(())
+}
