@@ -39,6 +39,10 @@ pub enum BenchCommand {
     Batch(BatchArgs),
     /// The seed's own FastAPI service (bench/seed-fastapi) and this one, under the same load.
     Peer(crate::perf::PerfArgs),
+    /// The seed's own FastAPI service and this one asked for the same 200 dashboards (10 of them
+    /// unknown users): every difference, field by field, with why it is meant (fails on one that
+    /// is not).
+    SeedDiff(crate::perf::PerfArgs),
     /// Every benchmark above, then the README's Performance table.
     Report(crate::perf::ReportArgs),
 }
@@ -91,6 +95,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Modes(args) => crate::perf::run_modes(args).await,
         BenchCommand::Batch(args) => crate::perf::run_batch(args.perf, args.ids, args.rounds).await,
         BenchCommand::Peer(args) => crate::perf::run_peer(args).await,
+        BenchCommand::SeedDiff(args) => crate::seed_diff::run(args).await,
         BenchCommand::Report(args) => crate::perf::run_report(args).await,
     }
 }

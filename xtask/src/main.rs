@@ -11,6 +11,7 @@ mod loadtest;
 mod migrate;
 mod perf;
 mod schemathesis;
+mod seed_diff;
 mod pg;
 mod seed;
 mod stack;

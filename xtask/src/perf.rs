@@ -65,7 +65,7 @@ SELECT id, product_id, rating, content FROM reviews WHERE user_id = :uid ORDER B
 ";
 
 /// The running stack: settings, how many users there are, the stand-in.
-struct Bench {
+pub(crate) struct Bench {
     settings: Settings,
     users: u64,
     upstream: upstream::Server,
@@ -74,7 +74,7 @@ struct Bench {
 
 impl Bench {
     /// Starts the cluster, prepares the data, builds the API and starts the stand-in.
-    async fn start(args: &PerfArgs, upstream_delay: Duration) -> Result<Self> {
+    pub(crate) async fn start(args: &PerfArgs, upstream_delay: Duration) -> Result<Self> {
         let settings = Settings::load().context("cannot load the settings")?;
         let (cluster, database) = crate::db::dev_cluster(&settings)?;
         crate::db::start(&cluster, &database).await?;
@@ -99,7 +99,7 @@ impl Bench {
     }
 
     /// Starts an API with these extra settings.
-    async fn api(&self, extra: &[(&str, String)]) -> Result<ApiProcess> {
+    pub(crate) async fn api(&self, extra: &[(&str, String)]) -> Result<ApiProcess> {
         let mut settings = vec![
             ("APP__RECOMMENDATIONS__BASE_URL", self.upstream.base_url()),
             ("APP__TELEMETRY__LEVEL", "warn".to_owned()),
@@ -124,7 +124,12 @@ impl Bench {
         }
     }
 
-    async fn stop(self) {
+    /// How many users there are (ids 1 to this).
+    pub(crate) fn users(&self) -> u64 {
+        self.users
+    }
+
+    pub(crate) async fn stop(self) {
         self.upstream.shutdown().await;
     }
 }
@@ -461,7 +466,7 @@ const PEER_DIR: &str = "bench/seed-fastapi";
 const PEER_VENV: &str = "target/seed-fastapi-venv";
 
 /// Creates the Python virtual environment for the seed's service, once.
-async fn peer_venv() -> Result<PathBuf> {
+pub(crate) async fn peer_venv() -> Result<PathBuf> {
     let venv = PathBuf::from(PEER_VENV);
     let uvicorn = venv.join("bin/uvicorn");
     if uvicorn.is_file() {
@@ -489,15 +494,13 @@ async fn peer_venv() -> Result<PathBuf> {
     Ok(uvicorn)
 }
 
-async fn peer(bench: &Bench) -> Result<PeerFigures> {
-    let uvicorn = peer_venv().await?;
-    let workers = std::thread::available_parallelism().map_or(1, usize::from);
-
-    let api = bench.api(&[]).await?;
-    let ours = measure(&bench.load(&api, Scenario::Dashboard), "peer-rust").await?;
-    api.stop(Duration::from_secs(20)).await?;
-    println!("this service:\n{}", ours.summary());
-
+/// The seed's FastAPI service, started on the bench's database and stand-in: the process, its
+/// process group (uvicorn's workers go with it) and its address, once it answers.
+pub(crate) async fn start_seed(
+    bench: &Bench,
+    uvicorn: &Path,
+    workers: usize,
+) -> Result<(tokio::process::Child, Option<stack::ProcessGroup>, String)> {
     let port = stack::free_port()?;
     let database_url = bench.settings.database.pg_config().map(|pg| {
         let password = pg
@@ -545,6 +548,19 @@ async fn peer(bench: &Bench) -> Result<PeerFigures> {
     if !ready {
         bail!("the seed's service did not answer within 30 s");
     }
+    Ok((seed, group, address))
+}
+
+async fn peer(bench: &Bench) -> Result<PeerFigures> {
+    let uvicorn = peer_venv().await?;
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+
+    let api = bench.api(&[]).await?;
+    let ours = measure(&bench.load(&api, Scenario::Dashboard), "peer-rust").await?;
+    api.stop(Duration::from_secs(20)).await?;
+    println!("this service:\n{}", ours.summary());
+
+    let (mut seed, group, address) = start_seed(bench, &uvicorn, workers).await?;
     let config = bench.load_url(&format!("http://{address}"), Scenario::Dashboard);
     let theirs = measure(&config, "peer-seed-fastapi").await;
     if let Some(group) = group {

@@ -42,13 +42,26 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// The longest message sent, in bytes. A parser's message can quote the client's input (an
+/// unknown field's name, say), which may be as long as the body; an echo is cut here.
+pub const MAX_MESSAGE: usize = 300;
+
 impl ApiError {
-    /// An error with any status, code and message.
+    /// An error with any status, code and message (cut to [`MAX_MESSAGE`] bytes, with `…`).
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > MAX_MESSAGE {
+            let mut end = MAX_MESSAGE - '…'.len_utf8();
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push('…');
+        }
         Self {
             status,
             code,
-            message: message.into(),
+            message,
             retry_after: None,
         }
     }
@@ -135,6 +148,21 @@ impl ResponseError for ApiError {
                 message: self.message.clone(),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_that_echoes_long_input_is_cut() {
+        let long = format!("unknown field `{}`", "é".repeat(5_000));
+        let error = ApiError::bad_request("invalid_batch", long);
+        assert!(error.message().len() <= MAX_MESSAGE);
+        assert!(error.message().ends_with('…'));
+        let short = ApiError::bad_request("invalid_batch", "unknown field `x`");
+        assert_eq!(short.message(), "unknown field `x`");
     }
 }
 
