@@ -517,7 +517,7 @@ pub(crate) async fn start_seed(
     })?;
     // The article runs uvicorn with --workers 4; one per core is the fair match for this
     // service's one actix worker per core.
-    let mut seed = Command::new(&uvicorn)
+    let mut seed = Command::new(uvicorn)
         .args(["app:app", "--app-dir", PEER_DIR, "--host", "127.0.0.1"])
         .args([
             "--port",

@@ -151,21 +151,6 @@ impl ResponseError for ApiError {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_message_that_echoes_long_input_is_cut() {
-        let long = format!("unknown field `{}`", "é".repeat(5_000));
-        let error = ApiError::bad_request("invalid_batch", long);
-        assert!(error.message().len() <= MAX_MESSAGE);
-        assert!(error.message().ends_with('…'));
-        let short = ApiError::bad_request("invalid_batch", "unknown field `x`");
-        assert_eq!(short.message(), "unknown field `x`");
-    }
-}
-
 /// Maps actix's JSON extractor failures onto the JSON error shape.
 pub fn json_error(error: JsonPayloadError, _request: &HttpRequest) -> actix_web::Error {
     let api = match &error {
@@ -244,4 +229,19 @@ pub async fn method_not_allowed(allow: &'static str) -> HttpResponse {
         actix_web::http::header::HeaderValue::from_static(allow),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_that_echoes_long_input_is_cut() {
+        let long = format!("unknown field `{}`", "é".repeat(5_000));
+        let error = ApiError::bad_request("invalid_batch", long);
+        assert!(error.message().len() <= MAX_MESSAGE);
+        assert!(error.message().ends_with('…'));
+        let short = ApiError::bad_request("invalid_batch", "unknown field `x`");
+        assert_eq!(short.message(), "unknown field `x`");
+    }
 }

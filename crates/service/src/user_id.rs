@@ -123,6 +123,18 @@ impl utoipa::PartialSchema for UserId {
 #[cfg(feature = "openapi")]
 impl utoipa::ToSchema for UserId {}
 
+impl PartialEq<i64> for UserId {
+    fn eq(&self, other: &i64) -> bool {
+        self.0 == *other
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,17 +161,5 @@ mod tests {
             let error = read(bad).unwrap_err().to_string();
             assert!(error.len() < 200, "{bad}: {error}");
         }
-    }
-}
-
-impl PartialEq<i64> for UserId {
-    fn eq(&self, other: &i64) -> bool {
-        self.0 == *other
-    }
-}
-
-impl fmt::Display for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
     }
 }
