@@ -43,8 +43,21 @@ pub enum BenchCommand {
     /// unknown users): every difference, field by field, with why it is meant (fails on one that
     /// is not).
     SeedDiff(crate::perf::PerfArgs),
+    /// This service against a bare handler (`bench/baseline`) and pgbench's ceiling, under wrk
+    /// (uniform and Zipf ids) and this project's generator: throughput and CPU per dashboard.
+    Overhead(OverheadArgs),
     /// Every benchmark above, then the README's Performance table.
     Report(crate::perf::ReportArgs),
+}
+
+/// Arguments of `cargo xtask bench overhead`.
+#[derive(Debug, Args)]
+pub struct OverheadArgs {
+    #[command(flatten)]
+    perf: crate::perf::PerfArgs,
+    /// Also count instructions per dashboard of each server under valgrind's callgrind.
+    #[arg(long)]
+    callgrind: bool,
 }
 
 /// Arguments of `cargo xtask bench latency`.
@@ -96,6 +109,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Batch(args) => crate::perf::run_batch(args.perf, args.ids, args.rounds).await,
         BenchCommand::Peer(args) => crate::perf::run_peer(args).await,
         BenchCommand::SeedDiff(args) => crate::seed_diff::run(args).await,
+        BenchCommand::Overhead(args) => crate::overhead::run(args.perf, args.callgrind).await,
         BenchCommand::Report(args) => crate::perf::run_report(args).await,
     }
 }

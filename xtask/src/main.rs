@@ -9,6 +9,7 @@ mod chaos;
 mod db;
 mod loadtest;
 mod migrate;
+mod overhead;
 mod perf;
 mod pg;
 mod schemathesis;

@@ -44,6 +44,23 @@ pub struct PerfArgs {
     rounds: u32,
 }
 
+impl PerfArgs {
+    /// Measured seconds of each run.
+    pub(crate) fn duration(&self) -> u64 {
+        self.duration
+    }
+
+    /// Connections of closed-loop runs, and pgbench clients.
+    pub(crate) fn connections(&self) -> usize {
+        self.connections
+    }
+
+    /// Rounds of alternating runs.
+    pub(crate) fn rounds(&self) -> u32 {
+        self.rounds
+    }
+}
+
 /// Options of `report`.
 #[derive(Debug, Clone, Args)]
 pub struct ReportArgs {
@@ -112,7 +129,7 @@ impl Bench {
         self.load_url(&api.base, scenario)
     }
 
-    fn load_url(&self, url: &str, scenario: Scenario) -> loadtest::Config {
+    pub(crate) fn load_url(&self, url: &str, scenario: Scenario) -> loadtest::Config {
         loadtest::Config {
             url: url.to_owned(),
             scenario,
@@ -127,6 +144,16 @@ impl Bench {
     /// How many users there are (ids 1 to this).
     pub(crate) fn users(&self) -> u64 {
         self.users
+    }
+
+    /// The stand-in recommendation service's address.
+    pub(crate) fn upstream_url(&self) -> String {
+        self.upstream.base_url()
+    }
+
+    /// The database's URL, password included (for a peer that reads `DATABASE_URL`).
+    pub(crate) fn database_url(&self) -> String {
+        self.settings.database.url.clone()
     }
 
     pub(crate) async fn stop(self) {
@@ -165,7 +192,7 @@ impl Ceiling {
 }
 
 /// pgbench's transactions per second for the dashboard's three statements.
-async fn pgbench(bench: &Bench) -> Result<f64> {
+pub(crate) async fn pgbench_tps(bench: &Bench) -> Result<f64> {
     let pg = bench.settings.database.pg_config()?;
     let password = pg
         .get_password()
@@ -246,7 +273,7 @@ fn ratio(pgbench_tps: f64, report: &Report) -> f64 {
 async fn ceiling_rounds(bench: &Bench, api: &ApiProcess) -> Result<Vec<(f64, Report)>> {
     let mut rounds = Vec::new();
     for round in 1..=bench.args.rounds {
-        let pgbench_tps = pgbench(bench).await?;
+        let pgbench_tps = pgbench_tps(bench).await?;
         println!("pgbench: {pgbench_tps:.0} transactions/s");
         let mut config = bench.load(api, Scenario::Dashboard);
         if round > 1 {

@@ -285,6 +285,15 @@ impl ShutdownHandle {
 
 /// Registers the routes. A GET route answers HEAD too (monitors and load balancers probe with
 /// it); a known path called with another method answers 405 in JSON, with `Allow`.
+/// The routes answering GET, as their metric labels.
+pub(crate) const ROUTES: [&str; 5] = [
+    "/api/users/{user_id}/dashboard",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+];
+
 fn routes_config(config: &mut web::ServiceConfig) {
     config
         .service(

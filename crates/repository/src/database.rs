@@ -378,7 +378,6 @@ impl Conn {
     /// # Errors
     ///
     /// Any [`Error`] of the query.
-    #[instrument(level = "debug", skip(self))]
     pub async fn profile(&self, user_id: i64) -> Result<Option<Profile>, Error> {
         let rows = self.statement(PROFILE, &[&user_id]).await?;
         rows.first().map(|row| profile_from(row, 0)).transpose()
@@ -390,7 +389,6 @@ impl Conn {
     /// # Errors
     ///
     /// Any [`Error`] of the query.
-    #[instrument(level = "debug", skip(self))]
     pub async fn orders(&self, user_id: i64) -> Result<Page<Order>, Error> {
         let limit = self.limits.orders;
         let rows = self.statement(ORDERS, &[&user_id, &(limit + 1)]).await?;
@@ -410,7 +408,6 @@ impl Conn {
     /// # Errors
     ///
     /// Any [`Error`] of the query.
-    #[instrument(level = "debug", skip(self))]
     pub async fn reviews(&self, user_id: i64) -> Result<Page<Review>, Error> {
         let limit = self.limits.reviews;
         let rows = self.statement(REVIEWS, &[&user_id, &(limit + 1)]).await?;

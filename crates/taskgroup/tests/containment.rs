@@ -6,8 +6,8 @@
 //! this binary, so the tests take a common lock.
 #![allow(clippy::unwrap_used)] // Test support outside any #[test] uses unwrap too.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use taskgroup::{
@@ -16,12 +16,12 @@ use taskgroup::{
 };
 use tokio::time::{Instant, sleep};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+/// Every test here takes this lock (the gauge is process-wide, and any test's children count in
+/// it): async-aware, so a `#[tokio::test]` can hold it across awaits.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.blocking_lock()
 }
 
 fn ms(n: u64) -> Duration {
@@ -128,6 +128,7 @@ fn a_nested_groups_children_are_gone_when_the_outer_join_returns_multi_thread() 
 
 #[tokio::test(start_paused = true)]
 async fn a_dropped_groups_parent_waits_for_the_dropped_groups_children() {
+    let _serial = SERIAL.lock().await;
     let alive = Alive::default();
     let outer = TaskGroup::<String>::builder()
         .grace(ms(200))
@@ -169,6 +170,7 @@ async fn a_dropped_groups_parent_waits_for_the_dropped_groups_children() {
 
 #[tokio::test(start_paused = true)]
 async fn dropping_a_group_with_grace_lets_children_clean_up_before_aborting() {
+    let _serial = SERIAL.lock().await;
     let cleaned = Arc::new(AtomicUsize::new(0));
     let aborted = Alive::default();
     let group = TaskGroup::<String>::builder()
@@ -211,6 +213,7 @@ async fn dropping_a_group_with_grace_lets_children_clean_up_before_aborting() {
 
 #[tokio::test(start_paused = true)]
 async fn a_cancel_that_cut_nothing_off_is_no_failure() {
+    let _serial = SERIAL.lock().await;
     let group = TaskGroup::<String>::new().unwrap();
     let done = group.spawn("done", async { Ok(1) });
     sleep(ms(1)).await;
@@ -223,6 +226,7 @@ async fn a_cancel_that_cut_nothing_off_is_no_failure() {
 
 #[tokio::test(start_paused = true)]
 async fn a_cancel_that_cut_a_child_off_is_reported_with_how_many() {
+    let _serial = SERIAL.lock().await;
     let group = TaskGroup::<String>::new().unwrap();
     group.spawn("done", async { Ok(()) });
     group.spawn("slow", async {
@@ -244,6 +248,7 @@ async fn a_cancel_that_cut_a_child_off_is_reported_with_how_many() {
 
 #[tokio::test(start_paused = true)]
 async fn stopping_or_spawning_after_join_changes_nothing() {
+    let _serial = SERIAL.lock().await;
     let group = TaskGroup::<String>::new().unwrap();
     let spawner = group.spawner();
     group.spawn("done", async { Ok(()) });
@@ -270,6 +275,7 @@ async fn stopping_or_spawning_after_join_changes_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn a_nested_groups_report_reaches_its_parent_within_the_parents_grace() {
+    let _serial = SERIAL.lock().await;
     let outer = TaskGroup::<String>::builder()
         .grace(ms(100))
         .build()
@@ -306,6 +312,7 @@ async fn a_nested_groups_report_reaches_its_parent_within_the_parents_grace() {
 
 #[tokio::test(start_paused = true)]
 async fn a_nested_group_stopped_by_its_parents_deadline_reports_the_deadline() {
+    let _serial = SERIAL.lock().await;
     let outer = TaskGroup::<String>::builder()
         .timeout(ms(100))
         .grace(ms(40))
@@ -330,6 +337,7 @@ async fn a_nested_group_stopped_by_its_parents_deadline_reports_the_deadline() {
 
 #[tokio::test(start_paused = true)]
 async fn a_group_built_after_its_parent_stopped_starts_stopped() {
+    let _serial = SERIAL.lock().await;
     let outer = TaskGroup::<String>::builder()
         .grace(ms(100))
         .build()
@@ -358,6 +366,7 @@ async fn a_group_built_after_its_parent_stopped_starts_stopped() {
 
 #[tokio::test(start_paused = true)]
 async fn a_child_cancelled_through_its_handle_ends_alone() {
+    let _serial = SERIAL.lock().await;
     let group = TaskGroup::<String>::builder()
         .limit(1)
         .policy(Policy::FailFast)

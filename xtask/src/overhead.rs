@@ -1,0 +1,419 @@
+//! `cargo xtask bench overhead`: what the service's features cost, against a bare handler and
+//! PostgreSQL's own ceiling, in one run, measured with tools we did not write.
+//!
+//! The bare handler (`bench/baseline`) does what a dashboard needs and nothing else: the same
+//! three SELECTs pipelined on one pooled connection, the same upstream call, `tokio::join!`, the
+//! same JSON. The service and the baseline run in turn on the same database and stand-in
+//! (upstream at 0 ms), each under wrk (Debian's, ids drawn uniformly from every user by a Lua
+//! script, then once with Zipf-distributed ids) and under this project's load generator, for the
+//! same time and connections; pgbench runs the same three statements with the same client count.
+//! "CPU per dashboard" is the server's user+sys time over the measured window (`/proc`) divided
+//! by the dashboards answered. With `--callgrind`, each server also runs under valgrind for an
+//! instruction count per dashboard, repeatable on a noisy machine.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::process::{Child, Command};
+
+use crate::perf::{Bench, PerfArgs};
+use crate::stack;
+
+/// A Lua script for wrk: ids drawn uniformly from 1 to `USERS`.
+const UNIFORM: &str = r#"local users = tonumber(os.getenv("USERS"))
+math.randomseed(tonumber(os.getenv("SEED") or "7"))
+request = function()
+  return wrk.format("GET", "/api/users/" .. math.random(1, users) .. "/dashboard")
+end
+"#;
+
+/// A Lua script for wrk: ids drawn from a Zipf distribution (s = 1.1) over 1 to `USERS`, by
+/// inverting a precomputed cumulative table (a few hot users, a long tail).
+const ZIPF: &str = r#"local users = tonumber(os.getenv("USERS"))
+math.randomseed(tonumber(os.getenv("SEED") or "7"))
+local n = math.min(users, 100000)
+local cdf, total = {}, 0
+for k = 1, n do total = total + 1 / k ^ 1.1; cdf[k] = total end
+request = function()
+  local u, lo, hi = math.random() * total, 1, n
+  while lo < hi do
+    local mid = (lo + hi) // 2
+    if cdf[mid] < u then lo = mid + 1 else hi = mid end
+  end
+  return wrk.format("GET", "/api/users/" .. lo .. "/dashboard")
+end
+"#;
+
+/// Which server a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Service,
+    Baseline,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Service => "service",
+            Target::Baseline => "baseline",
+        }
+    }
+}
+
+/// One measured run of one server.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    rps: f64,
+    p99_ms: f64,
+    cpu_us: f64,
+}
+
+/// `cargo xtask bench overhead`.
+pub async fn run(args: PerfArgs, callgrind: bool) -> Result<()> {
+    let bench = Bench::start(&args, Duration::ZERO).await?;
+    let result = measure_all(&bench, &args, callgrind).await;
+    bench.stop().await;
+    result
+}
+
+async fn measure_all(bench: &Bench, args: &PerfArgs, callgrind: bool) -> Result<()> {
+    build_baseline().await?;
+    let dir = PathBuf::from("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("uniform.lua"), UNIFORM)?;
+    std::fs::write(dir.join("zipf.lua"), ZIPF)?;
+    let users = bench.users();
+    let seconds = args.duration();
+    let connections = args.connections();
+    let mut wrk_runs: Vec<(Target, Run)> = Vec::new();
+    let mut ours: Vec<(Target, f64)> = Vec::new();
+    let mut zipf: Vec<(Target, Run)> = Vec::new();
+    for round in 1..=args.rounds() {
+        for target in [Target::Service, Target::Baseline] {
+            let (mut child, address) = start(bench, target).await?;
+            let pid = child.id().context("the server has no pid")?;
+            wrk(&address, "uniform.lua", users, connections, 5).await?;
+            let run = measured(
+                pid,
+                wrk(&address, "uniform.lua", users, connections, seconds),
+            )
+            .await?;
+            println!(
+                "round {round} {}: wrk {:.0} req/s, p99 {:.1} ms, {:.1} µs CPU per dashboard",
+                target.name(),
+                run.rps,
+                run.p99_ms,
+                run.cpu_us
+            );
+            wrk_runs.push((target, run));
+            let generated =
+                bench.load_url(&format!("http://{address}"), loadtest::Scenario::Dashboard);
+            let report = loadtest::run(&generated, loadtest::Progress::Off)
+                .await
+                .context("the load generator failed")?;
+            ours.push((target, report.measured.success_rps));
+            if round == 1 {
+                let run =
+                    measured(pid, wrk(&address, "zipf.lua", users, connections, seconds)).await?;
+                zipf.push((target, run));
+            }
+            stop(&mut child).await;
+        }
+    }
+    let pgbench = crate::perf::pgbench_tps(bench).await?;
+    let median = |target: Target, pick: fn(&Run) -> f64| {
+        let mut values: Vec<f64> = wrk_runs
+            .iter()
+            .filter(|(t, _)| *t == target)
+            .map(|(_, run)| pick(run))
+            .collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let ours_median = |target: Target| {
+        let mut values: Vec<f64> = ours
+            .iter()
+            .filter(|(t, _)| *t == target)
+            .map(|(_, rps)| *rps)
+            .collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    println!(
+        "\n| | wrk, uniform ids: dashboards/s | p99 | CPU per dashboard | wrk, Zipf ids | this project's generator |\n|---|---:|---:|---:|---:|---:|"
+    );
+    for target in [Target::Service, Target::Baseline] {
+        let z = zipf.iter().find(|(t, _)| *t == target).map(|(_, r)| *r);
+        println!(
+            "| {} | {:.0} | {:.1} ms | {:.1} µs | {:.0} | {:.0} |",
+            target.name(),
+            median(target, |r| r.rps),
+            median(target, |r| r.p99_ms),
+            median(target, |r| r.cpu_us),
+            z.map_or(0.0, |r| r.rps),
+            ours_median(target)
+        );
+    }
+    println!(
+        "| pgbench, the same 3 SELECTs, `-M prepared -c{connections}` | {pgbench:.0} tx/s | | | | |"
+    );
+    println!(
+        "\nservice / baseline: throughput {:.2}x (target >= 0.90), CPU per dashboard {:.2}x (target <= 1.10); medians of {} rounds",
+        median(Target::Service, |r| r.rps) / median(Target::Baseline, |r| r.rps),
+        median(Target::Service, |r| r.cpu_us) / median(Target::Baseline, |r| r.cpu_us),
+        args.rounds()
+    );
+    if callgrind {
+        for target in [Target::Service, Target::Baseline] {
+            let per = instructions(bench, target, users).await?;
+            println!(
+                "{}: {per:.0} instructions per dashboard (callgrind)",
+                target.name()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn build_baseline() -> Result<()> {
+    let built = Command::new(crate::up::cargo())
+        .args(["build", "--release", "--quiet", "--package", "baseline"])
+        .status()
+        .await
+        .context("cannot run cargo build")?;
+    if !built.success() {
+        bail!("building the baseline failed");
+    }
+    Ok(())
+}
+
+/// The command that runs `target`, listening on `port`, under `wrapper` (a program and its
+/// options) if one is given.
+fn command(bench: &Bench, target: Target, port: u16, wrapper: &[String]) -> Result<Command> {
+    let (binary, env): (&str, Vec<(&str, String)>) = match target {
+        Target::Service => (
+            "target/release/api",
+            vec![
+                ("APP__SERVER__PORT", port.to_string()),
+                ("APP__RECOMMENDATIONS__BASE_URL", bench.upstream_url()),
+                ("APP__TELEMETRY__LEVEL", "warn".to_owned()),
+            ],
+        ),
+        Target::Baseline => (
+            "target/release/baseline",
+            vec![
+                ("PORT", port.to_string()),
+                ("UPSTREAM_URL", bench.upstream_url()),
+                ("DATABASE_URL", bench.database_url()),
+                (
+                    "WORKERS",
+                    std::thread::available_parallelism()
+                        .map_or(1, usize::from)
+                        .to_string(),
+                ),
+            ],
+        ),
+    };
+    let mut command = match wrapper.split_first() {
+        Some((program, options)) => {
+            let mut command = Command::new(program);
+            command.args(options).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    };
+    command
+        .envs(env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    Ok(command)
+}
+
+async fn start(bench: &Bench, target: Target) -> Result<(Child, String)> {
+    let port = stack::free_port()?;
+    let child = command(bench, target, port, &[])?
+        .spawn()
+        .with_context(|| format!("cannot start the {}", target.name()))?;
+    let address = format!("127.0.0.1:{port}");
+    ready(&address, Duration::from_secs(30)).await?;
+    Ok((child, address))
+}
+
+async fn ready(address: &str, within: Duration) -> Result<()> {
+    let until = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < until {
+        if stack::answers_200(address, "/api/users/1/dashboard").await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("{address} did not answer a dashboard within {within:?}")
+}
+
+async fn stop(child: &mut Child) {
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+/// The process's user+sys CPU time, from `/proc/PID/stat`.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are the 14th and 15th fields of the line, 12th and 13th after the name.
+    let total = ticks(11) + ticks(12);
+    Ok(Duration::from_secs_f64(total as f64 / clock_ticks() as f64))
+}
+
+fn clock_ticks() -> u64 {
+    // The kernel's USER_HZ, which is 100 on every Linux this runs on; `getconf CLK_TCK` agrees.
+    100
+}
+
+/// Runs `load` while measuring the server's CPU time.
+async fn measured(pid: u32, load: impl Future<Output = Result<Wrk>>) -> Result<Run> {
+    let before = cpu_time(pid)?;
+    let wrk = load.await?;
+    let after = cpu_time(pid)?;
+    let cpu = after.saturating_sub(before);
+    Ok(Run {
+        rps: wrk.requests as f64 / wrk.seconds,
+        p99_ms: wrk.p99_ms,
+        cpu_us: cpu.as_secs_f64() * 1e6 / (wrk.requests.max(1) as f64),
+    })
+}
+
+/// What one wrk run reports.
+struct Wrk {
+    requests: u64,
+    seconds: f64,
+    p99_ms: f64,
+}
+
+async fn wrk(
+    address: &str,
+    script: &str,
+    users: u64,
+    connections: usize,
+    seconds: u64,
+) -> Result<Wrk> {
+    let output = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+        ])
+        .args([
+            "-s",
+            &Path::new("target/bench").join(script).display().to_string(),
+        ])
+        .arg(format!("http://{address}"))
+        .env("USERS", users.to_string())
+        .output()
+        .await
+        .context("cannot run wrk (Debian package wrk)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!("wrk failed: {text}");
+    }
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no request count in wrk's output:\n{text}"))?;
+    let p99_ms = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("99%"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map_or(0.0, parse_wrk_duration);
+    if text.contains("Non-2xx") {
+        bail!("wrk saw non-2xx answers: {text}");
+    }
+    Ok(Wrk {
+        requests,
+        seconds: seconds as f64,
+        p99_ms,
+    })
+}
+
+fn parse_wrk_duration(text: &str) -> f64 {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(text.len()),
+    );
+    let value: f64 = number.parse().unwrap_or(0.0);
+    match unit {
+        "us" => value / 1000.0,
+        "s" => value * 1000.0,
+        _ => value,
+    }
+}
+
+/// Instructions per dashboard under callgrind: counters zeroed after a warm-up, dumped after a
+/// measured wrk window, divided by the dashboards answered in it.
+async fn instructions(bench: &Bench, target: Target, users: u64) -> Result<f64> {
+    let port = stack::free_port()?;
+    let out = PathBuf::from(format!("target/bench/callgrind.{}", target.name()));
+    let _ = std::fs::remove_file(&out);
+    let wrapper = [
+        "valgrind".to_owned(),
+        "--tool=callgrind".to_owned(),
+        format!("--callgrind-out-file={}", out.display()),
+    ];
+    let mut child = command(bench, target, port, &wrapper)?
+        .spawn()
+        .context("cannot run valgrind")?;
+    let pid = child.id().context("valgrind has no pid")?.to_string();
+    let address = format!("127.0.0.1:{port}");
+    ready(&address, Duration::from_secs(120)).await?;
+    wrk(&address, "uniform.lua", users, 4, 10).await?;
+    control(&["-z", &pid]).await?;
+    let window = wrk(&address, "uniform.lua", users, 4, 20).await?;
+    control(&["-d", &pid]).await?;
+    stop(&mut child).await;
+    let dump = std::fs::read_dir("target/bench")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("callgrind.{}.", target.name())))
+        })
+        .context("callgrind wrote no dump")?;
+    let text = std::fs::read_to_string(&dump)?;
+    let total: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("summary: ")
+                .or_else(|| l.strip_prefix("totals: "))
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .context("no totals in the callgrind dump")?;
+    Ok(total as f64 / window.requests.max(1) as f64)
+}
+
+async fn control(args: &[&str]) -> Result<()> {
+    let status = Command::new("callgrind_control")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .context("cannot run callgrind_control")?;
+    if !status.success() {
+        bail!("callgrind_control {} failed", args.join(" "));
+    }
+    Ok(())
+}
