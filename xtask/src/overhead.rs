@@ -49,6 +49,7 @@ end
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
     Service,
+    Coalesced,
     Baseline,
 }
 
@@ -56,6 +57,7 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Service => "service",
+            Target::Coalesced => "service-coalesced",
             Target::Baseline => "baseline",
         }
     }
@@ -90,7 +92,7 @@ async fn measure_all(bench: &Bench, args: &PerfArgs, callgrind: bool) -> Result<
     let mut ours: Vec<(Target, f64)> = Vec::new();
     let mut zipf: Vec<(Target, Run)> = Vec::new();
     for round in 1..=args.rounds() {
-        for target in [Target::Service, Target::Baseline] {
+        for target in [Target::Service, Target::Coalesced, Target::Baseline] {
             let (mut child, address) = start(bench, target).await?;
             let pid = child.id().context("the server has no pid")?;
             wrk(&address, "uniform.lua", users, connections, 5).await?;
@@ -143,7 +145,7 @@ async fn measure_all(bench: &Bench, args: &PerfArgs, callgrind: bool) -> Result<
     println!(
         "\n| | wrk, uniform ids: dashboards/s | p99 | CPU per dashboard | wrk, Zipf ids | this project's generator |\n|---|---:|---:|---:|---:|---:|"
     );
-    for target in [Target::Service, Target::Baseline] {
+    for target in [Target::Service, Target::Coalesced, Target::Baseline] {
         let z = zipf.iter().find(|(t, _)| *t == target).map(|(_, r)| *r);
         println!(
             "| {} | {:.0} | {:.1} ms | {:.1} µs | {:.0} | {:.0} |",
@@ -163,6 +165,11 @@ async fn measure_all(bench: &Bench, args: &PerfArgs, callgrind: bool) -> Result<
         median(Target::Service, |r| r.rps) / median(Target::Baseline, |r| r.rps),
         median(Target::Service, |r| r.cpu_us) / median(Target::Baseline, |r| r.cpu_us),
         args.rounds()
+    );
+    println!(
+        "coalesced / per-request: throughput {:.2}x; coalesced / pgbench ceiling: {:.2}x",
+        median(Target::Coalesced, |r| r.rps) / median(Target::Service, |r| r.rps),
+        median(Target::Coalesced, |r| r.rps) / pgbench.max(1e-9)
     );
     if callgrind {
         for target in [Target::Service, Target::Baseline] {
@@ -192,12 +199,21 @@ async fn build_baseline() -> Result<()> {
 /// options) if one is given.
 fn command(bench: &Bench, target: Target, port: u16, wrapper: &[String]) -> Result<Command> {
     let (binary, env): (&str, Vec<(&str, String)>) = match target {
-        Target::Service => (
+        Target::Service | Target::Coalesced => (
             "target/release/api",
             vec![
                 ("APP__SERVER__PORT", port.to_string()),
                 ("APP__RECOMMENDATIONS__BASE_URL", bench.upstream_url()),
                 ("APP__TELEMETRY__LEVEL", "warn".to_owned()),
+                (
+                    "APP__SERVICE__QUERY_MODE",
+                    if target == Target::Coalesced {
+                        "coalesced"
+                    } else {
+                        "pipelined"
+                    }
+                    .to_owned(),
+                ),
             ],
         ),
         Target::Baseline => (
@@ -205,7 +221,7 @@ fn command(bench: &Bench, target: Target, port: u16, wrapper: &[String]) -> Resu
             vec![
                 ("PORT", port.to_string()),
                 ("UPSTREAM_URL", bench.upstream_url()),
-                ("DATABASE_URL", bench.database_url()),
+                ("DATABASE_URL", bench.database_url()?),
                 (
                     "WORKERS",
                     std::thread::available_parallelism()
@@ -223,10 +239,11 @@ fn command(bench: &Bench, target: Target, port: u16, wrapper: &[String]) -> Resu
         }
         None => Command::new(binary),
     };
+    let log = std::fs::File::create(format!("target/bench/{}.log", target.name()))?;
     command
         .envs(env)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(log)
         .kill_on_drop(true);
     Ok(command)
 }

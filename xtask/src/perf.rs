@@ -152,8 +152,19 @@ impl Bench {
     }
 
     /// The database's URL, password included (for a peer that reads `DATABASE_URL`).
-    pub(crate) fn database_url(&self) -> String {
-        self.settings.database.url.clone()
+    pub(crate) fn database_url(&self) -> Result<String> {
+        let pg = self.settings.database.pg_config()?;
+        let password = pg
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        Ok(format!(
+            "postgresql://{}:{}@127.0.0.1:{}/{}",
+            pg.get_user().unwrap_or("postgres"),
+            password,
+            pg.get_ports().first().copied().unwrap_or(5432),
+            pg.get_dbname().unwrap_or("postgres")
+        ))
     }
 
     pub(crate) async fn stop(self) {
@@ -529,19 +540,7 @@ pub(crate) async fn start_seed(
     workers: usize,
 ) -> Result<(tokio::process::Child, Option<stack::ProcessGroup>, String)> {
     let port = stack::free_port()?;
-    let database_url = bench.settings.database.pg_config().map(|pg| {
-        let password = pg
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default();
-        format!(
-            "postgresql://{}:{}@127.0.0.1:{}/{}",
-            pg.get_user().unwrap_or("postgres"),
-            password,
-            pg.get_ports().first().copied().unwrap_or(5432),
-            pg.get_dbname().unwrap_or("postgres")
-        )
-    })?;
+    let database_url = bench.database_url()?;
     // The article runs uvicorn with --workers 4; one per core is the fair match for this
     // service's one actix worker per core.
     let mut seed = Command::new(uvicorn)

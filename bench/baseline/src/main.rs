@@ -88,8 +88,12 @@ struct Items {
 
 async fn dashboard(state: web::Data<Arc<State>>, id: web::Path<i64>) -> HttpResponse {
     let id = id.into_inner();
-    let Ok(conn) = state.pool.get().await else {
-        return HttpResponse::ServiceUnavailable().finish();
+    let conn = match state.pool.get().await {
+        Ok(conn) => conn,
+        Err(error) => {
+            eprintln!("no connection: {error}");
+            return HttpResponse::ServiceUnavailable().finish();
+        }
     };
     let uri = format!("{}/users/{id}/recommendations", state.upstream);
     let recommendations = async {
@@ -115,8 +119,12 @@ async fn dashboard(state: web::Data<Arc<State>>, id: web::Path<i64>) -> HttpResp
         Ok::<_, tokio_postgres::Error>((profile?, orders?, reviews?))
     };
     let (reads, recommendations) = tokio::join!(reads, recommendations);
-    let Ok((profile, orders, reviews)) = reads else {
-        return HttpResponse::ServiceUnavailable().finish();
+    let (profile, orders, reviews) = match reads {
+        Ok(rows) => rows,
+        Err(error) => {
+            eprintln!("a read failed: {error}");
+            return HttpResponse::ServiceUnavailable().finish();
+        }
     };
     let Some(profile) = profile else {
         return HttpResponse::NotFound()

@@ -66,6 +66,8 @@ pub struct Metrics {
     breaker_failures: Gauge,
     recommendation_calls: Counter<u64, AtomicU64>,
     recommendation_errors: Family<KindLabels, Counter<u64, AtomicU64>>,
+    coalesced_statements: Counter<u64, AtomicU64>,
+    coalesced_reads: Counter<u64, AtomicU64>,
     sync: std::sync::Mutex<()>,
     /// Handles resolved once for the hot labels, so a request observes without hashing labels
     /// and taking the family's lock: each source by how it ended, and `GET` answered 200 per
@@ -187,6 +189,18 @@ impl Metrics {
             "Failed calls to the recommendation service by kind",
             recommendation_errors.clone(),
         );
+        let coalesced_statements = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "dashboard_coalesced_statements",
+            "Shared statements sent in coalesced read mode (reads / statements is the mean batch size)",
+            coalesced_statements.clone(),
+        );
+        let coalesced_reads = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "dashboard_coalesced_reads",
+            "Source reads answered by shared statements in coalesced read mode",
+            coalesced_reads.clone(),
+        );
         let source_handles = Source::ALL.map(|source| {
             [
                 SourceStatus::Ok,
@@ -230,6 +244,8 @@ impl Metrics {
             breaker_failures,
             recommendation_calls,
             recommendation_errors,
+            coalesced_statements,
+            coalesced_reads,
             sync: std::sync::Mutex::new(()),
             source_handles,
             ok_gets,
@@ -297,6 +313,12 @@ impl Metrics {
             .sync
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (counter, total) in [
+            (&self.coalesced_statements, gauges.coalesced_statements),
+            (&self.coalesced_reads, gauges.coalesced_reads),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
         let calls = self.recommendation_calls.get();
         self.recommendation_calls
             .inc_by(gauges.recommendation_calls.saturating_sub(calls));

@@ -25,6 +25,17 @@ const ORDERS: &str = "SELECT id, product, amount, created_at FROM orders \
      WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2";
 const REVIEWS: &str = "SELECT id, product_id, rating, content FROM reviews \
      WHERE user_id = $1 ORDER BY id DESC LIMIT $2";
+/// The batched reads: one statement for many users, each user's rows in the same order and with
+/// the same limit as the single reads above (`LATERAL` keeps the per-user `ORDER BY ... LIMIT`).
+const PROFILES: &str = "SELECT id, username, email, avatar FROM users WHERE id = ANY($1)";
+const ORDERS_OF: &str = "SELECT u.id, o.id, o.product, o.amount, o.created_at \
+     FROM unnest($1::bigint[]) AS u(id) \
+     CROSS JOIN LATERAL (SELECT id, product, amount, created_at FROM orders \
+                         WHERE user_id = u.id ORDER BY created_at DESC, id DESC LIMIT $2) o";
+const REVIEWS_OF: &str = "SELECT u.id, r.id, r.product_id, r.rating, r.content \
+     FROM unnest($1::bigint[]) AS u(id) \
+     CROSS JOIN LATERAL (SELECT id, product_id, rating, content FROM reviews \
+                         WHERE user_id = u.id ORDER BY id DESC LIMIT $2) r";
 const USER_SUMMARIES: &str = "SELECT u.id, u.username, u.email, u.avatar, s.order_count, s.total_amount \
      FROM users u \
      CROSS JOIN LATERAL (SELECT count(*) AS order_count, coalesce(sum(o.amount), 0.00) AS total_amount \
@@ -444,6 +455,58 @@ impl Conn {
             .collect()
     }
 
+    /// The profiles of every listed user that exists, in one statement, keyed by id.
+    ///
+    /// # Errors
+    ///
+    /// Any [`Error`] of the query.
+    pub async fn profiles(&self, user_ids: &[i64]) -> Result<Vec<Profile>, Error> {
+        let rows = self.statement(PROFILES, &[&user_ids]).await?;
+        rows.iter().map(|row| profile_from(row, 0)).collect()
+    }
+
+    /// The orders of every listed user (distinct ids), in one statement: for each user, exactly
+    /// the page [`Conn::orders`] would read, paired with the user's id.
+    ///
+    /// # Errors
+    ///
+    /// Any [`Error`] of the query.
+    pub async fn orders_of(&self, user_ids: &[i64]) -> Result<Vec<(i64, Page<Order>)>, Error> {
+        let limit = self.limits.orders;
+        let rows = self
+            .statement(ORDERS_OF, &[&user_ids, &(limit + 1)])
+            .await?;
+        pages(user_ids, &rows, limit, |row| {
+            Ok(Order {
+                id: get(row, 1)?,
+                product: get(row, 2)?,
+                amount: get(row, 3)?,
+                created_at: get(row, 4)?,
+            })
+        })
+    }
+
+    /// The reviews of every listed user (distinct ids), in one statement: for each user, exactly
+    /// the page [`Conn::reviews`] would read, paired with the user's id.
+    ///
+    /// # Errors
+    ///
+    /// Any [`Error`] of the query.
+    pub async fn reviews_of(&self, user_ids: &[i64]) -> Result<Vec<(i64, Page<Review>)>, Error> {
+        let limit = self.limits.reviews;
+        let rows = self
+            .statement(REVIEWS_OF, &[&user_ids, &(limit + 1)])
+            .await?;
+        pages(user_ids, &rows, limit, |row| {
+            Ok(Review {
+                id: get(row, 1)?,
+                product_id: get(row, 2)?,
+                rating: get(row, 3)?,
+                content: get(row, 4)?,
+            })
+        })
+    }
+
     /// Starts a transaction on this connection (for tests and tools that write).
     ///
     /// # Errors
@@ -553,6 +616,36 @@ impl Drop for InFlight<'_> {
             self.conn.abandon();
         }
     }
+}
+
+/// Splits rows of `(user id, row...)` into one page per user of `user_ids` (users without rows
+/// get an empty page), each at most `limit` rows, in the statement's order.
+fn pages<T>(
+    user_ids: &[i64],
+    rows: &[Row],
+    limit: i64,
+    each: impl Fn(&Row) -> Result<T, Error>,
+) -> Result<Vec<(i64, Page<T>)>, Error> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut pages: Vec<(i64, Page<T>)> = user_ids.iter().map(|&id| (id, Page::default())).collect();
+    let at: std::collections::HashMap<i64, usize> = user_ids
+        .iter()
+        .enumerate()
+        .map(|(index, &id)| (id, index))
+        .collect();
+    for row in rows {
+        let id: i64 = get(row, 0)?;
+        let Some(&index) = at.get(&id) else {
+            continue;
+        };
+        let page = &mut pages[index].1;
+        if page.items.len() < limit {
+            page.items.push(each(row)?);
+        } else {
+            page.more = true;
+        }
+    }
+    Ok(pages)
 }
 
 fn profile_from(row: &Row, first: usize) -> Result<Profile, Error> {

@@ -14,6 +14,10 @@ pub enum QueryMode {
     Pipelined,
     /// Three pooled connections per dashboard, one statement each. Three database slots.
     Pooled,
+    /// Coalesced: concurrent dashboards of a worker share their statements (one statement per
+    /// source for every dashboard waiting while the previous one was in flight; a lone
+    /// dashboard's reads go out at once). See the `coalesce` module.
+    Coalesced,
 }
 
 /// Settings of the orchestration layer.

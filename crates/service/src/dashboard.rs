@@ -121,11 +121,13 @@ impl DashboardError {
     }
 }
 
-/// What the three database reads go through: one lease shared by all three (pipelined mode), or
-/// a lease each, taken inside each read (pooled mode).
+/// What the three database reads go through: one lease shared by all three (pipelined mode), a
+/// lease each, taken inside each read (pooled mode), or the worker's shared-read queues
+/// (coalesced mode).
 enum Db {
     Shared(Arc<Lease>),
     Own,
+    Coalesced,
 }
 
 /// One dashboard in the making.
@@ -226,6 +228,7 @@ impl Service {
     async fn lease(&self, deadline: Instant) -> Result<Db, SourceError> {
         match self.inner.config.query_mode {
             QueryMode::Pooled => Ok(Db::Own),
+            QueryMode::Coalesced => Ok(Db::Coalesced),
             QueryMode::Pipelined => {
                 let lease = self.inner.gate.lease(&self.inner.db, Some(deadline));
                 match tokio::time::timeout_at(deadline, lease).await {
@@ -244,6 +247,32 @@ impl Service {
     /// recommendation call does.
     fn spawn_reads(&self, run: &Run, db: &Db) -> Reads {
         let user = run.user.get();
+        if let Db::Coalesced = db {
+            let lane = self.inner.coalescer.lane();
+            let (profiles, orders, reviews) = (
+                Arc::clone(&lane.profiles),
+                Arc::clone(&lane.orders),
+                Arc::clone(&lane.reviews),
+            );
+            let service = self.clone();
+            let profile = self.spawn_source(run, Source::Profile, async move {
+                let profile = profiles.read(&service, user).await?;
+                profile.map(Some).ok_or(SourceError::NotFound)
+            });
+            let service = self.clone();
+            let orders = self.spawn_source(run, Source::Orders, async move {
+                orders.read(&service, user).await
+            });
+            let service = self.clone();
+            let reviews = self.spawn_source(run, Source::Reviews, async move {
+                reviews.read(&service, user).await
+            });
+            return Reads::Spawned {
+                profile,
+                orders,
+                reviews,
+            };
+        }
         Reads::Spawned {
             profile: self.spawn_read(run, db, Source::Profile, move |lease| async move {
                 let profile = lease.conn.profile(user).await?;
@@ -266,32 +295,44 @@ impl Service {
         F: FnOnce(Arc<Lease>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, SourceError>> + Send + 'static,
     {
-        let watch = run.clocks.watch(source);
         let shared = match db {
             Db::Shared(lease) => Some(Arc::clone(lease)),
-            Db::Own => None,
+            Db::Own | Db::Coalesced => None,
         };
         let service = self.clone();
+        self.spawn_source(run, source, async move {
+            let lease = match shared {
+                Some(lease) => lease,
+                None => {
+                    let deadline = ChildContext::current().and_then(|c| c.deadline());
+                    Arc::new(
+                        service
+                            .inner
+                            .gate
+                            .lease(&service.inner.db, deadline)
+                            .await?,
+                    )
+                }
+            };
+            read(lease).await
+        })
+    }
+
+    /// Spawns one source into the group: with its own timeout and stopwatch, the profile
+    /// essential.
+    fn spawn_source<T, Fut>(&self, run: &Run, source: Source, read: Fut) -> TaskHandle<T>
+    where
+        T: Send + 'static,
+        Fut: Future<Output = Result<T, SourceError>> + Send + 'static,
+    {
+        let watch = run.clocks.watch(source);
         run.group
             .child(source.as_str())
             .timeout(self.inner.config.dashboard.timeout(source))
             .essential(source == Source::Profile)
             .spawn(async move {
                 let _watch = watch;
-                let lease = match shared {
-                    Some(lease) => lease,
-                    None => {
-                        let deadline = ChildContext::current().and_then(|c| c.deadline());
-                        Arc::new(
-                            service
-                                .inner
-                                .gate
-                                .lease(&service.inner.db, deadline)
-                                .await?,
-                        )
-                    }
-                };
-                read(lease).await
+                read.await
             })
     }
 }

@@ -18,6 +18,7 @@
 //! request.
 
 mod batch;
+mod coalesce;
 mod config;
 mod dashboard;
 mod gate;
@@ -65,6 +66,8 @@ struct Inner {
     gate: DbGate,
     /// The share of database slots batches may hold, across all batches.
     batch_slots: Arc<tokio::sync::Semaphore>,
+    /// The shared-read queues of [`QueryMode::Coalesced`].
+    coalescer: coalesce::Coalescer,
     config: ServiceConfig,
 }
 
@@ -97,6 +100,11 @@ pub struct Gauges {
     pub recommendation_calls: u64,
     /// Failed calls by kind (every kind a call can fail with, zero or not).
     pub recommendation_errors: Vec<(ErrorKind, u64)>,
+    /// Shared statements sent in coalesced mode, and the reads they answered: the ratio is the
+    /// mean batch size.
+    pub coalesced_statements: u64,
+    /// See `coalesced_statements`.
+    pub coalesced_reads: u64,
 }
 
 /// Why the service is not ready to serve.
@@ -121,12 +129,14 @@ impl Service {
         let batch_slots = Arc::new(tokio::sync::Semaphore::new(
             (config.db_concurrency / 2).max(1),
         ));
+        let coalescer = coalesce::Coalescer::new(db.lanes());
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
                 client,
                 gate,
                 batch_slots,
+                coalescer,
                 config,
             }),
         })
@@ -222,6 +232,18 @@ impl Service {
                 .iter()
                 .map(|(kind, count)| (source::recommendation_kind(kind), count))
                 .collect(),
+            coalesced_statements: self
+                .inner
+                .coalescer
+                .counts
+                .statements
+                .load(std::sync::atomic::Ordering::Relaxed),
+            coalesced_reads: self
+                .inner
+                .coalescer
+                .counts
+                .reads
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

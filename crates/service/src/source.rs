@@ -137,6 +137,23 @@ impl SourceError {
         }
     }
 
+    /// The same error for another waiter of a shared read (see the `coalesce` module), which
+    /// only ever fails with database-side errors.
+    pub(crate) fn shared(&self) -> SourceError {
+        match self {
+            SourceError::NotFound => SourceError::NotFound,
+            SourceError::Busy(wait) => SourceError::Busy(*wait),
+            SourceError::Database(error) => SourceError::Database(error.clone()),
+            SourceError::TimedOut { after, limit } => SourceError::TimedOut {
+                after: *after,
+                limit: *limit,
+            },
+            SourceError::Recommendations(error) => {
+                SourceError::Database(repository::Error::Unavailable(error.to_string()))
+            }
+        }
+    }
+
     /// Whether the database as a whole is out of reach (rather than one statement failing or
     /// one caller waiting too long): every other read would fail the same way.
     pub(crate) fn dooms_every_read(&self) -> bool {

@@ -19,6 +19,18 @@ pub struct World {
     pub database: Database,
 }
 
+impl World {
+    /// Another service over the same pool and stand-in, with other settings.
+    pub fn service_with(&self, config: ServiceConfig) -> Service {
+        let client = RecommendationClient::new(ClientConfig {
+            base_url: self.upstream.base_url(),
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        Service::new(self.database.clone(), client, config).unwrap()
+    }
+}
+
 /// The shared fixtures (see `testkit::insert_fixtures`).
 pub async fn fixtures(db: &TestDb) {
     testkit::insert_fixtures(db).await;
