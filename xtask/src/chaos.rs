@@ -93,8 +93,9 @@ impl Scenario {
 }
 
 /// The query modes (`service.query_mode`) the database scenarios run under, the default first:
-/// the three reads pipelined on one connection, or on three pooled connections.
-const QUERY_MODES: [&str; 2] = ["pipelined", "pooled"];
+/// concurrent dashboards sharing statements, the three reads pipelined on one connection, or on
+/// three pooled connections.
+const QUERY_MODES: [&str; 3] = ["coalesced", "pipelined", "pooled"];
 
 /// What every scenario gets.
 pub struct Ctx {

@@ -21,8 +21,12 @@ use crate::perf::{Bench, PerfArgs};
 use crate::stack;
 
 /// A Lua script for wrk: ids drawn uniformly from 1 to `USERS`.
+/// Each of wrk's threads gets its own seed: with one seed, both threads would ask for the same
+/// ids at the same moments, which flatters coalescing.
 const UNIFORM: &str = r#"local users = tonumber(os.getenv("USERS"))
-math.randomseed(tonumber(os.getenv("SEED") or "7"))
+local threads = 0
+function setup(thread) threads = threads + 1; thread:set("tid", threads) end
+function init(args) math.randomseed(tonumber(os.getenv("SEED") or "7") * 1000 + tid) end
 request = function()
   return wrk.format("GET", "/api/users/" .. math.random(1, users) .. "/dashboard")
 end
@@ -31,14 +35,16 @@ end
 /// A Lua script for wrk: ids drawn from a Zipf distribution (s = 1.1) over 1 to `USERS`, by
 /// inverting a precomputed cumulative table (a few hot users, a long tail).
 const ZIPF: &str = r#"local users = tonumber(os.getenv("USERS"))
-math.randomseed(tonumber(os.getenv("SEED") or "7"))
+local threads = 0
+function setup(thread) threads = threads + 1; thread:set("tid", threads) end
+function init(args) math.randomseed(tonumber(os.getenv("SEED") or "7") * 1000 + tid) end
 local n = math.min(users, 100000)
 local cdf, total = {}, 0
 for k = 1, n do total = total + 1 / k ^ 1.1; cdf[k] = total end
 request = function()
   local u, lo, hi = math.random() * total, 1, n
   while lo < hi do
-    local mid = (lo + hi) // 2
+    local mid = math.floor((lo + hi) / 2)
     if cdf[mid] < u then lo = mid + 1 else hi = mid end
   end
   return wrk.format("GET", "/api/users/" .. lo .. "/dashboard")
@@ -67,8 +73,11 @@ impl Target {
 #[derive(Debug, Clone, Copy)]
 struct Run {
     rps: f64,
+    p50_ms: f64,
     p99_ms: f64,
     cpu_us: f64,
+    /// The server's peak resident memory so far (`VmHWM`), in MiB.
+    rss_mib: f64,
 }
 
 /// `cargo xtask bench overhead`.
@@ -79,6 +88,8 @@ pub async fn run(args: PerfArgs, callgrind: bool) -> Result<()> {
     result
 }
 
+const TARGETS: [Target; 3] = [Target::Service, Target::Coalesced, Target::Baseline];
+
 async fn measure_all(bench: &Bench, args: &PerfArgs, callgrind: bool) -> Result<()> {
     build_baseline().await?;
     let dir = PathBuf::from("target/bench");
@@ -88,25 +99,30 @@ async fn measure_all(bench: &Bench, args: &PerfArgs, callgrind: bool) -> Result<
     let users = bench.users();
     let seconds = args.duration();
     let connections = args.connections();
+    let upstream = bench.upstream_url();
+    let load = |script: &'static str, connections: usize, seconds: u64| Load {
+        script,
+        users,
+        connections,
+        seconds,
+    };
     let mut wrk_runs: Vec<(Target, Run)> = Vec::new();
     let mut ours: Vec<(Target, f64)> = Vec::new();
     let mut zipf: Vec<(Target, Run)> = Vec::new();
     for round in 1..=args.rounds() {
-        for target in [Target::Service, Target::Coalesced, Target::Baseline] {
-            let (mut child, address) = start(bench, target).await?;
+        for target in TARGETS {
+            let (mut child, address) = start(bench, target, &upstream).await?;
             let pid = child.id().context("the server has no pid")?;
-            wrk(&address, "uniform.lua", users, connections, 5).await?;
-            let run = measured(
-                pid,
-                wrk(&address, "uniform.lua", users, connections, seconds),
-            )
-            .await?;
+            load("uniform.lua", connections, 5).wrk(&address).await?;
+            let run =
+                measured(pid, load("uniform.lua", connections, seconds).wrk(&address)).await?;
             println!(
-                "round {round} {}: wrk {:.0} req/s, p99 {:.1} ms, {:.1} µs CPU per dashboard",
+                "round {round} {}: wrk {:.0} req/s, p99 {:.1} ms, {:.1} µs CPU per dashboard, peak RSS {:.0} MiB",
                 target.name(),
                 run.rps,
                 run.p99_ms,
-                run.cpu_us
+                run.cpu_us,
+                run.rss_mib
             );
             wrk_runs.push((target, run));
             let generated =
@@ -117,7 +133,7 @@ async fn measure_all(bench: &Bench, args: &PerfArgs, callgrind: bool) -> Result<
             ours.push((target, report.measured.success_rps));
             if round == 1 {
                 let run =
-                    measured(pid, wrk(&address, "zipf.lua", users, connections, seconds)).await?;
+                    measured(pid, load("zipf.lua", connections, seconds).wrk(&address)).await?;
                 zipf.push((target, run));
             }
             stop(&mut child).await;
@@ -142,24 +158,76 @@ async fn measure_all(bench: &Bench, args: &PerfArgs, callgrind: bool) -> Result<
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
     };
+
+    // Low load (one connection: any batching delay would show in p50) and a slow upstream.
+    let mut alone: Vec<(Target, Run)> = Vec::new();
+    let mut slow: Vec<(Target, Run)> = Vec::new();
+    let slow_upstream = upstream::Server::start(upstream::Config {
+        delay: SLOW_UPSTREAM,
+        ..upstream::Config::default()
+    })
+    .await
+    .context("cannot start the slow stand-in")?;
+    for target in TARGETS {
+        let (mut child, address) = start(bench, target, &upstream).await?;
+        let pid = child.id().context("the server has no pid")?;
+        load("uniform.lua", 1, 2).wrk(&address).await?;
+        alone.push((
+            target,
+            measured(pid, load("uniform.lua", 1, seconds).wrk(&address)).await?,
+        ));
+        stop(&mut child).await;
+        let (mut child, address) = start(bench, target, &slow_upstream.base_url()).await?;
+        let pid = child.id().context("the server has no pid")?;
+        load("uniform.lua", connections, 5).wrk(&address).await?;
+        slow.push((
+            target,
+            measured(pid, load("uniform.lua", connections, seconds).wrk(&address)).await?,
+        ));
+        stop(&mut child).await;
+    }
+    slow_upstream.shutdown().await;
+    let find = |runs: &[(Target, Run)], target: Target| {
+        runs.iter()
+            .find(|(t, _)| *t == target)
+            .map(|(_, r)| *r)
+            .context("a run is missing")
+    };
+
     println!(
-        "\n| | wrk, uniform ids: dashboards/s | p99 | CPU per dashboard | wrk, Zipf ids | this project's generator |\n|---|---:|---:|---:|---:|---:|"
+        "\n| c{connections}, upstream at 0 ms | wrk, uniform ids: dashboards/s | p99 | CPU per dashboard | peak RSS | wrk, Zipf ids | this project's generator |\n|---|---:|---:|---:|---:|---:|---:|"
     );
-    for target in [Target::Service, Target::Coalesced, Target::Baseline] {
-        let z = zipf.iter().find(|(t, _)| *t == target).map(|(_, r)| *r);
+    for target in TARGETS {
+        let z = find(&zipf, target)?;
         println!(
-            "| {} | {:.0} | {:.1} ms | {:.1} µs | {:.0} | {:.0} |",
+            "| {} | {:.0} | {:.1} ms | {:.1} µs | {:.0} MiB | {:.0} | {:.0} |",
             target.name(),
             median(target, |r| r.rps),
             median(target, |r| r.p99_ms),
             median(target, |r| r.cpu_us),
-            z.map_or(0.0, |r| r.rps),
+            median(target, |r| r.rss_mib),
+            z.rps,
             ours_median(target)
         );
     }
     println!(
-        "| pgbench, the same 3 SELECTs, `-M prepared -c{connections}` | {pgbench:.0} tx/s | | | | |"
+        "| pgbench, the same 3 SELECTs, `-M prepared -c{connections}` | {pgbench:.0} tx/s | | | | | |"
     );
+    println!(
+        "\n| | one connection: p50 | c{connections}, upstream at {} ms: p50 | p99 | dashboards/s |\n|---|---:|---:|---:|---:|",
+        SLOW_UPSTREAM.as_millis()
+    );
+    for target in TARGETS {
+        let (a, s) = (find(&alone, target)?, find(&slow, target)?);
+        println!(
+            "| {} | {:.2} ms | {:.1} ms | {:.1} ms | {:.0} |",
+            target.name(),
+            a.p50_ms,
+            s.p50_ms,
+            s.p99_ms,
+            s.rps
+        );
+    }
     println!(
         "\nservice / baseline: throughput {:.2}x (target >= 0.90), CPU per dashboard {:.2}x (target <= 1.10); medians of {} rounds",
         median(Target::Service, |r| r.rps) / median(Target::Baseline, |r| r.rps),
@@ -167,9 +235,10 @@ async fn measure_all(bench: &Bench, args: &PerfArgs, callgrind: bool) -> Result<
         args.rounds()
     );
     println!(
-        "coalesced / per-request: throughput {:.2}x; coalesced / pgbench ceiling: {:.2}x",
+        "coalesced / per-request: throughput {:.2}x; coalesced / pgbench ceiling: {:.2}x (target >= 1.0); one connection p50 {:.2}x (target <= 1.05)",
         median(Target::Coalesced, |r| r.rps) / median(Target::Service, |r| r.rps),
-        median(Target::Coalesced, |r| r.rps) / pgbench.max(1e-9)
+        median(Target::Coalesced, |r| r.rps) / pgbench.max(1e-9),
+        find(&alone, Target::Coalesced)?.p50_ms / find(&alone, Target::Service)?.p50_ms.max(1e-9)
     );
     if callgrind {
         for target in [Target::Service, Target::Baseline] {
@@ -182,6 +251,9 @@ async fn measure_all(bench: &Bench, args: &PerfArgs, callgrind: bool) -> Result<
     }
     Ok(())
 }
+
+/// The upstream latency of the slow-upstream runs.
+const SLOW_UPSTREAM: Duration = Duration::from_millis(50);
 
 async fn build_baseline() -> Result<()> {
     let built = Command::new(crate::up::cargo())
@@ -197,13 +269,19 @@ async fn build_baseline() -> Result<()> {
 
 /// The command that runs `target`, listening on `port`, under `wrapper` (a program and its
 /// options) if one is given.
-fn command(bench: &Bench, target: Target, port: u16, wrapper: &[String]) -> Result<Command> {
+fn command(
+    bench: &Bench,
+    target: Target,
+    upstream: &str,
+    port: u16,
+    wrapper: &[String],
+) -> Result<Command> {
     let (binary, env): (&str, Vec<(&str, String)>) = match target {
         Target::Service | Target::Coalesced => (
             "target/release/api",
             vec![
                 ("APP__SERVER__PORT", port.to_string()),
-                ("APP__RECOMMENDATIONS__BASE_URL", bench.upstream_url()),
+                ("APP__RECOMMENDATIONS__BASE_URL", upstream.to_owned()),
                 ("APP__TELEMETRY__LEVEL", "warn".to_owned()),
                 (
                     "APP__SERVICE__QUERY_MODE",
@@ -220,7 +298,7 @@ fn command(bench: &Bench, target: Target, port: u16, wrapper: &[String]) -> Resu
             "target/release/baseline",
             vec![
                 ("PORT", port.to_string()),
-                ("UPSTREAM_URL", bench.upstream_url()),
+                ("UPSTREAM_URL", upstream.to_owned()),
                 ("DATABASE_URL", bench.database_url()?),
                 (
                     "WORKERS",
@@ -248,9 +326,9 @@ fn command(bench: &Bench, target: Target, port: u16, wrapper: &[String]) -> Resu
     Ok(command)
 }
 
-async fn start(bench: &Bench, target: Target) -> Result<(Child, String)> {
+async fn start(bench: &Bench, target: Target, upstream: &str) -> Result<(Child, String)> {
     let port = stack::free_port()?;
-    let child = command(bench, target, port, &[])?
+    let child = command(bench, target, upstream, port, &[])?
         .spawn()
         .with_context(|| format!("cannot start the {}", target.name()))?;
     let address = format!("127.0.0.1:{port}");
@@ -307,64 +385,92 @@ async fn measured(pid: u32, load: impl Future<Output = Result<Wrk>>) -> Result<R
     let cpu = after.saturating_sub(before);
     Ok(Run {
         rps: wrk.requests as f64 / wrk.seconds,
+        p50_ms: wrk.p50_ms,
         p99_ms: wrk.p99_ms,
         cpu_us: cpu.as_secs_f64() * 1e6 / (wrk.requests.max(1) as f64),
+        rss_mib: peak_rss_mib(pid)?,
     })
+}
+
+/// The process's peak resident set (`VmHWM` in `/proc/PID/status`), in MiB.
+fn peak_rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmHWM in /proc/PID/status")?;
+    Ok(kib / 1024.0)
+}
+
+/// One wrk run: which script, over how many users, with how many connections, for how long.
+struct Load {
+    script: &'static str,
+    users: u64,
+    connections: usize,
+    seconds: u64,
 }
 
 /// What one wrk run reports.
 struct Wrk {
     requests: u64,
     seconds: f64,
+    p50_ms: f64,
     p99_ms: f64,
 }
 
-async fn wrk(
-    address: &str,
-    script: &str,
-    users: u64,
-    connections: usize,
-    seconds: u64,
-) -> Result<Wrk> {
-    let output = Command::new("wrk")
-        .args([
-            "-t2",
-            &format!("-c{connections}"),
-            &format!("-d{seconds}s"),
-            "--latency",
-        ])
-        .args([
-            "-s",
-            &Path::new("target/bench").join(script).display().to_string(),
-        ])
-        .arg(format!("http://{address}"))
-        .env("USERS", users.to_string())
-        .output()
-        .await
-        .context("cannot run wrk (Debian package wrk)")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!("wrk failed: {text}");
+impl Load {
+    async fn wrk(&self, address: &str) -> Result<Wrk> {
+        let threads = self.connections.clamp(1, 2);
+        let output = Command::new("wrk")
+            .args([
+                &format!("-t{threads}"),
+                &format!("-c{}", self.connections),
+                &format!("-d{}s", self.seconds),
+                "--latency",
+            ])
+            .args([
+                "-s",
+                &Path::new("target/bench")
+                    .join(self.script)
+                    .display()
+                    .to_string(),
+            ])
+            .arg(format!("http://{address}"))
+            .env("USERS", self.users.to_string())
+            .output()
+            .await
+            .context("cannot run wrk (Debian package wrk)")?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!(
+                "wrk failed: {text}{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        if text.contains("Non-2xx") {
+            bail!("wrk saw non-2xx answers: {text}");
+        }
+        let requests = text
+            .lines()
+            .find(|l| l.contains("requests in"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no request count in wrk's output:\n{text}"))?;
+        let percentile = |p: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(p))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .map_or(0.0, parse_wrk_duration)
+        };
+        Ok(Wrk {
+            requests,
+            seconds: self.seconds as f64,
+            p50_ms: percentile("50%"),
+            p99_ms: percentile("99%"),
+        })
     }
-    let requests = text
-        .lines()
-        .find(|l| l.contains("requests in"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("no request count in wrk's output:\n{text}"))?;
-    let p99_ms = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("99%"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .map_or(0.0, parse_wrk_duration);
-    if text.contains("Non-2xx") {
-        bail!("wrk saw non-2xx answers: {text}");
-    }
-    Ok(Wrk {
-        requests,
-        seconds: seconds as f64,
-        p99_ms,
-    })
 }
 
 fn parse_wrk_duration(text: &str) -> f64 {
@@ -391,15 +497,21 @@ async fn instructions(bench: &Bench, target: Target, users: u64) -> Result<f64> 
         "--tool=callgrind".to_owned(),
         format!("--callgrind-out-file={}", out.display()),
     ];
-    let mut child = command(bench, target, port, &wrapper)?
+    let mut child = command(bench, target, &bench.upstream_url(), port, &wrapper)?
         .spawn()
         .context("cannot run valgrind")?;
     let pid = child.id().context("valgrind has no pid")?.to_string();
     let address = format!("127.0.0.1:{port}");
     ready(&address, Duration::from_secs(120)).await?;
-    wrk(&address, "uniform.lua", users, 4, 10).await?;
+    let load = |seconds| Load {
+        script: "uniform.lua",
+        users,
+        connections: 4,
+        seconds,
+    };
+    load(10).wrk(&address).await?;
     control(&["-z", &pid]).await?;
-    let window = wrk(&address, "uniform.lua", users, 4, 20).await?;
+    let window = load(20).wrk(&address).await?;
     control(&["-d", &pid]).await?;
     stop(&mut child).await;
     let dump = std::fs::read_dir("target/bench")?

@@ -88,20 +88,16 @@ struct Items {
 
 async fn dashboard(state: web::Data<Arc<State>>, id: web::Path<i64>) -> HttpResponse {
     let id = id.into_inner();
-    let conn = match state.pool.get().await {
-        Ok(conn) => conn,
-        Err(error) => {
-            eprintln!("no connection: {error}");
-            return HttpResponse::ServiceUnavailable().finish();
-        }
-    };
     let uri = format!("{}/users/{id}/recommendations", state.upstream);
     let recommendations = async {
         let response = state.http.get(uri.parse().ok()?).await.ok()?;
         let body = response.into_body().collect().await.ok()?.to_bytes();
         serde_json::from_slice::<Items>(&body).ok().map(|i| i.items)
     };
+    // The connection is taken inside the reads and goes back to the pool when they end, not
+    // when the (perhaps slower) upstream call does.
     let reads = async {
+        let conn = state.pool.get().await.map_err(|e| e.to_string())?;
         let (profile, orders, reviews) = tokio::join!(
             async {
                 conn.query_opt(&conn.prepare_cached(PROFILE).await?, &[&id])
@@ -116,7 +112,8 @@ async fn dashboard(state: web::Data<Arc<State>>, id: web::Path<i64>) -> HttpResp
                     .await
             },
         );
-        Ok::<_, tokio_postgres::Error>((profile?, orders?, reviews?))
+        let rows = (|| Ok::<_, tokio_postgres::Error>((profile?, orders?, reviews?)))();
+        rows.map_err(|e| e.to_string())
     };
     let (reads, recommendations) = tokio::join!(reads, recommendations);
     let (profile, orders, reviews) = match reads {

@@ -1,19 +1,25 @@
 //! Coalesced reads: concurrent dashboards share statements, the way a DataLoader shares fetches.
 //!
-//! Per lane (worker thread) and per source (profile, orders, reviews) there is one queue. A read
-//! joins its queue and waits for its rows. If no statement of that queue is in flight, the read
-//! starts a driver task at once, so a lone read goes straight out: no timer, no added wait at low
-//! load. While a statement is in flight, the reads that arrive gather; when it completes, the
-//! driver sends all of them (up to [`MAX_BATCH`] distinct ids) as one statement, `= ANY($1)` for
-//! profiles and a `LATERAL` join for orders and reviews, so each user keeps their own order and
-//! limit. Duplicate ids share one read.
+//! Each lane (worker thread) has one queue per source (profile, orders, reviews) and up to
+//! [`ROUNDS_IN_FLIGHT`] driver tasks. A dashboard puts its three reads in the queues at once and
+//! waits for their rows. If fewer drivers run than that, the dashboard starts one, so a lone
+//! dashboard goes straight out: no timer, no added wait at low load, and its three statements
+//! pipelined on one connection as in per-request mode (a statement for one id is the
+//! per-request statement itself). While every driver has statements in flight, the reads that
+//! arrive gather; when a driver's statements complete, it sends everything that gathered (up to
+//! [`MAX_BATCH`] distinct ids per source), again as up to three statements pipelined on one
+//! connection: `= ANY($1)` for profiles and a `LATERAL` join for orders and reviews, so each
+//! user keeps their own order and limit. Duplicate ids share one read.
 //!
 //! Each read gets exactly the rows it would have got alone. A statement that fails fails each
 //! of its reads with the same error. A read that stops waiting (its client left, its timeout or
 //! the deadline passed) leaves the queue without disturbing the others, and a statement whose
 //! every read has left is dropped, which cancels it on the server (see the repository's
 //! abandoned-statement handling). The driver is a plain task of the lane's runtime, not a child
-//! of any request's group: it serves many requests, and ends when its queue is empty.
+//! of any request's group: it serves many requests, and ends when its queues are empty.
+//!
+//! Batches form per lane, not process-wide: the driver, its statements and the wake-ups of its
+//! waiters stay on one thread (see the README's Performance section for the measurement).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +32,12 @@ use crate::{Service, SourceError};
 
 /// Most distinct ids in one statement.
 pub(crate) const MAX_BATCH: usize = 256;
+
+/// Most rounds of statements in flight at once per lane. With one, a statement that hangs (a
+/// lock, a slow plan) would hold up every dashboard of its lane until it ends; with two, the
+/// others go on in the second round while it hangs, and a dashboard that finds the gate full
+/// fails "busy" after `db_slot_wait` as in per-request mode. More rounds mean smaller batches.
+pub(crate) const ROUNDS_IN_FLIGHT: usize = 2;
 
 /// What one shared statement reads, per user.
 pub(crate) trait Batched: Clone + Send + 'static {
@@ -41,6 +53,9 @@ pub(crate) trait Batched: Clone + Send + 'static {
 
 impl Batched for Option<Profile> {
     async fn fetch(conn: &Conn, ids: &[i64]) -> Result<Vec<(i64, Self)>, repository::Error> {
+        if let [id] = ids {
+            return Ok(vec![(*id, conn.profile(*id).await?)]);
+        }
         let profiles = conn.profiles(ids).await?;
         Ok(profiles.into_iter().map(|p| (p.id, Some(p))).collect())
     }
@@ -51,11 +66,11 @@ impl Batched for Option<Profile> {
 }
 
 impl Batched for Page<Order> {
-    fn fetch(
-        conn: &Conn,
-        ids: &[i64],
-    ) -> impl Future<Output = Result<Vec<(i64, Self)>, repository::Error>> + Send {
-        conn.orders_of(ids)
+    async fn fetch(conn: &Conn, ids: &[i64]) -> Result<Vec<(i64, Self)>, repository::Error> {
+        if let [id] = ids {
+            return Ok(vec![(*id, conn.orders(*id).await?)]);
+        }
+        conn.orders_of(ids).await
     }
 
     fn absent() -> Self {
@@ -64,11 +79,11 @@ impl Batched for Page<Order> {
 }
 
 impl Batched for Page<Review> {
-    fn fetch(
-        conn: &Conn,
-        ids: &[i64],
-    ) -> impl Future<Output = Result<Vec<(i64, Self)>, repository::Error>> + Send {
-        conn.reviews_of(ids)
+    async fn fetch(conn: &Conn, ids: &[i64]) -> Result<Vec<(i64, Self)>, repository::Error> {
+        if let [id] = ids {
+            return Ok(vec![(*id, conn.reviews(*id).await?)]);
+        }
+        conn.reviews_of(ids).await
     }
 
     fn absent() -> Self {
@@ -78,63 +93,23 @@ impl Batched for Page<Review> {
 
 type Reply<T> = oneshot::Sender<Result<T, SourceError>>;
 
-/// One source's queue in one lane.
-struct Queue<T> {
-    /// Whether a driver task is running.
-    driving: bool,
-    /// Ids in arrival order, and who waits for each.
-    order: Vec<i64>,
-    waiting: HashMap<i64, Vec<Reply<T>>>,
+/// A dashboard's three reads, waiting for their shared statements.
+pub(crate) struct Waiting {
+    pub(crate) profile: Answer<Option<Profile>>,
+    pub(crate) orders: Answer<Page<Order>>,
+    pub(crate) reviews: Answer<Page<Review>>,
 }
 
-pub(crate) struct Batcher<T> {
-    queue: Mutex<Queue<T>>,
-    counts: Arc<Counts>,
-}
+/// One read's answer, to come.
+pub(crate) struct Answer<T>(oneshot::Receiver<Result<T, SourceError>>);
 
-/// Statements sent and reads answered by them, across every queue, for `/metrics`: their ratio
-/// is the mean batch size.
-#[derive(Debug, Default)]
-pub(crate) struct Counts {
-    pub(crate) statements: AtomicU64,
-    pub(crate) reads: AtomicU64,
-}
-
-impl<T: Batched> Batcher<T> {
-    fn new(counts: Arc<Counts>) -> Self {
-        Batcher {
-            queue: Mutex::new(Queue {
-                driving: false,
-                order: Vec::new(),
-                waiting: HashMap::new(),
-            }),
-            counts,
-        }
-    }
-
-    /// Reads `id`'s rows through the queue.
-    pub(crate) async fn read(
-        self: &Arc<Self>,
-        service: &Service,
-        id: i64,
-    ) -> Result<T, SourceError> {
-        let (reply, answer) = oneshot::channel();
-        let start = {
-            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            let queue = &mut *queue;
-            let waiters = queue.waiting.entry(id).or_default();
-            if waiters.is_empty() {
-                queue.order.push(id);
-            }
-            waiters.push(reply);
-            !std::mem::replace(&mut queue.driving, true)
-        };
-        if start {
-            tokio::spawn(drive(Arc::clone(self), service.clone()));
-        }
+impl<T> Answer<T> {
+    /// Waits for the rows (bounded by the driver's lease wait and the statement's own limits;
+    /// the caller's source timeout and the dashboard's deadline bound it as well).
+    pub(crate) async fn get(self) -> Result<T, SourceError> {
         // The driver answers every read it takes, whatever happens to its statement; a driver
         // that panicked drops the sender, which reads as the database being unavailable.
-        answer.await.unwrap_or_else(|_| {
+        self.0.await.unwrap_or_else(|_| {
             Err(SourceError::Database(repository::Error::Unavailable(
                 "the shared read ended without an answer".to_owned(),
             )))
@@ -142,87 +117,206 @@ impl<T: Batched> Batcher<T> {
     }
 }
 
-/// Sends the queue's reads, a batch at a time, until it is empty.
-async fn drive<T: Batched>(batcher: Arc<Batcher<T>>, service: Service) {
-    loop {
-        let mut batch: Vec<(i64, Vec<Reply<T>>)> = {
-            let mut queue = batcher.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            if queue.order.is_empty() {
-                queue.driving = false;
-                return;
-            }
-            let take = queue.order.len().min(MAX_BATCH);
-            let ids: Vec<i64> = queue.order.drain(..take).collect();
-            ids.into_iter()
-                .map(|id| {
-                    let waiters = queue.waiting.remove(&id).unwrap_or_default();
-                    (id, waiters)
-                })
-                .collect()
-        };
-        // Reads whose waiters all left before the statement went out are not asked for.
-        batch.retain_mut(|(_, waiters)| {
-            waiters.retain(|w| !w.is_closed());
-            !waiters.is_empty()
-        });
-        if batch.is_empty() {
-            continue;
+/// One source's reads waiting in one lane.
+struct Pending<T> {
+    /// Ids in arrival order.
+    order: Vec<i64>,
+    /// Who waits for each id.
+    waiting: HashMap<i64, Vec<Reply<T>>>,
+}
+
+impl<T> Default for Pending<T> {
+    fn default() -> Self {
+        Pending {
+            order: Vec::new(),
+            waiting: HashMap::new(),
         }
-        let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
-        let reads: usize = batch.iter().map(|(_, waiters)| waiters.len()).sum();
-        batcher.counts.statements.fetch_add(1, Ordering::Relaxed);
-        batcher
-            .counts
-            .reads
-            .fetch_add(reads as u64, Ordering::Relaxed);
-        let fetched = async {
-            let lease = service.inner.gate.lease(&service.inner.db, None).await?;
-            Ok::<_, SourceError>(T::fetch(&lease.conn, &ids).await?)
-        };
+    }
+}
+
+impl<T> Pending<T> {
+    fn push(&mut self, id: i64) -> Answer<T> {
+        let (reply, answer) = oneshot::channel();
+        let waiters = self.waiting.entry(id).or_default();
+        if waiters.is_empty() {
+            self.order.push(id);
+        }
+        waiters.push(reply);
+        Answer(answer)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// The next statement's ids (at most [`MAX_BATCH`], oldest first) and their waiters, without
+    /// those that have left already.
+    fn take(&mut self) -> Batch<T> {
+        let take = self.order.len().min(MAX_BATCH);
+        let mut batch: Vec<(i64, Vec<Reply<T>>)> = Vec::with_capacity(take);
+        for id in self.order.drain(..take) {
+            let mut waiters = self.waiting.remove(&id).unwrap_or_default();
+            waiters.retain(|w| !w.is_closed());
+            if !waiters.is_empty() {
+                batch.push((id, waiters));
+            }
+        }
+        Batch(batch)
+    }
+}
+
+/// The ids of one statement and who waits for each.
+struct Batch<T>(Vec<(i64, Vec<Reply<T>>)>);
+
+impl<T: Batched> Batch<T> {
+    fn reads(&self) -> usize {
+        self.0.iter().map(|(_, waiters)| waiters.len()).sum()
+    }
+
+    /// Runs the statement and answers every waiter; drops it (which cancels it on the server if
+    /// it does not settle) as soon as every waiter has left.
+    async fn serve(mut self, conn: &Conn) {
+        if self.0.is_empty() {
+            return;
+        }
+        let ids: Vec<i64> = self.0.iter().map(|(id, _)| *id).collect();
         let everyone_left = futures_util::future::join_all(
-            batch
+            self.0
                 .iter_mut()
                 .flat_map(|(_, waiters)| waiters.iter_mut().map(oneshot::Sender::closed)),
         );
-        // A statement nobody waits for any more is dropped, which cancels it on the server.
         let fetched = tokio::select! {
-            fetched = fetched => fetched,
-            _ = everyone_left => continue,
+            fetched = T::fetch(conn, &ids) => fetched,
+            _ = everyone_left => return,
         };
         match fetched {
             Ok(rows) => {
                 let mut rows: HashMap<i64, T> = rows.into_iter().collect();
-                for (id, waiters) in batch {
+                for (id, waiters) in self.0 {
                     let value = rows.remove(&id).unwrap_or_else(T::absent);
-                    answer(waiters, |_| Ok(value.clone()));
+                    answer(waiters, || Ok(value.clone()));
                 }
             }
+            Err(error) => self.fail(&SourceError::Database(error)),
+        }
+    }
+
+    fn fail(self, error: &SourceError) {
+        for (_, waiters) in self.0 {
+            answer(waiters, || Err(error.shared()));
+        }
+    }
+}
+
+fn answer<T>(waiters: Vec<Reply<T>>, value: impl Fn() -> Result<T, SourceError>) {
+    for waiter in waiters {
+        // A waiter that left meanwhile no longer listens; nothing to do.
+        let _ = waiter.send(value());
+    }
+}
+
+/// What waits in one lane.
+#[derive(Default)]
+struct Queues {
+    /// How many of the lane's driver tasks run (at most [`ROUNDS_IN_FLIGHT`]).
+    drivers: usize,
+    profiles: Pending<Option<Profile>>,
+    orders: Pending<Page<Order>>,
+    reviews: Pending<Page<Review>>,
+}
+
+/// The shared-read queues of one lane (worker thread).
+pub(crate) struct Lane {
+    queues: Mutex<Queues>,
+    counts: Arc<Counts>,
+}
+
+/// Statements sent and reads answered by them, across every lane, for `/metrics`: their ratio
+/// is the mean batch size.
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    pub(crate) statements: AtomicU64,
+    pub(crate) reads: AtomicU64,
+}
+
+impl Lane {
+    /// Queues the three reads of `id`'s dashboard, all at once so that a lone dashboard's reads
+    /// go out together, and starts a driver if fewer than [`ROUNDS_IN_FLIGHT`] run.
+    pub(crate) fn read(self: &Arc<Self>, service: &Service, id: i64) -> Waiting {
+        let (waiting, start) = {
+            let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+            let waiting = Waiting {
+                profile: queues.profiles.push(id),
+                orders: queues.orders.push(id),
+                reviews: queues.reviews.push(id),
+            };
+            let start = queues.drivers < ROUNDS_IN_FLIGHT;
+            if start {
+                queues.drivers += 1;
+            }
+            (waiting, start)
+        };
+        if start {
+            tokio::spawn(drive(Arc::clone(self), service.clone()));
+        }
+        waiting
+    }
+}
+
+/// Sends the lane's reads until none wait: each round, everything that gathered (up to
+/// [`MAX_BATCH`] ids per source) as up to three statements pipelined on one connection.
+async fn drive(lane: Arc<Lane>, service: Service) {
+    loop {
+        let (profiles, orders, reviews) = {
+            let mut queues = lane.queues.lock().unwrap_or_else(PoisonError::into_inner);
+            if queues.profiles.is_empty() && queues.orders.is_empty() && queues.reviews.is_empty() {
+                queues.drivers -= 1;
+                return;
+            }
+            (
+                queues.profiles.take(),
+                queues.orders.take(),
+                queues.reviews.take(),
+            )
+        };
+        let statements = [profiles.0.len(), orders.0.len(), reviews.0.len()]
+            .iter()
+            .filter(|n| **n > 0)
+            .count();
+        if statements == 0 {
+            continue;
+        }
+        let counts = &lane.counts;
+        counts
+            .statements
+            .fetch_add(statements as u64, Ordering::Relaxed);
+        counts.reads.fetch_add(
+            (profiles.reads() + orders.reads() + reviews.reads()) as u64,
+            Ordering::Relaxed,
+        );
+        // The profile is answered last: a failed profile cancels its dashboard's other sources,
+        // which should have their own answers by then (so that a failure of all three reads
+        // shows as three failures, as in per-request mode, not as one and two cancellations).
+        match service.inner.gate.lease(&service.inner.db, None).await {
+            Ok(lease) => {
+                tokio::join!(
+                    reviews.serve(&lease.conn),
+                    orders.serve(&lease.conn),
+                    profiles.serve(&lease.conn)
+                );
+            }
             Err(error) => {
-                for (_, waiters) in batch {
-                    answer(waiters, |_| Err(error.shared()));
-                }
+                reviews.fail(&error);
+                orders.fail(&error);
+                profiles.fail(&error);
             }
         }
     }
 }
 
-fn answer<T>(waiters: Vec<Reply<T>>, value: impl Fn(usize) -> Result<T, SourceError>) {
-    for (i, waiter) in waiters.into_iter().enumerate() {
-        // A waiter that left meanwhile no longer listens; nothing to do.
-        let _ = waiter.send(value(i));
-    }
-}
-
-/// The queues of one lane.
-pub(crate) struct Lane {
-    pub(crate) profiles: Arc<Batcher<Option<Profile>>>,
-    pub(crate) orders: Arc<Batcher<Page<Order>>>,
-    pub(crate) reviews: Arc<Batcher<Page<Review>>>,
-}
-
 /// Every lane's queues.
 pub(crate) struct Coalescer {
-    lanes: Box<[Lane]>,
+    lanes: Box<[Arc<Lane>]>,
     pub(crate) counts: Arc<Counts>,
 }
 
@@ -239,10 +333,11 @@ impl Coalescer {
         let counts = Arc::new(Counts::default());
         Coalescer {
             lanes: (0..lanes.max(1))
-                .map(|_| Lane {
-                    profiles: Arc::new(Batcher::new(Arc::clone(&counts))),
-                    orders: Arc::new(Batcher::new(Arc::clone(&counts))),
-                    reviews: Arc::new(Batcher::new(Arc::clone(&counts))),
+                .map(|_| {
+                    Arc::new(Lane {
+                        queues: Mutex::default(),
+                        counts: Arc::clone(&counts),
+                    })
                 })
                 .collect(),
             counts,
@@ -250,7 +345,7 @@ impl Coalescer {
     }
 
     /// The calling thread's lane.
-    pub(crate) fn lane(&self) -> &Lane {
+    pub(crate) fn lane(&self) -> &Arc<Lane> {
         &self.lanes[lanes::current(self.lanes.len())]
     }
 }

@@ -8,16 +8,18 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum QueryMode {
+    /// Coalesced (the default): concurrent dashboards of a worker share their statements. A
+    /// lone dashboard's three reads go out at once, pipelined on one connection; the reads that
+    /// arrive while statements are in flight go out together next, one statement per source for
+    /// all of them. See the `coalesce` module and the README's Performance section (1.9x the
+    /// dashboards per second of `Pipelined` on the benchmark, the same latency at low load).
+    #[default]
+    Coalesced,
     /// One pooled connection per dashboard; the three statements are pipelined on it (sent
     /// without waiting for each other's answers). One database slot per dashboard.
-    #[default]
     Pipelined,
     /// Three pooled connections per dashboard, one statement each. Three database slots.
     Pooled,
-    /// Coalesced: concurrent dashboards of a worker share their statements (one statement per
-    /// source for every dashboard waiting while the previous one was in flight; a lone
-    /// dashboard's reads go out at once). See the `coalesce` module.
-    Coalesced,
 }
 
 /// Settings of the orchestration layer.

@@ -248,29 +248,14 @@ impl Service {
     fn spawn_reads(&self, run: &Run, db: &Db) -> Reads {
         let user = run.user.get();
         if let Db::Coalesced = db {
-            let lane = self.inner.coalescer.lane();
-            let (profiles, orders, reviews) = (
-                Arc::clone(&lane.profiles),
-                Arc::clone(&lane.orders),
-                Arc::clone(&lane.reviews),
-            );
-            let service = self.clone();
-            let profile = self.spawn_source(run, Source::Profile, async move {
-                let profile = profiles.read(&service, user).await?;
-                profile.map(Some).ok_or(SourceError::NotFound)
-            });
-            let service = self.clone();
-            let orders = self.spawn_source(run, Source::Orders, async move {
-                orders.read(&service, user).await
-            });
-            let service = self.clone();
-            let reviews = self.spawn_source(run, Source::Reviews, async move {
-                reviews.read(&service, user).await
-            });
+            let waiting = self.inner.coalescer.lane().read(self, user);
             return Reads::Spawned {
-                profile,
-                orders,
-                reviews,
+                profile: self.spawn_source(run, Source::Profile, async move {
+                    let profile = waiting.profile.get().await?;
+                    profile.map(Some).ok_or(SourceError::NotFound)
+                }),
+                orders: self.spawn_source(run, Source::Orders, waiting.orders.get()),
+                reviews: self.spawn_source(run, Source::Reviews, waiting.reviews.get()),
             };
         }
         Reads::Spawned {

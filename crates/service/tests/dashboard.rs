@@ -28,7 +28,11 @@ fn status_of(timings: &[service::SourceTiming], source: Source) -> SourceStatus 
 
 #[tokio::test]
 async fn every_source_arrives_in_one_dashboard() {
-    for mode in [QueryMode::Pipelined, QueryMode::Pooled] {
+    for mode in [
+        QueryMode::Coalesced,
+        QueryMode::Pipelined,
+        QueryMode::Pooled,
+    ] {
         let mut config = test_config();
         config.query_mode = mode;
         let w = world(config).await;
@@ -64,7 +68,10 @@ async fn every_source_arrives_in_one_dashboard() {
 
 #[tokio::test]
 async fn an_unknown_user_is_not_found_and_cancels_the_other_sources() {
-    let w = world(test_config()).await;
+    let mut config = test_config();
+    // Longer than any profile read, however busy the machine: the call must end by cancellation.
+    config.dashboard.recommendations_timeout = Duration::from_secs(9);
+    let w = world(config).await;
     // The recommendation call would take a long time: it must be cancelled, not waited for.
     w.upstream
         .set_user_reply(404, Reply::ok().after(Duration::from_secs(30)));
@@ -238,7 +245,11 @@ async fn one_failing_query_gives_a_partial_dashboard() {
 
 #[tokio::test]
 async fn a_database_that_is_down_makes_the_dashboard_unavailable() {
-    for mode in [QueryMode::Pipelined, QueryMode::Pooled] {
+    for mode in [
+        QueryMode::Coalesced,
+        QueryMode::Pipelined,
+        QueryMode::Pooled,
+    ] {
         let mut config = test_config();
         config.query_mode = mode;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -294,53 +305,58 @@ async fn a_source_timeout_on_the_profile_is_unavailable() {
 
 #[tokio::test]
 async fn database_slots_are_shared_by_all_requests() {
-    let mut config = test_config();
-    config.db_concurrency = 1;
-    config.db_slot_wait = Duration::from_millis(100);
-    let w = world(config).await;
-    let lock = testkit::TableLock::take(&w.db, "users").await;
+    // (In pooled mode each read waits for its own slot, and the profile's failure cancels the
+    // other two before theirs runs out.)
+    for mode in [QueryMode::Coalesced, QueryMode::Pipelined] {
+        let mut config = test_config();
+        config.query_mode = mode;
+        config.db_concurrency = 1;
+        config.db_slot_wait = Duration::from_millis(100);
+        let w = world(config).await;
+        let lock = testkit::TableLock::take(&w.db, "users").await;
 
-    // The first dashboard takes the only slot and waits on the lock.
-    let first = tokio::spawn({
-        let service = w.service.clone();
-        async move { service.dashboard(uid(1)).await }
-    });
-    while w.service.gauges().slots_in_use == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The first dashboard takes the only slot and waits on the lock.
+        let first = tokio::spawn({
+            let service = w.service.clone();
+            async move { service.dashboard(uid(1)).await }
+        });
+        while w.service.gauges().slots_in_use == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The second cannot get a slot and says so instead of queueing without bound.
+        let err = w.service.dashboard(uid(2)).await.unwrap_err();
+        let DashboardError::Unavailable { errors, timings } = &err else {
+            panic!("expected Unavailable, got {err:?}");
+        };
+        assert_eq!(errors[0].kind, "busy");
+        assert_eq!(
+            errors[0].error,
+            "database busy: no connection slot free within 100ms"
+        );
+        // The database sources failed, and their statuses say so (not "never ran"); the
+        // recommendation call, which needs no database, either finished first (the stand-in answers
+        // at once) or was cancelled with the rest.
+        let statuses: Vec<_> = timings.iter().map(|t| (t.source, t.status)).collect();
+        assert_eq!(
+            statuses[..3],
+            [
+                (Source::Profile, SourceStatus::Error),
+                (Source::Orders, SourceStatus::Error),
+                (Source::Reviews, SourceStatus::Error),
+            ]
+        );
+        assert!(matches!(
+            statuses[3],
+            (
+                Source::Recommendations,
+                SourceStatus::Ok | SourceStatus::Cancelled
+            )
+        ));
+
+        lock.release().await;
+        assert_eq!(first.await.unwrap().unwrap().profile.id, 1);
+        assert_eq!(w.service.gauges().slots_in_use, 0);
     }
-    // The second cannot get a slot and says so instead of queueing without bound.
-    let err = w.service.dashboard(uid(2)).await.unwrap_err();
-    let DashboardError::Unavailable { errors, timings } = &err else {
-        panic!("expected Unavailable, got {err:?}");
-    };
-    assert_eq!(errors[0].kind, "busy");
-    assert_eq!(
-        errors[0].error,
-        "database busy: no connection slot free within 100ms"
-    );
-    // The database sources failed, and their statuses say so (not "never ran"); the
-    // recommendation call, which needs no database, either finished first (the stand-in answers
-    // at once) or was cancelled with the rest.
-    let statuses: Vec<_> = timings.iter().map(|t| (t.source, t.status)).collect();
-    assert_eq!(
-        statuses[..3],
-        [
-            (Source::Profile, SourceStatus::Error),
-            (Source::Orders, SourceStatus::Error),
-            (Source::Reviews, SourceStatus::Error),
-        ]
-    );
-    assert!(matches!(
-        statuses[3],
-        (
-            Source::Recommendations,
-            SourceStatus::Ok | SourceStatus::Cancelled
-        )
-    ));
-
-    lock.release().await;
-    assert_eq!(first.await.unwrap().unwrap().profile.id, 1);
-    assert_eq!(w.service.gauges().slots_in_use, 0);
 }
 
 #[tokio::test]
