@@ -241,7 +241,7 @@ async fn measure_all(bench: &Bench, args: &PerfArgs, callgrind: bool) -> Result<
         find(&alone, Target::Coalesced)?.p50_ms / find(&alone, Target::Service)?.p50_ms.max(1e-9)
     );
     if callgrind {
-        for target in [Target::Service, Target::Baseline] {
+        for target in TARGETS {
             let per = instructions(bench, target, users).await?;
             println!(
                 "{}: {per:.0} instructions per dashboard (callgrind)",

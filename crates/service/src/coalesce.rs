@@ -26,7 +26,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use repository::{Conn, Order, Page, Profile, Review};
+use std::time::Duration;
+
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::{Service, SourceError};
 
@@ -119,10 +122,10 @@ impl<T> Answer<T> {
 
 /// One source's reads waiting in one lane.
 struct Pending<T> {
-    /// Ids in arrival order.
+    /// Ids in the order their first read arrived.
     order: Vec<i64>,
-    /// Who waits for each id.
-    waiting: HashMap<i64, Vec<Reply<T>>>,
+    /// Who waits for each id, in arrival order, and since when.
+    waiting: HashMap<i64, Vec<(Instant, Reply<T>)>>,
 }
 
 impl<T> Default for Pending<T> {
@@ -135,13 +138,13 @@ impl<T> Default for Pending<T> {
 }
 
 impl<T> Pending<T> {
-    fn push(&mut self, id: i64) -> Answer<T> {
+    fn push(&mut self, id: i64, now: Instant) -> Answer<T> {
         let (reply, answer) = oneshot::channel();
         let waiters = self.waiting.entry(id).or_default();
         if waiters.is_empty() {
             self.order.push(id);
         }
-        waiters.push(reply);
+        waiters.push((now, reply));
         Answer(answer)
     }
 
@@ -155,13 +158,46 @@ impl<T> Pending<T> {
         let take = self.order.len().min(MAX_BATCH);
         let mut batch: Vec<(i64, Vec<Reply<T>>)> = Vec::with_capacity(take);
         for id in self.order.drain(..take) {
-            let mut waiters = self.waiting.remove(&id).unwrap_or_default();
-            waiters.retain(|w| !w.is_closed());
+            let waiters: Vec<Reply<T>> = self
+                .waiting
+                .remove(&id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(_, reply)| reply)
+                .filter(|reply| !reply.is_closed())
+                .collect();
             if !waiters.is_empty() {
                 batch.push((id, waiters));
             }
         }
         Batch(batch)
+    }
+
+    /// Fails the reads queued at or before `cutoff` with `error`; returns when the oldest of
+    /// those left was queued.
+    fn shed(&mut self, cutoff: Instant, error: &SourceError) -> Option<Instant> {
+        let waiting = &mut self.waiting;
+        let mut oldest: Option<Instant> = None;
+        self.order.retain(|id| {
+            let Some(waiters) = waiting.get_mut(id) else {
+                return false;
+            };
+            for (since, reply) in std::mem::take(waiters) {
+                if since <= cutoff {
+                    let _ = reply.send(Err(error.shared()));
+                } else {
+                    oldest = Some(oldest.map_or(since, |o| o.min(since)));
+                    waiters.push((since, reply));
+                }
+            }
+            if waiters.is_empty() {
+                waiting.remove(id);
+                false
+            } else {
+                true
+            }
+        });
+        oldest
     }
 }
 
@@ -220,6 +256,8 @@ fn answer<T>(waiters: Vec<Reply<T>>, value: impl Fn() -> Result<T, SourceError>)
 struct Queues {
     /// How many of the lane's driver tasks run (at most [`ROUNDS_IN_FLIGHT`]).
     drivers: usize,
+    /// Whether the lane's shedder task runs (see [`shed`]).
+    shedding: bool,
     profiles: Pending<Option<Profile>>,
     orders: Pending<Page<Order>>,
     reviews: Pending<Page<Review>>,
@@ -243,23 +281,64 @@ impl Lane {
     /// Queues the three reads of `id`'s dashboard, all at once so that a lone dashboard's reads
     /// go out together, and starts a driver if fewer than [`ROUNDS_IN_FLIGHT`] run.
     pub(crate) fn read(self: &Arc<Self>, service: &Service, id: i64) -> Waiting {
-        let (waiting, start) = {
+        let now = Instant::now();
+        let (waiting, start, shed) = {
             let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
             let waiting = Waiting {
-                profile: queues.profiles.push(id),
-                orders: queues.orders.push(id),
-                reviews: queues.reviews.push(id),
+                profile: queues.profiles.push(id, now),
+                orders: queues.orders.push(id, now),
+                reviews: queues.reviews.push(id, now),
             };
             let start = queues.drivers < ROUNDS_IN_FLIGHT;
             if start {
                 queues.drivers += 1;
             }
-            (waiting, start)
+            // Every driver busy: these reads wait for a round, at most `db_slot_wait`.
+            let shed = !start && !std::mem::replace(&mut queues.shedding, true);
+            (waiting, start, shed)
         };
         if start {
             tokio::spawn(drive(Arc::clone(self), service.clone()));
         }
+        if shed {
+            tokio::spawn(shed_stale(
+                Arc::clone(self),
+                now,
+                service.inner.config.db_slot_wait,
+            ));
+        }
         waiting
+    }
+}
+
+/// Fails the reads that waited for a round longer than `wait` with "busy", as a dashboard of
+/// per-request mode fails when it waited that long for a slot: while the database stalls, every
+/// round stays in flight, and without this the reads behind them would wait until their
+/// timeouts. One timer per lane, armed only while reads wait behind busy drivers; it ends when
+/// none are left.
+async fn shed_stale(lane: Arc<Lane>, oldest: Instant, wait: Duration) {
+    let busy = SourceError::Busy(wait);
+    let mut next = oldest;
+    loop {
+        tokio::time::sleep_until(next + wait).await;
+        let mut queues = lane.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let cutoff = now.checked_sub(wait).unwrap_or(now);
+        let left = [
+            queues.reviews.shed(cutoff, &busy),
+            queues.orders.shed(cutoff, &busy),
+            queues.profiles.shed(cutoff, &busy),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        match left {
+            Some(oldest) => next = oldest,
+            None => {
+                queues.shedding = false;
+                return;
+            }
+        }
     }
 }
 

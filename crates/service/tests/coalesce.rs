@@ -129,3 +129,44 @@ async fn a_coalesced_read_that_stops_waiting_leaves_the_others_their_answer() {
         assert!(dashboard.errors.is_empty(), "{:?}", dashboard.errors);
     }
 }
+
+#[tokio::test]
+async fn reads_behind_stalled_rounds_fail_busy_after_the_slot_wait() {
+    let mut config = test_config();
+    config.query_mode = QueryMode::Coalesced;
+    config.db_slot_wait = Duration::from_millis(100);
+    let w = world_with(config, |_| {}).await;
+    let lock = testkit::TableLock::take(&w.db, "users").await;
+    // Two dashboards, one after the other: both rounds of the lane go out, and both stall on
+    // the lock.
+    let mut stalled = Vec::new();
+    for id in [1, 2] {
+        let service = w.service.clone();
+        stalled.push(tokio::spawn(
+            async move { service.dashboard(uid(id)).await },
+        ));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while w.service.gauges().slots_in_use < id as usize {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the round went out");
+    }
+    // A third waits for a round, not for its 8 s profile timeout: "busy" after the slot wait.
+    let waited = std::time::Instant::now();
+    let err = w.service.dashboard(uid(3)).await.unwrap_err();
+    let DashboardError::Unavailable { errors, .. } = &err else {
+        panic!("expected Unavailable, got {err:?}");
+    };
+    assert_eq!(errors[0].kind, "busy", "{errors:?}");
+    assert!(
+        waited.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        waited.elapsed()
+    );
+    lock.release().await;
+    for (dashboard, id) in stalled.into_iter().zip([1, 2]) {
+        assert_eq!(dashboard.await.unwrap().unwrap().profile.id, id);
+    }
+}
