@@ -196,7 +196,7 @@ impl Service {
         let (timeout, whole) = (config.recommendations_timeout, config.deadline);
         let recommendations = group
             .child(Source::Recommendations.as_str())
-            .spawn(async move {
+            .spawn(Box::pin(async move {
                 let _watch = watch;
                 let own = Instant::now() + timeout;
                 let (until, limit, after) = if own < deadline {
@@ -213,7 +213,7 @@ impl Service {
                     }
                     other => Ok(other?),
                 }
-            });
+            }));
         Ok(Run {
             user,
             deadline,
@@ -311,6 +311,10 @@ impl Service {
         Fut: Future<Output = Result<T, SourceError>> + Send + 'static,
     {
         let watch = run.clocks.watch(source);
+        // Boxed once here, the read moves as a pointer through the group's spawn path and into
+        // its task (callgrind: 231 000 -> 219 000 instructions per dashboard, boxing the
+        // recommendation call as well: 217 000; the allocation is cheaper than the copies).
+        let read = Box::pin(read);
         run.group
             .child(source.as_str())
             .timeout(self.inner.config.dashboard.timeout(source))
