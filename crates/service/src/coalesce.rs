@@ -346,11 +346,17 @@ async fn shed_stale(lane: Arc<Lane>, oldest: Instant, wait: Duration) {
 /// Sends the lane's reads until none wait: each round, everything that gathered (up to
 /// [`MAX_BATCH`] ids per source) as up to three statements pipelined on one connection.
 async fn drive(lane: Arc<Lane>, service: Service) {
+    let mut running = Running {
+        lane: &lane,
+        ended: false,
+    };
     loop {
         let (profiles, orders, reviews) = {
             let mut queues = lane.queues.lock().unwrap_or_else(PoisonError::into_inner);
             if queues.profiles.is_empty() && queues.orders.is_empty() && queues.reviews.is_empty() {
+                // Under the same lock as the check: a read queued after it starts a new driver.
                 queues.drivers -= 1;
+                running.ended = true;
                 return;
             }
             (
@@ -390,6 +396,26 @@ async fn drive(lane: Arc<Lane>, service: Service) {
                 orders.fail(&error);
                 profiles.fail(&error);
             }
+        }
+    }
+}
+
+/// A driver that ends any other way than by finding its queues empty (a panic, its runtime
+/// shutting down) gives its place back, so the lane is not left without drivers.
+struct Running<'a> {
+    lane: &'a Lane,
+    ended: bool,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            let mut queues = self
+                .lane
+                .queues
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            queues.drivers -= 1;
         }
     }
 }
