@@ -343,6 +343,56 @@ async fn shed_stale(lane: Arc<Lane>, oldest: Instant, wait: Duration) {
     }
 }
 
+/// A lone dashboard's hold on its lane's round: while it lasts, the lane's reads gather as
+/// behind any round in flight; when it ends, a driver takes them (see [`Lane::alone`]).
+pub(crate) struct Solo {
+    lane: Arc<Lane>,
+    service: Service,
+}
+
+impl std::fmt::Debug for Solo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Solo")
+    }
+}
+
+impl Lane {
+    /// If the lane is idle, the caller's dashboard takes its round and reads as in per-request
+    /// mode, on a lease of its own: at low load a dashboard then costs what it costs without
+    /// coalescing (no driver task, no hand-over of rows). Dashboards that arrive meanwhile
+    /// gather, and go out together when the returned hold is dropped with the lease.
+    pub(crate) fn alone(self: &Arc<Self>, service: &Service) -> Option<Solo> {
+        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        (queues.drivers == 0).then(|| {
+            queues.drivers = 1;
+            Solo {
+                lane: Arc::clone(self),
+                service: service.clone(),
+            }
+        })
+    }
+}
+
+impl Drop for Solo {
+    fn drop(&mut self) {
+        let mut queues = self
+            .lane
+            .queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let idle =
+            queues.profiles.is_empty() && queues.orders.is_empty() && queues.reviews.is_empty();
+        match tokio::runtime::Handle::try_current() {
+            // The round passes to a driver for what gathered.
+            Ok(runtime) if !idle => {
+                drop(queues);
+                runtime.spawn(drive(Arc::clone(&self.lane), self.service.clone()));
+            }
+            _ => queues.drivers -= 1,
+        }
+    }
+}
+
 /// Sends the lane's reads until none wait: each round, everything that gathered (up to
 /// [`MAX_BATCH`] ids per source) as up to three statements pipelined on one connection.
 async fn drive(lane: Arc<Lane>, service: Service) {

@@ -228,17 +228,27 @@ impl Service {
     async fn lease(&self, deadline: Instant) -> Result<Db, SourceError> {
         match self.inner.config.query_mode {
             QueryMode::Pooled => Ok(Db::Own),
-            QueryMode::Coalesced => Ok(Db::Coalesced),
-            QueryMode::Pipelined => {
-                let lease = self.inner.gate.lease(&self.inner.db, Some(deadline));
-                match tokio::time::timeout_at(deadline, lease).await {
-                    Ok(lease) => Ok(Db::Shared(Arc::new(lease?))),
-                    Err(_) => Err(SourceError::TimedOut {
-                        after: self.inner.config.dashboard.deadline,
-                        limit: Limit::DashboardDeadline,
-                    }),
+            QueryMode::Coalesced => match self.inner.coalescer.lane().alone(self) {
+                None => Ok(Db::Coalesced),
+                // An idle lane: this dashboard reads as in pipelined mode, holding the round.
+                Some(round) => {
+                    let mut lease = self.pipelined_lease(deadline).await?;
+                    lease.round = Some(round);
+                    Ok(Db::Shared(Arc::new(lease)))
                 }
-            }
+            },
+            QueryMode::Pipelined => Ok(Db::Shared(Arc::new(self.pipelined_lease(deadline).await?))),
+        }
+    }
+
+    async fn pipelined_lease(&self, deadline: Instant) -> Result<Lease, SourceError> {
+        let lease = self.inner.gate.lease(&self.inner.db, Some(deadline));
+        match tokio::time::timeout_at(deadline, lease).await {
+            Ok(lease) => lease,
+            Err(_) => Err(SourceError::TimedOut {
+                after: self.inner.config.dashboard.deadline,
+                limit: Limit::DashboardDeadline,
+            }),
         }
     }
 

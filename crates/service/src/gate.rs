@@ -38,6 +38,9 @@ pub(crate) struct DbGate {
 #[derive(Debug)]
 pub(crate) struct Lease {
     pub(crate) conn: Conn,
+    /// In coalesced mode, a lone dashboard's hold on its lane's round, given back after the
+    /// connection (fields drop in order).
+    pub(crate) round: Option<crate::coalesce::Solo>,
 }
 
 impl DbGate {
@@ -76,7 +79,7 @@ impl DbGate {
         };
         let mut conn = db.conn_in_lane(lane).await?;
         conn.hold(permit);
-        Ok(Lease { conn })
+        Ok(Lease { conn, round: None })
     }
 
     /// A free slot without waiting: of the calling thread's own lane first, then of any other.
