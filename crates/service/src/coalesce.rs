@@ -1,15 +1,16 @@
 //! Coalesced reads: concurrent dashboards share statements, the way a DataLoader shares fetches.
 //!
-//! Each lane (worker thread) has one queue per source (profile, orders, reviews) and up to
-//! [`ROUNDS_IN_FLIGHT`] driver tasks. A dashboard puts its three reads in the queues at once and
-//! waits for their rows. If fewer drivers run than that, the dashboard starts one, so a lone
-//! dashboard goes straight out: no timer, no added wait at low load, and its three statements
-//! pipelined on one connection as in per-request mode (a statement for one id is the
-//! per-request statement itself). While every driver has statements in flight, the reads that
-//! arrive gather; when a driver's statements complete, it sends everything that gathered (up to
-//! [`MAX_BATCH`] distinct ids per source), again as up to three statements pipelined on one
+//! Each lane (worker thread) has one queue per source (profile, orders, reviews) and at most
+//! [`ROUNDS_IN_FLIGHT`] round of statements in flight. A dashboard that finds its lane idle
+//! takes the round and reads exactly as in per-request mode, its three statements pipelined on
+//! a lease of its own ([`Lane::alone`]): at low load nothing is added, no timer, no extra task.
+//! A dashboard that finds a round in flight puts its three reads in the queues at once and waits
+//! for their rows. When the round ends, a driver task sends everything that gathered (up to
+//! [`MAX_BATCH`] distinct ids per source) as up to three statements pipelined on one
 //! connection: `= ANY($1)` for profiles and a `LATERAL` join for orders and reviews, so each
-//! user keeps their own order and limit. Duplicate ids share one read.
+//! user keeps their own order and limit; a statement for one id is the per-request statement
+//! itself. Duplicate ids share one read. The driver goes on while reads gather, and ends when
+//! its queues are empty.
 //!
 //! Each read gets exactly the rows it would have got alone. A statement that fails fails each
 //! of its reads with the same error. A read that stops waiting (its client left, its timeout or
