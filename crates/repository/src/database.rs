@@ -403,14 +403,7 @@ impl Conn {
     pub async fn orders(&self, user_id: i64) -> Result<Page<Order>, Error> {
         let limit = self.limits.orders;
         let rows = self.statement(ORDERS, &[&user_id, &(limit + 1)]).await?;
-        Page::of(rows, limit, |row| {
-            Ok(Order {
-                id: get(row, 0)?,
-                product: get(row, 1)?,
-                amount: get(row, 2)?,
-                created_at: get(row, 3)?,
-            })
-        })
+        Page::of(rows, limit, |row| order_from(row, 0))
     }
 
     /// A user's reviews, newest first, at most `reviews_limit` of them, and whether there are
@@ -422,14 +415,7 @@ impl Conn {
     pub async fn reviews(&self, user_id: i64) -> Result<Page<Review>, Error> {
         let limit = self.limits.reviews;
         let rows = self.statement(REVIEWS, &[&user_id, &(limit + 1)]).await?;
-        Page::of(rows, limit, |row| {
-            Ok(Review {
-                id: get(row, 0)?,
-                product_id: get(row, 1)?,
-                rating: get(row, 2)?,
-                content: get(row, 3)?,
-            })
-        })
+        Page::of(rows, limit, |row| review_from(row, 0))
     }
 
     /// Profile and order summary of every listed user that exists, in one statement
@@ -476,14 +462,8 @@ impl Conn {
         let rows = self
             .statement(ORDERS_OF, &[&user_ids, &(limit + 1)])
             .await?;
-        pages(user_ids, &rows, limit, |row| {
-            Ok(Order {
-                id: get(row, 1)?,
-                product: get(row, 2)?,
-                amount: get(row, 3)?,
-                created_at: get(row, 4)?,
-            })
-        })
+        // Column 0 is the user's id.
+        pages(user_ids, &rows, limit, |row| order_from(row, 1))
     }
 
     /// The reviews of every listed user (distinct ids), in one statement: for each user, exactly
@@ -497,14 +477,7 @@ impl Conn {
         let rows = self
             .statement(REVIEWS_OF, &[&user_ids, &(limit + 1)])
             .await?;
-        pages(user_ids, &rows, limit, |row| {
-            Ok(Review {
-                id: get(row, 1)?,
-                product_id: get(row, 2)?,
-                rating: get(row, 3)?,
-                content: get(row, 4)?,
-            })
-        })
+        pages(user_ids, &rows, limit, |row| review_from(row, 1))
     }
 
     /// Starts a transaction on this connection (for tests and tools that write).
@@ -654,6 +627,24 @@ fn profile_from(row: &Row, first: usize) -> Result<Profile, Error> {
         username: get(row, first + 1)?,
         email: get(row, first + 2)?,
         avatar: get(row, first + 3)?,
+    })
+}
+
+fn order_from(row: &Row, first: usize) -> Result<Order, Error> {
+    Ok(Order {
+        id: get(row, first)?,
+        product: get(row, first + 1)?,
+        amount: get(row, first + 2)?,
+        created_at: get(row, first + 3)?,
+    })
+}
+
+fn review_from(row: &Row, first: usize) -> Result<Review, Error> {
+    Ok(Review {
+        id: get(row, first)?,
+        product_id: get(row, first + 1)?,
+        rating: get(row, first + 2)?,
+        content: get(row, first + 3)?,
     })
 }
 

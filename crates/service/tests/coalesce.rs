@@ -150,16 +150,15 @@ async fn reads_behind_stalled_rounds_fail_busy_after_the_slot_wait() {
     .await
     .expect("the round went out");
     // The next waits for a round, not for its 8 s profile timeout: "busy" after the slot wait.
-    let waited = std::time::Instant::now();
     let err = w.service.dashboard(uid(2)).await.unwrap_err();
     let DashboardError::Unavailable { errors, .. } = &err else {
         panic!("expected Unavailable, got {err:?}");
     };
     assert_eq!(errors[0].kind, "busy", "{errors:?}");
-    assert!(
-        waited.elapsed() < Duration::from_secs(4),
-        "{:?}",
-        waited.elapsed()
+    // The bound that fired is the slot wait, not a timeout.
+    assert_eq!(
+        errors[0].error,
+        "database busy: no connection slot free within 100ms"
     );
     lock.release().await;
     assert_eq!(stalled.await.unwrap().unwrap().profile.id, 1);

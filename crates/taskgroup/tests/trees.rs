@@ -19,7 +19,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -28,29 +28,9 @@ use taskgroup::{
     ScopeError, Spawner, TaskGroup, Timeout, live_children,
 };
 
-/// Serialises the cases of every test here, because the gauge is process-wide.
-static SERIAL: Mutex<()> = Mutex::new(());
+mod common;
 
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-const SCRIPTED_PANIC: &str = "scripted panic";
-
-/// Keeps the scripted panics out of the test output; any other panic is printed as usual.
-fn quiet_scripted_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if info.payload().downcast_ref::<&str>() != Some(&SCRIPTED_PANIC) {
-                default(info);
-            }
-        }));
-    });
-}
+use common::{SCRIPTED_PANIC, quiet_scripted_panics, serial};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
