@@ -1,15 +1,45 @@
 //! `cargo xtask db start|stop|status|url`: the development cluster described by the settings.
 //!
 //! Its port, superuser and database name come from `database.url`; where it lives and its server
-//! settings from `[local_cluster]`.
+//! settings are below (they are the developer's, not the service's). Also `cargo xtask seed`.
 
-use std::str::FromStr;
-
-use anyhow::{Context, Result, bail};
-use api::settings::Settings;
+use anyhow::Result;
 use clap::{Args, Subcommand};
+use xtask::pg::{State, dev_cluster, start};
+use xtask::settings::Settings;
 
-use crate::pg::{Cluster, State};
+/// Arguments of `cargo xtask seed`.
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// How many users to create (ids 1 to N); each gets about 10 orders and 3 reviews.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=50_000_000))]
+    users: u32,
+    /// Delete every user, order and review first (the database must otherwise be empty).
+    #[arg(long)]
+    reset: bool,
+}
+
+/// Runs `cargo xtask seed` against the configured database.
+pub fn seed(args: &SeedArgs) -> Result<()> {
+    let settings = Settings::load()?;
+    let url = settings.database.url_with_password()?;
+    println!(
+        "seeding {} users into {}",
+        args.users,
+        settings.database.masked_url()
+    );
+    let report = xtask::seed::seed(&url, args.users, args.reset)?;
+    let seconds = report.load_time.as_secs_f64();
+    println!(
+        "seeded {} users, {} orders, {} reviews: {} rows in {seconds:.2} s ({:.0} rows/s)",
+        report.users,
+        report.orders,
+        report.reviews,
+        report.rows(),
+        report.rows() as f64 / seconds.max(1e-9)
+    );
+    Ok(())
+}
 
 /// Arguments of `cargo xtask db`.
 #[derive(Debug, Args)]
@@ -33,7 +63,7 @@ enum DbAction {
 
 /// Runs `cargo xtask db`.
 pub async fn run(args: DbArgs) -> Result<()> {
-    let settings = Settings::load().context("cannot load the settings")?;
+    let settings = Settings::load()?;
     let (cluster, database) = dev_cluster(&settings)?;
     match args.action {
         DbAction::Start => {
@@ -71,84 +101,30 @@ pub async fn run(args: DbArgs) -> Result<()> {
             println!("log:      {}", cluster.log_file().display());
         }
         DbAction::Url => {
-            println!("{}", cluster.db_config(&database)?.url);
+            println!("{}", cluster.url(&database)?);
         }
     }
     Ok(())
 }
 
-/// The development cluster and database name the settings point at.
-///
-/// # Errors
-///
-/// When `database.url` does not point at a cluster on this machine.
-pub fn dev_cluster(settings: &Settings) -> Result<(Cluster, String)> {
-    let pg = tokio_postgres::Config::from_str(&settings.database.url)
-        .context("database.url is not a valid PostgreSQL URL")?;
-    let local = pg.get_hosts().iter().all(|host| match host {
-        tokio_postgres::config::Host::Tcp(name) => name == "127.0.0.1" || name == "localhost",
-        tokio_postgres::config::Host::Unix(_) => false,
-    });
-    if !local {
-        bail!(
-            "database.url ({}) does not point at 127.0.0.1, so it is not the local cluster that \
-             `cargo xtask db` manages",
-            settings.database.masked_url()
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use xtask::pg::DEV_CLUSTER_DIR;
+
+    use super::*;
+
+    #[test]
+    fn the_configured_password_file_is_the_dev_clusters() {
+        let settings = Settings::load_from(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../config"),
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.database.password_file.as_deref(),
+            Some(Path::new(DEV_CLUSTER_DIR).join("password").as_path())
         );
     }
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    let user = pg.get_user().unwrap_or("postgres").to_owned();
-    let database = pg.get_dbname().unwrap_or(&user).to_owned();
-    let cluster = Cluster::new(
-        &settings.local_cluster.dir,
-        port,
-        &user,
-        settings.local_cluster.server_settings.clone(),
-    )?;
-    Ok((cluster, database))
-}
-
-/// Starts `cluster` and creates `database` on it when missing.
-///
-/// # Errors
-///
-/// When the server does not come up or the database cannot be created.
-pub async fn start(cluster: &Cluster, database: &str) -> Result<()> {
-    cluster.start().await?;
-    create_database(cluster, database, None).await
-}
-
-/// Creates `database` (optionally as a copy of `template`) unless it exists.
-///
-/// # Errors
-///
-/// When the name is not a plain identifier or the server refuses.
-pub async fn create_database(
-    cluster: &Cluster,
-    database: &str,
-    template: Option<&str>,
-) -> Result<()> {
-    for name in std::iter::once(database).chain(template) {
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            bail!("database name {name:?} must be letters, digits and underscores");
-        }
-    }
-    let client = repository::connect(&cluster.db_config("postgres")?)
-        .await
-        .context("cannot connect to the local cluster")?;
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
-        .await
-        .context("cannot list databases")?
-        .is_some();
-    if !exists {
-        let template = template
-            .map(|t| format!(" TEMPLATE \"{t}\""))
-            .unwrap_or_default();
-        client
-            .batch_execute(&format!("CREATE DATABASE \"{database}\"{template}"))
-            .await
-            .with_context(|| format!("cannot create database {database}"))?;
-    }
-    Ok(())
 }

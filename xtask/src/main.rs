@@ -1,29 +1,20 @@
 //! Developer commands for the dashboard workspace, reached as `cargo xtask <command>`.
 //!
-//! Everything a developer or CI does by hand lives here, in Rust, so it behaves the same on every
-//! machine: running a local PostgreSQL cluster, migrating and seeding it, running the tests against a
-//! throwaway cluster, serving the stand-in recommendation service, load tests and benchmarks.
+//! Thin glue: it runs a local PostgreSQL cluster, builds the service's binaries (`api`, the
+//! stand-in `upstream`, the `loadtest` generator) and starts them; it links none of them, so its
+//! own build takes seconds. `chaos` and `bench` run the `lab` binary (this package with the `lab`
+//! feature), built in release because they measure or stress at full speed.
 
-mod bench;
-mod chaos;
 mod db;
-mod loadtest;
-mod migrate;
-mod overhead;
-mod perf;
-mod pg;
 mod schemathesis;
-mod seed;
-mod seed_diff;
-mod stack;
 mod test;
 mod up;
-mod upstream;
 
+use std::os::unix::process::CommandExt as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// Developer commands for the dashboard workspace.
 #[derive(Debug, Parser)]
@@ -40,56 +31,35 @@ enum Command {
     Up(up::UpArgs),
     /// Run the project-local PostgreSQL cluster: start, stop, status, url.
     Db(db::DbArgs),
-    /// Apply pending migrations from migrations/ (or list them with --status).
-    Migrate(migrate::MigrateArgs),
+    /// Apply pending migrations from migrations/ (or list them with --status): `api migrate`.
+    Migrate(Forward),
     /// Fill the database with deterministic pseudo-random users, orders and reviews.
-    Seed(seed::SeedArgs),
+    Seed(db::SeedArgs),
     /// Run every test against a throwaway PostgreSQL cluster (the project's test command).
     Test(test::TestArgs),
-    /// Serve the stand-in recommendation service (with optional latency and faults) until Ctrl-C.
-    Upstream(upstream::UpstreamArgs),
-    /// Load the service (or the stand-in upstream) and report latency, throughput and errors.
-    Loadtest(loadtest::Args),
-    /// Faults, overload and hostile clients against the real service (database restart, pool
-    /// exhaustion, upstream faults, abandoned requests, shutdown under load, slow clients), with a
-    /// PASS/FAIL report; exits non-zero on any FAIL.
-    Chaos(chaos::ChaosArgs),
-    /// Wall-clock benchmarks, such as the seed's fan-out comparison (`bench fanout`).
-    Bench(bench::BenchArgs),
+    /// Serve the stand-in recommendation service (with optional latency and faults) until Ctrl-C:
+    /// the `upstream` binary; `--help` lists its flags.
+    Upstream(Forward),
+    /// Load the service (or the stand-in upstream) and report latency, throughput and errors:
+    /// the `loadtest` binary; `--help` lists its flags.
+    Loadtest(Forward),
+    /// Faults, overload and hostile clients against the real service, with a PASS/FAIL report;
+    /// exits non-zero on any FAIL. `--help` lists the scenarios.
+    Chaos(Forward),
+    /// Benchmarks (fan-out, database ceiling, latency, overhead, …); `--help` lists them.
+    Bench(Forward),
 }
 
-impl Command {
-    /// Commands whose speed is what they serve or measure: a debug build would misreport it.
-    fn wants_release_build(&self) -> bool {
-        matches!(
-            self,
-            Command::Up(_)
-                | Command::Upstream(_)
-                | Command::Loadtest(_)
-                | Command::Bench(_)
-                | Command::Chaos(_)
-        )
-    }
-}
-
-/// Replaces this debug-built process with the same command from a release build.
-fn exec_release() -> std::io::Error {
-    use std::os::unix::process::CommandExt as _;
-    eprintln!("(building xtask in release mode: this command measures or serves at full speed)");
-    std::process::Command::new(up::cargo())
-        .args(["run", "--quiet", "--release", "--package", "xtask", "--"])
-        .args(std::env::args_os().skip(1))
-        .exec()
+/// The arguments of a command that another binary runs, passed on untouched (`--help` included).
+#[derive(Debug, Args)]
+struct Forward {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if cfg!(debug_assertions) && cli.command.wants_release_build() {
-        let error = exec_release();
-        eprintln!("error: cannot run the release build of xtask: {error}");
-        return ExitCode::FAILURE;
-    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -110,12 +80,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => up::run(args).await,
         Command::Db(args) => db::run(args).await,
-        Command::Migrate(args) => migrate::run(args).await,
-        Command::Seed(args) => seed::run(args).await,
+        Command::Seed(args) => db::seed(&args),
         Command::Test(args) => test::run(args).await,
-        Command::Upstream(args) => upstream::run(args).await,
-        Command::Loadtest(args) => loadtest::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
-        Command::Chaos(args) => chaos::run(args).await,
+        Command::Migrate(f) => Err(cargo_run("api", Some("migrate"), &f)),
+        Command::Upstream(f) => Err(cargo_run("upstream", None, &f)),
+        Command::Loadtest(f) => Err(cargo_run("loadtest", None, &f)),
+        Command::Chaos(f) => Err(cargo_run("lab", Some("chaos"), &f)),
+        Command::Bench(f) => Err(cargo_run("lab", Some("bench"), &f)),
     }
+}
+
+/// Replaces this process with `cargo run --release` of `binary` (`lab`: this package's, with the
+/// `lab` feature), its `subcommand` and the forwarded arguments; returns only if cargo cannot
+/// start. cargo's progress shows while it builds.
+fn cargo_run(binary: &str, subcommand: Option<&str>, forward: &Forward) -> anyhow::Error {
+    let mut command = std::process::Command::new(xtask::stack::cargo());
+    command.args(["run", "--release"]);
+    if binary == "lab" {
+        command.args(["--package", "xtask", "--features", "lab", "--bin", "lab"]);
+    } else {
+        command.args(["--package", binary, "--bin", binary]);
+    }
+    let error = command
+        .arg("--")
+        .args(subcommand)
+        .args(&forward.args)
+        .exec();
+    anyhow::anyhow!("cannot run cargo: {error}")
 }

@@ -14,9 +14,16 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use repository::DbConfig;
+
+use crate::settings::{PgUrl, Settings};
 
 /// How long `start` waits for the server to accept connections.
+/// Where the development cluster lives (data, log, password), relative to the workspace;
+/// `database.password_file` in `config/default.toml` points into it.
+pub const DEV_CLUSTER_DIR: &str = "target/pg/dev";
+/// The development cluster's server settings.
+const DEV_SERVER_SETTINGS: [&str; 2] = ["shared_buffers=256MB", "max_connections=200"];
+
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A cluster on this machine, described by where it lives and how to reach it.
@@ -102,20 +109,80 @@ impl Cluster {
         self.state_dir.join("password")
     }
 
-    /// Settings for a connection to `database` on this cluster, password included.
+    /// A cluster deleted after the run (tests, chaos): durability off, room for many connections.
+    ///
+    /// # Errors
+    ///
+    /// As [`Cluster::new`].
+    pub fn throwaway(state_dir: &Path, port: u16) -> Result<Self> {
+        let settings = [
+            // Durability is worthless for a cluster deleted after the run; speed is not.
+            "fsync=off",
+            "synchronous_commit=off",
+            "full_page_writes=off",
+            "max_connections=300",
+            "shared_buffers=128MB",
+        ];
+        Self::new(
+            state_dir,
+            port,
+            "dashboard",
+            settings.map(String::from).to_vec(),
+        )
+    }
+
+    /// The URL of `database` on this cluster, password included.
     ///
     /// # Errors
     ///
     /// When the password file cannot be read (the cluster was never initialised).
-    pub fn db_config(&self, database: &str) -> Result<DbConfig> {
+    pub fn url(&self, database: &str) -> Result<String> {
         let password = std::fs::read_to_string(self.password_file())
             .with_context(|| format!("cannot read {}", self.password_file().display()))?;
-        Ok(DbConfig::with_url(format!(
+        Ok(format!(
             "postgres://{}:{}@127.0.0.1:{}/{database}",
             self.user,
             password.trim(),
             self.port
-        )))
+        ))
+    }
+
+    /// Runs one SQL command with psql on `database` and returns what it printed (unaligned,
+    /// tuples only).
+    ///
+    /// # Errors
+    ///
+    /// When psql cannot connect or the command fails.
+    pub fn psql(&self, database: &str, sql: &str) -> Result<String> {
+        psql(&self.url(database)?, sql)
+    }
+
+    /// Creates `database` (optionally as a copy of `template`) unless it exists.
+    ///
+    /// # Errors
+    ///
+    /// When a name is not a plain identifier or the server refuses.
+    pub fn create_database(&self, database: &str, template: Option<&str>) -> Result<()> {
+        for name in std::iter::once(database).chain(template) {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                bail!("database name {name:?} must be letters, digits and underscores");
+            }
+        }
+        let exists = self.psql(
+            "postgres",
+            &format!("SELECT 1 FROM pg_database WHERE datname = '{database}'"),
+        )?;
+        if exists.trim().is_empty() {
+            let template = template
+                .map(|t| format!(" TEMPLATE \"{t}\""))
+                .unwrap_or_default();
+            self.psql(
+                "postgres",
+                &format!("CREATE DATABASE \"{database}\"{template}"),
+            )
+            .with_context(|| format!("cannot create database {database}"))?;
+        }
+        Ok(())
     }
 
     /// Whether the cluster exists and whether its server runs.
@@ -231,19 +298,14 @@ impl Cluster {
     }
 
     async fn wait_until_ready(&self) -> Result<()> {
-        let config = self.db_config("postgres")?;
         let deadline = Instant::now() + START_DEADLINE;
         loop {
-            match repository::connect(&config).await {
-                Ok(client) => {
-                    client
-                        .simple_query("SELECT 1")
-                        .await
-                        .context("the server accepted a connection but not a query")?;
-                    return Ok(());
-                }
+            // A query with this cluster's password, not just an open port: another server on
+            // the port would answer pg_isready too.
+            match self.psql("postgres", "SELECT 1") {
+                Ok(_) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => bail!(
-                    "PostgreSQL runs but does not accept connections on 127.0.0.1:{} ({e}).\n\
+                    "PostgreSQL runs but does not accept connections on 127.0.0.1:{} ({e:#}).\n\
                      Is another server using that port, or was the cluster started with another \
                      port? Last lines of {}:\n{}",
                     self.port,
@@ -387,7 +449,42 @@ impl Cluster {
 }
 
 /// Finds the directory of `initdb`, `pg_ctl` and `postgres`.
-fn find_bin_dir() -> Result<PathBuf> {
+/// Runs one SQL command with psql against `url` (password included) and returns its output
+/// (unaligned, tuples only). psql is a client: it runs as the current user, root included.
+///
+/// # Errors
+///
+/// When psql cannot be found or run, cannot connect, or the command fails.
+pub fn psql(url: &str, sql: &str) -> Result<String> {
+    let output = Command::new(find_bin_dir()?.join("psql"))
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+            url,
+        ])
+        .env("PGCONNECT_TIMEOUT", "5")
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run psql")?;
+    if !output.status.success() {
+        bail!("psql: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The directory of the PostgreSQL programs (initdb, pg_ctl, psql): on `PATH`, else the newest
+/// under `/usr/lib/postgresql`.
+///
+/// # Errors
+///
+/// When PostgreSQL is not installed.
+pub fn find_bin_dir() -> Result<PathBuf> {
     let on_path = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
@@ -548,6 +645,35 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
         .with_context(|| format!("cannot create {}", path.display()))?;
     file.write_all(contents.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The development cluster and database name the settings point at.
+///
+/// # Errors
+///
+/// When `database.url` does not point at a cluster on this machine.
+pub fn dev_cluster(settings: &Settings) -> Result<(Cluster, String)> {
+    let url = PgUrl::parse(&settings.database.url)?;
+    if url.host != "127.0.0.1" && url.host != "localhost" {
+        bail!(
+            "database.url ({}) does not point at 127.0.0.1, so it is not the local cluster that \
+             `cargo xtask db` manages",
+            settings.database.masked_url()
+        );
+    }
+    let settings = DEV_SERVER_SETTINGS.map(String::from).to_vec();
+    let cluster = Cluster::new(Path::new(DEV_CLUSTER_DIR), url.port, &url.user, settings)?;
+    Ok((cluster, url.database))
+}
+
+/// Starts `cluster` and creates `database` on it when missing.
+///
+/// # Errors
+///
+/// When the server does not come up or the database cannot be created.
+pub async fn start(cluster: &Cluster, database: &str) -> Result<()> {
+    cluster.start().await?;
+    cluster.create_database(database, None)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! `cargo xtask test`: the document must say exactly what the server enforces.
 //!
 //! The server is the debug `api` binary the test run has just built, on a database of the test
-//! cluster seeded with a few hundred users, beside the stand-in recommendation service. Schemathesis
+//! cluster seeded with a few hundred users, beside the debug stand-in recommendation service. Schemathesis
 //! runs from a virtual environment under `target/`, created once from `requirements.txt` here.
 
 use std::path::{Path, PathBuf};
@@ -12,7 +12,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::process::Command;
 
-use crate::pg::Cluster;
+use xtask::pg::Cluster;
+use xtask::stack::{ApiProcess, Upstream, free_port};
 
 const VENV: &str = "target/schemathesis-venv";
 const REQUIREMENTS: &str = "xtask/schemathesis-requirements.txt";
@@ -58,19 +59,19 @@ async fn venv() -> Result<PathBuf> {
 /// When anything cannot be set up, or schemathesis finds a failure.
 pub async fn run(cluster: &Cluster, template: &str) -> Result<()> {
     let cli = venv().await?;
-    crate::db::create_database(cluster, DATABASE, Some(template)).await?;
-    let database = cluster.db_config(DATABASE)?;
-    crate::seed::seed(&database, USERS, true, false).await?;
-    let upstream = upstream::Server::start(upstream::Config::default())
+    cluster.create_database(DATABASE, Some(template))?;
+    let database = cluster.url(DATABASE)?;
+    xtask::seed::seed(&database, USERS, true)?;
+    let upstream = Upstream::start("target/debug/upstream", free_port()?, &[])
         .await
         .context("cannot start the stand-in recommendation service")?;
-    let port = crate::stack::free_port()?;
-    let api = crate::stack::ApiProcess::start_binary(
+    let port = free_port()?;
+    let api = ApiProcess::start_binary(
         "target/debug/api",
         port,
         &[
-            ("DATABASE_URL", database.url.clone()),
-            ("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url()),
+            ("DATABASE_URL", database),
+            ("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url.clone()),
             ("APP__SERVER__WORKERS", "2".to_owned()),
             ("RUST_LOG", "error".to_owned()),
         ],
@@ -90,7 +91,7 @@ pub async fn run(cluster: &Cluster, template: &str) -> Result<()> {
         .await
         .context("cannot run schemathesis")?;
     api.stop(Duration::from_secs(10)).await?;
-    drop(upstream);
+    upstream.stop().await;
     if !status.success() {
         bail!("schemathesis found failures ({status}); the report is above");
     }

@@ -1,84 +1,98 @@
-//! The running stack that `up`, the benchmarks and the chaos runs share: a database prepared for
-//! the dashboard, and the API as a child process built in release mode.
+//! The running stack that `up`, the tests, the benchmarks and the chaos runs share: a database
+//! prepared for the dashboard, and the service's binaries as child processes.
 
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use repository::DbConfig;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-/// Applies pending migrations and seeds `users` users when the database has none.
+use crate::pg::psql;
+
+/// Applies pending migrations (with `api migrate`, the binary at `api`) to the database at `url`
+/// (password included) and seeds `users` users when it has none.
 ///
 /// # Errors
 ///
 /// When the database cannot be reached, migrated or seeded.
-pub async fn prepare_database(database: &DbConfig, users: u32) -> Result<()> {
-    let mut client = repository::connect(database)
+pub async fn prepare_database(api: &Path, url: &str, users: u32) -> Result<()> {
+    let migrated = Command::new(api)
+        .args(["migrate"])
+        .env("APP__DATABASE__URL", url)
+        .stdin(Stdio::null())
+        .status()
         .await
-        .with_context(|| format!("cannot connect to {}", database.masked_url()))?;
-    let applied =
-        crate::migrate::apply(&mut client, Path::new(crate::migrate::MIGRATIONS_DIR)).await?;
-    if !applied.is_empty() {
-        println!("migrations: {} applied", applied.len());
+        .with_context(|| format!("cannot run {} migrate", api.display()))?;
+    if !migrated.success() {
+        bail!("migrating the database failed ({migrated})");
     }
-    // Seeding commits users first, then orders and reviews on other connections: users without
-    // any order or review mean a seeding run was interrupted, so it is done again from scratch.
-    let row = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM users), EXISTS (SELECT 1 FROM orders), \
-                    EXISTS (SELECT 1 FROM reviews)",
-            &[],
-        )
-        .await?;
-    let (has_users, has_orders, has_reviews): (bool, bool, bool) =
-        (row.get(0), row.get(1), row.get(2));
-    let reseed = has_users && !(has_orders && has_reviews);
+    // Seeding commits everything in one transaction, so users without any order or review mean
+    // the data was changed by hand or by an older seeder: seed again from scratch.
+    let state = psql(
+        url,
+        "SELECT EXISTS (SELECT 1 FROM users), EXISTS (SELECT 1 FROM orders) \
+                AND EXISTS (SELECT 1 FROM reviews)",
+    )?;
+    let (has_users, complete) = match state.trim().split_once('|') {
+        Some((users, rest)) => (users == "t", rest == "t"),
+        None => bail!("unexpected answer from psql: {state:?}"),
+    };
+    let reseed = has_users && !complete;
     if !has_users || reseed {
         if reseed {
-            println!("the last seeding was interrupted; seeding again from scratch");
+            println!("the users have no orders or reviews; seeding again from scratch");
         }
         println!("seeding {users} users (once; the data stays for next time)");
-        let report = crate::seed::seed(database, users, reseed, true).await?;
+        let report = crate::seed::seed(url, users, reseed)?;
         println!(
-            "seeded {} rows ({:.0} rows/s)",
+            "seeded {} rows in {:.1} s",
             report.rows(),
-            report.rows() as f64 / report.load_time.as_secs_f64().max(1e-9)
+            report.load_time.as_secs_f64()
         );
     }
     Ok(())
 }
 
-/// The number of users in the database (ids are 1 to this).
+/// The number of users in the database at `url` (ids are 1 to this).
 ///
 /// # Errors
 ///
 /// When the database cannot be queried.
-pub async fn user_count(database: &DbConfig) -> Result<u64> {
-    let client = repository::connect(database).await?;
-    let max: Option<i64> = client
-        .query_one("SELECT max(id) FROM users", &[])
-        .await?
-        .get(0);
-    Ok(max.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
+pub fn user_count(url: &str) -> Result<u64> {
+    let max = psql(url, "SELECT coalesce(max(id), 0) FROM users")?;
+    max.trim()
+        .parse()
+        .with_context(|| format!("unexpected answer from psql: {max:?}"))
 }
 
-/// Builds the API in release mode (quietly; a no-op when it is up to date).
+/// Builds `packages`' binaries in release mode, with cargo's own progress on the terminal (a
+/// no-op when they are up to date).
 ///
 /// # Errors
 ///
 /// When cargo fails.
-pub async fn build_api() -> Result<()> {
-    let built = Command::new(crate::up::cargo())
-        .args(["build", "--release", "--quiet", "--package", "api"])
-        .status()
-        .await
-        .context("cannot run cargo build")?;
+pub async fn build_release(packages: &[&str]) -> Result<()> {
+    let mut command = Command::new(cargo());
+    command.args(["build", "--release"]);
+    for package in packages {
+        command.args(["--package", package]);
+    }
+    let built = command.status().await.context("cannot run cargo build")?;
     if !built.success() {
-        bail!("building the API failed");
+        bail!("building {} failed", packages.join(", "));
     }
     Ok(())
+}
+
+/// The API built in release mode.
+pub const RELEASE_API: &str = "target/release/api";
+
+/// The cargo that runs this command (`CARGO` is set by `cargo run`).
+pub fn cargo() -> std::ffi::OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
 }
 
 /// The API running as a child process.
@@ -97,7 +111,7 @@ impl ApiProcess {
     ///
     /// When it cannot start or exits before it answers.
     pub async fn start(port: u16, settings: &[(&str, String)], quiet: bool) -> Result<Self> {
-        Self::start_binary("target/release/api", port, settings, quiet).await
+        Self::start_binary(RELEASE_API, port, settings, quiet).await
     }
 
     /// Like [`ApiProcess::start`], with another build of the API.
@@ -176,11 +190,8 @@ impl ApiProcess {
     ///
     /// When waiting on the process fails.
     pub async fn stop(mut self, patience: Duration) -> Result<ExitStatus> {
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .await;
+        if let Some(pid) = self.child.id().and_then(|id| i32::try_from(id).ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
         match tokio::time::timeout(patience, self.child.wait()).await {
             Ok(status) => Ok(status?),
@@ -232,7 +243,7 @@ impl ProcessGroup {
 
     /// Sends SIGTERM to the group, waits up to `grace` for it to go away, then sends SIGKILL.
     pub async fn stop(mut self, grace: Duration) {
-        signal_group(self.id, "-TERM");
+        signal_group(self.id, Some(Signal::SIGTERM));
         let gone = tokio::time::timeout(grace, async {
             while group_alive(self.id) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -240,7 +251,7 @@ impl ProcessGroup {
         })
         .await;
         if gone.is_err() {
-            signal_group(self.id, "-KILL");
+            signal_group(self.id, Some(Signal::SIGKILL));
         }
         self.stopped = true;
     }
@@ -249,25 +260,19 @@ impl ProcessGroup {
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         if !self.stopped {
-            signal_group(self.id, "-KILL");
+            signal_group(self.id, Some(Signal::SIGKILL));
         }
     }
 }
 
-fn signal_group(id: u32, signal: &str) {
-    let _ = std::process::Command::new("kill")
-        .args([signal, "--", &format!("-{id}")])
-        .stderr(Stdio::null())
-        .status();
+/// Sends `signal` to the process group `id` (`None` only checks that it exists).
+fn signal_group(id: u32, signal: Option<Signal>) -> bool {
+    i32::try_from(id).is_ok_and(|id| killpg(Pid::from_raw(id), signal).is_ok())
 }
 
-/// Whether any process of the group is left (`kill -0` on the group).
+/// Whether any process of the group is left.
 fn group_alive(id: u32) -> bool {
-    std::process::Command::new("kill")
-        .args(["-0", "--", &format!("-{id}")])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success())
+    signal_group(id, None)
 }
 
 /// A TCP port on 127.0.0.1 that nothing listens on right now.
@@ -278,4 +283,59 @@ fn group_alive(id: u32) -> bool {
 pub fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// A child process that is killed when this value is dropped.
+#[derive(Debug)]
+pub struct Upstream {
+    child: Child,
+    /// `http://127.0.0.1:port`.
+    pub base_url: String,
+}
+
+impl Upstream {
+    /// Starts the stand-in recommendation service (the `upstream` binary at `binary`) on
+    /// 127.0.0.1:`port` with extra flags, and waits until it accepts connections.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot start, exits, or does not listen within 10 s.
+    pub async fn start(binary: &str, port: u16, flags: &[String]) -> Result<Self> {
+        let mut child = Command::new(binary)
+            .arg("--port")
+            .arg(port.to_string())
+            .args(flags)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {binary}"))?;
+        let address = format!("127.0.0.1:{port}");
+        for _ in 0..100 {
+            if let Some(status) = child.try_wait()? {
+                bail!("the stand-in recommendation service exited during start-up ({status})");
+            }
+            if tokio::net::TcpStream::connect(&address).await.is_ok() {
+                return Ok(Self {
+                    child,
+                    base_url: format!("http://{address}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the stand-in recommendation service did not listen on {address} within 10 s")
+    }
+
+    /// Asks it to stop (SIGTERM) and waits up to 5 s, then kills it.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id().and_then(|id| i32::try_from(id).ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
 }

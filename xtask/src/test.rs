@@ -17,8 +17,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use tokio::process::Command;
 
-use crate::migrate::{MIGRATIONS_DIR, apply};
-use crate::pg::Cluster;
+use xtask::pg::Cluster;
+use xtask::stack::{ProcessGroup, free_port};
 
 /// Arguments of `cargo xtask test`.
 #[derive(Debug, Args)]
@@ -34,18 +34,6 @@ const TEMPLATE: &str = "dashboard_template";
 const TEST_CLUSTERS: &str = "target/pg";
 /// The prefix of a run's cluster directory; the process id follows.
 const TEST_PREFIX: &str = "test-";
-
-/// Server settings of a throwaway cluster.
-fn test_settings() -> Vec<String> {
-    vec![
-        // Durability is worthless for a cluster deleted after the run; speed is not.
-        "fsync=off".into(),
-        "synchronous_commit=off".into(),
-        "full_page_writes=off".into(),
-        "max_connections=300".into(),
-        "shared_buffers=128MB".into(),
-    ]
-}
 
 /// Stops and deletes the test cluster when dropped, so an error or a panic cannot leave it running.
 struct ClusterGuard {
@@ -95,25 +83,16 @@ pub async fn run(args: TestArgs) -> Result<()> {
     let lock = std::fs::File::create(dir.join("lock")).context("cannot create the lock file")?;
     lock.try_lock()
         .map_err(|e| anyhow::anyhow!("cannot lock {}: {e}", dir.display()))?;
-    let port = crate::stack::free_port()?;
-    let cluster = Cluster::new(&dir, port, "dashboard", test_settings())?;
+    let port = free_port()?;
+    let cluster = Cluster::throwaway(&dir, port)?;
     let guard = ClusterGuard {
         cluster,
         _lock: lock,
     };
     eprintln!("test cluster: starting on 127.0.0.1:{port}");
     guard.cluster.start().await?;
-    crate::db::create_database(&guard.cluster, TEMPLATE, None).await?;
-    let template = guard.cluster.db_config(TEMPLATE)?;
-    {
-        let mut client = repository::connect(&template).await?;
-        let applied = apply(&mut client, Path::new(MIGRATIONS_DIR)).await?;
-        eprintln!(
-            "test cluster: template migrated ({} migrations)",
-            applied.len()
-        );
-        // The client drops here: a template with a connection open cannot be copied.
-    }
+    guard.cluster.create_database(TEMPLATE, None)?;
+    let template = guard.cluster.url(TEMPLATE)?;
 
     let nextest = Command::new("cargo")
         .args(["nextest", "--version"])
@@ -130,7 +109,10 @@ pub async fn run(args: TestArgs) -> Result<()> {
     {
         Vec::new()
     } else {
-        vec!["--workspace".into()]
+        // The lab (chaos, benchmarks) is xtask's `lab` feature: its unit tests run too.
+        ["--workspace", "--features", "xtask/lab"]
+            .map(String::from)
+            .to_vec()
     };
     let mut runs: Vec<Vec<String>> = Vec::new();
     if nextest {
@@ -180,8 +162,22 @@ pub async fn run(args: TestArgs) -> Result<()> {
             ],
         ));
     }
+    // Build first (the same command with --no-run, so nothing is built twice), then migrate the
+    // template with the `api` binary that build made, then run.
+    let mut build = runs[0].0.clone();
+    build.push("--no-run".into());
+    if let Some(filter) = build.iter().position(|a| a == "--") {
+        build.truncate(filter); // cargo test takes --no-run before its `--`.
+        build.push("--no-run".into());
+    }
+    let built = run_cargo(&build, &[], &template).await?;
+    if !built.success() {
+        drop(guard);
+        bail!("`cargo {}` failed ({built})", build.join(" "));
+    }
+    migrate_template(&template).await?;
     for (run, env) in runs {
-        let status = run_cargo(&run, &env, &template.url).await?;
+        let status = run_cargo(&run, &env, &template).await?;
         if !status.success() {
             drop(guard);
             bail!("`cargo {}` failed ({status})", run.join(" "));
@@ -194,6 +190,38 @@ pub async fn run(args: TestArgs) -> Result<()> {
         return checked;
     }
     drop(guard);
+    Ok(())
+}
+
+/// Migrates the template database with the debug `api` binary (`api migrate`), building it when
+/// the test run's scope did not include it.
+async fn migrate_template(url: &str) -> Result<()> {
+    const API: &str = "target/debug/api";
+    if !Path::new(API).is_file() {
+        let built = Command::new("cargo")
+            .args(["build", "--package", "api", "--bin", "api"])
+            .status()
+            .await
+            .context("cannot run cargo build")?;
+        if !built.success() {
+            bail!("building the api binary failed");
+        }
+    }
+    let output = Command::new(API)
+        .arg("migrate")
+        .env("APP__DATABASE__URL", url)
+        .env("APP_CONFIG_DIR", "config")
+        .output()
+        .await
+        .context("cannot run api migrate")?;
+    if !output.status.success() {
+        bail!(
+            "migrating the template failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    eprintln!("test cluster: template migrated");
     Ok(())
 }
 
@@ -254,7 +282,7 @@ async fn run_cargo(
         .process_group(0)
         .spawn()
         .context("cannot run cargo")?;
-    let group = crate::stack::ProcessGroup::of(&child);
+    let group = ProcessGroup::of(&child);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
     let stopped = tokio::select! {

@@ -1,20 +1,21 @@
 //! `cargo xtask up`: everything a newcomer needs, in one command.
 //!
-//! Starts the local PostgreSQL cluster, applies migrations, seeds 100 000 users if the database
-//! has none, serves the stand-in recommendation service, builds the API in release mode and runs
-//! it in the foreground, then prints what to try. Ctrl-C (or SIGTERM) stops the API gracefully,
-//! then the stand-in, then the cluster if this command started it.
+//! Builds the API and the stand-in recommendation service in release mode (cargo's progress on
+//! the terminal), starts the local PostgreSQL cluster, applies migrations (`api migrate`), seeds
+//! 100 000 users if the database has none, serves the stand-in, runs the API in the foreground,
+//! then prints what to try. Ctrl-C (or SIGTERM) stops the API gracefully, then the stand-in, then
+//! the cluster if this command started it.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use api::settings::Settings;
 use clap::Args;
-
-use crate::pg::State;
-use crate::stack;
+use xtask::pg::State;
+use xtask::settings::Settings;
+use xtask::stack;
 
 /// Arguments of `cargo xtask up`.
 #[derive(Debug, Args)]
@@ -32,12 +33,17 @@ const STOP_SLACK: Duration = Duration::from_secs(5);
 
 /// Runs `cargo xtask up`.
 pub async fn run(args: UpArgs) -> Result<()> {
-    let settings = Settings::load().context("cannot load the settings")?;
+    let settings = Settings::load()?;
+    step("building the API and the stand-in recommendation service (release)");
+    tokio::select! {
+        built = stack::build_release(&["api", "upstream"]) => built?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+    }
 
-    // 1. The database: start, migrate, seed when empty.
-    let (cluster, database) = crate::db::dev_cluster(&settings)?;
+    step("starting PostgreSQL");
+    let (cluster, database) = xtask::pg::dev_cluster(&settings)?;
     let started_cluster = cluster.state()? != State::Running;
-    crate::db::start(&cluster, &database).await?;
+    xtask::pg::start(&cluster, &database).await?;
     println!(
         "PostgreSQL: 127.0.0.1:{} (database {database})",
         cluster.port
@@ -57,34 +63,30 @@ pub async fn run(args: UpArgs) -> Result<()> {
 
 async fn serve(settings: &Settings, args: &UpArgs) -> Result<()> {
     // Until the API runs, Ctrl-C stops the preparation; `run` then stops the cluster.
+    step("migrating and seeding");
+    let url = settings.database.url_with_password()?;
     tokio::select! {
-        prepared = async {
-            stack::prepare_database(&settings.database, args.users).await?;
-            stack::build_api().await
-        } => prepared?,
+        prepared = stack::prepare_database(Path::new(stack::RELEASE_API), &url, args.users) => prepared?,
         _ = tokio::signal::ctrl_c() => bail!("interrupted"),
     }
 
     // The stand-in recommendation service, where the settings expect it.
     let upstream_address = upstream_address(&settings.recommendations.base_url)?;
-    let upstream = upstream::Server::bind(
-        upstream_address,
-        upstream::Config {
-            delay: Duration::from_millis(args.upstream_delay_ms),
-            ..upstream::Config::default()
-        },
-    )
-    .await
-    .with_context(|| {
-        format!("cannot serve the stand-in recommendation service on {upstream_address}")
-    })?;
-    println!("recommendations stand-in: {}", upstream.base_url());
+    step("starting the stand-in recommendation service");
+    let flags = vec!["--delay-ms".to_owned(), args.upstream_delay_ms.to_string()];
+    let upstream = stack::Upstream::start(RELEASE_UPSTREAM, upstream_address.port(), &flags)
+        .await
+        .with_context(|| {
+            format!("cannot serve the stand-in recommendation service on {upstream_address}")
+        })?;
+    println!("recommendations stand-in: {}", upstream.base_url);
 
     // The API, built in release mode above, in the foreground.
+    step("starting the API");
     let api = match stack::ApiProcess::start(settings.server.port, &[], false).await {
         Ok(api) => api,
         Err(e) => {
-            upstream.shutdown().await;
+            upstream.stop().await;
             return Err(e);
         }
     };
@@ -99,7 +101,7 @@ async fn serve(settings: &Settings, args: &UpArgs) -> Result<()> {
     );
 
     let status = wait_for_stop(api, settings).await;
-    upstream.shutdown().await;
+    upstream.stop().await;
     println!("recommendations stand-in stopped");
     let status = status?;
     if !status.success() {
@@ -145,9 +147,12 @@ async fn wait_for_stop(
     api.stop(settings.server.shutdown_grace + STOP_SLACK).await
 }
 
-/// The cargo that runs this command (`CARGO` is set by `cargo run`).
-pub fn cargo() -> std::ffi::OsString {
-    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+/// The stand-in built in release mode.
+const RELEASE_UPSTREAM: &str = "target/release/upstream";
+
+/// One line per step, so a newcomer sees where the time goes.
+fn step(what: &str) {
+    println!("==> {what}");
 }
 
 #[cfg(test)]

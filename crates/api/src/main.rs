@@ -1,6 +1,11 @@
-//! The dashboard API server: settings, telemetry, build, serve until SIGTERM or SIGINT.
+//! The dashboard API server: settings, telemetry, build, serve until SIGTERM or SIGINT; or, as
+//! `api migrate`, apply the schema migrations once and exit (what a deploy runs before the new
+//! version serves).
+
+mod migrate;
 
 use anyhow::Context as _;
+use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
 
 /// mimalloc instead of glibc's malloc: a request allocates and frees many small buffers across
@@ -10,13 +15,35 @@ static GLOBAL: MiMalloc = MiMalloc;
 use api::Application;
 use api::settings::Settings;
 
+/// The dashboard API. Settings come from config/ and APP__SECTION__KEY environment variables.
+#[derive(Debug, Parser)]
+#[command(name = "api", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API until SIGTERM or SIGINT (what `api` alone does).
+    Serve,
+    /// Apply the pending migrations of a directory to `database.url`, then exit.
+    Migrate(migrate::MigrateArgs),
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
     let settings = Settings::load().context("cannot load the settings")?;
-    api::telemetry::init(&settings.telemetry).context("cannot set up logging")?;
-    let application = Application::build(settings)
-        .await
-        .context("cannot start the dashboard API")?;
-    application.run().await.context("the server failed")?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            api::telemetry::init(&settings.telemetry).context("cannot set up logging")?;
+            let application = Application::build(settings)
+                .await
+                .context("cannot start the dashboard API")?;
+            application.run().await.context("the server failed")?;
+        }
+        Command::Migrate(args) => migrate::run(&settings, &args).await?,
+    }
     Ok(())
 }

@@ -32,8 +32,6 @@ pub struct Settings {
     pub recommendations: ClientConfig,
     /// The orchestration layer: database gate, dashboard limits, batch limits (`[service]`).
     pub service: ServiceConfig,
-    /// The project-local PostgreSQL cluster that `cargo xtask db` runs (`[local_cluster]`).
-    pub local_cluster: LocalCluster,
 }
 
 /// The HTTP server's address, workers and connection limits.
@@ -129,28 +127,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-/// Where `cargo xtask db start` keeps the development cluster.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LocalCluster {
-    /// Directory (relative to the workspace) holding the cluster's data and its password file.
-    pub dir: PathBuf,
-    /// Extra `postgres -c` settings for the development cluster, as `name=value` strings.
-    pub server_settings: Vec<String>,
-}
-
-impl Default for LocalCluster {
-    fn default() -> Self {
-        Self {
-            dir: PathBuf::from("target/pg/dev"),
-            server_settings: vec![
-                "shared_buffers=256MB".to_owned(),
-                "max_connections=200".to_owned(),
-            ],
-        }
-    }
 }
 
 /// Why the settings could not be loaded.
@@ -281,10 +257,6 @@ mod tests {
         assert_eq!(
             format!("{:?}", loaded.database),
             format!("{:?}", built_in.database)
-        );
-        assert_eq!(
-            format!("{:?}", loaded.local_cluster),
-            format!("{:?}", built_in.local_cluster)
         );
     }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use refinery::error::Kind;
 use refinery::{Migration, Runner};
 
-use crate::Error;
+use crate::{DbConfig, Error};
 
 /// Arbitrary but fixed key of the advisory lock held while migrating ("migrate" in ASCII).
 const LOCK_KEY: i64 = 0x006d_6967_7261_7465;
@@ -193,4 +193,24 @@ pub async fn status(
     }
     status.pending.sort_by_key(|m| m.version);
     Ok(status)
+}
+
+/// Connects to `config`'s database and applies the pending migrations of `dir` (see [`apply`]).
+///
+/// # Errors
+///
+/// As [`apply`], and [`MigrationError::Database`] when the database cannot be reached.
+pub async fn apply_to(config: &DbConfig, dir: &Path) -> Result<Vec<MigrationInfo>, MigrationError> {
+    let mut client = crate::connect(config).await?;
+    apply(&mut client, dir).await
+}
+
+/// Connects to `config`'s database and compares it with `dir` (see [`status`]).
+///
+/// # Errors
+///
+/// As [`status`], and [`MigrationError::Database`] when the database cannot be reached.
+pub async fn status_of(config: &DbConfig, dir: &Path) -> Result<MigrationStatus, MigrationError> {
+    let mut client = crate::connect(config).await?;
+    status(&mut client, dir).await
 }

@@ -49,6 +49,13 @@ pub mod settings {
     pub use repository::{DbConfig, Secret, mask_url};
 }
 
+/// Schema migrations of the database the service reads (`api migrate` runs them).
+pub mod migrations {
+    pub use repository::migrations::{
+        MigrationError, MigrationInfo, MigrationStatus, apply_to, status_of,
+    };
+}
+
 pub(crate) use source::SourceError;
 
 use gate::DbGate;

@@ -124,7 +124,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
             .collect()
     };
     eprintln!("chaos: building the API (release)");
-    crate::stack::build_api().await?;
+    xtask::stack::build_release(&["api"]).await?;
     // Ctrl-C or SIGTERM drops the run: its API processes are killed, its stand-ins stopped and
     // its cluster deleted on the way out, as when it ends by itself.
     let work = async {

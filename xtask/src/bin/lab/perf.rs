@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use api::settings::Settings;
 use clap::Args;
 use loadtest::{Progress, Report, Scenario};
 use tokio::process::Command;
+use xtask::settings::{PgUrl, Settings};
 
-use crate::stack::{self, ApiProcess};
+use xtask::stack::{self, ApiProcess};
 
 /// Options shared by the benchmarks.
 #[derive(Debug, Clone, Args)]
@@ -92,15 +92,16 @@ pub(crate) struct Bench {
 impl Bench {
     /// Starts the cluster, prepares the data, builds the API and starts the stand-in.
     pub(crate) async fn start(args: &PerfArgs, upstream_delay: Duration) -> Result<Self> {
-        let settings = Settings::load().context("cannot load the settings")?;
-        let (cluster, database) = crate::db::dev_cluster(&settings)?;
-        crate::db::start(&cluster, &database).await?;
-        stack::prepare_database(&settings.database, args.users).await?;
-        let users = stack::user_count(&settings.database).await?;
+        let settings = Settings::load()?;
+        stack::build_release(&["api"]).await?;
+        let (cluster, database) = xtask::pg::dev_cluster(&settings)?;
+        xtask::pg::start(&cluster, &database).await?;
+        let url = settings.database.url_with_password()?;
+        stack::prepare_database(Path::new(stack::RELEASE_API), &url, args.users).await?;
+        let users = stack::user_count(&url)?;
         if users == 0 {
             bail!("the database has no users");
         }
-        stack::build_api().await?;
         let upstream = upstream::Server::start(upstream::Config {
             delay: upstream_delay,
             ..upstream::Config::default()
@@ -153,18 +154,7 @@ impl Bench {
 
     /// The database's URL, password included (for a peer that reads `DATABASE_URL`).
     pub(crate) fn database_url(&self) -> Result<String> {
-        let pg = self.settings.database.pg_config()?;
-        let password = pg
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default();
-        Ok(format!(
-            "postgresql://{}:{}@127.0.0.1:{}/{}",
-            pg.get_user().unwrap_or("postgres"),
-            password,
-            pg.get_ports().first().copied().unwrap_or(5432),
-            pg.get_dbname().unwrap_or("postgres")
-        ))
+        self.settings.database.url_with_password()
     }
 
     pub(crate) async fn stop(self) {
@@ -204,14 +194,9 @@ impl Ceiling {
 
 /// pgbench's transactions per second for the dashboard's three statements.
 pub(crate) async fn pgbench_tps(bench: &Bench) -> Result<f64> {
-    let pg = bench.settings.database.pg_config()?;
-    let password = pg
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned())
-        .unwrap_or_default();
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    let user = pg.get_user().unwrap_or("postgres").to_owned();
-    let dbname = pg.get_dbname().unwrap_or(&user).to_owned();
+    let pg = PgUrl::parse(&bench.database_url()?)?;
+    let password = pg.password.clone().unwrap_or_default();
+    let (port, user, dbname) = (pg.port, pg.user, pg.database);
     std::fs::create_dir_all(OUT_DIR)?;
     let script = PathBuf::from(OUT_DIR).join("dashboard.pgbench");
     std::fs::write(&script, PGBENCH_SCRIPT)?;

@@ -1,18 +1,21 @@
-//! `cargo xtask upstream`: the stand-in recommendation service, on 127.0.0.1, until Ctrl-C.
+//! The `upstream` binary (`cargo xtask upstream`): the stand-in recommendation service, on
+//! 127.0.0.1, until Ctrl-C or SIGTERM.
 //!
-//! The server itself lives in the `upstream` crate, where tests start it in-process; this command
-//! only turns flags into its configuration, serves, and prints a summary on the way out.
+//! The server itself is this crate's library, where tests start it in-process; the binary only
+//! turns flags into its configuration, serves, and prints a summary on the way out.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Args;
+use clap::Parser;
 use upstream::{Config, Server, StatusCode};
 
-/// Arguments of `cargo xtask upstream`.
-#[derive(Debug, Args)]
-pub struct UpstreamArgs {
+/// The stand-in recommendation service: `GET /users/{id}/recommendations`, with optional latency
+/// and faults.
+#[derive(Debug, Parser)]
+#[command(name = "upstream")]
+struct UpstreamArgs {
     /// Port to listen on, on 127.0.0.1 (0 picks a free one).
     #[arg(long, default_value_t = 9100)]
     port: u16,
@@ -91,8 +94,10 @@ impl UpstreamArgs {
     }
 }
 
-/// Runs `cargo xtask upstream`: serves until Ctrl-C (or SIGTERM), then shuts down gracefully.
-pub async fn run(args: UpstreamArgs) -> Result<()> {
+/// Serves until Ctrl-C (or SIGTERM), then shuts down gracefully.
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = UpstreamArgs::parse();
     let config = args.config()?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
     let server = Server::bind(addr, config)

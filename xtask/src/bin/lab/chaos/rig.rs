@@ -18,8 +18,8 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use super::client;
-use crate::pg::Cluster;
-use crate::stack;
+use xtask::pg::Cluster;
+use xtask::stack;
 
 /// The throwaway cluster's home.
 const CLUSTER_DIR: &str = "target/pg/chaos";
@@ -54,19 +54,7 @@ impl Rig {
     /// When PostgreSQL cannot be started or the database prepared.
     pub async fn start(users: u32) -> Result<Self> {
         let port = stack::free_port()?;
-        let cluster = Cluster::new(
-            Path::new(CLUSTER_DIR),
-            port,
-            "dashboard",
-            vec![
-                // Durability is worthless for a cluster deleted after the run.
-                "fsync=off".into(),
-                "synchronous_commit=off".into(),
-                "full_page_writes=off".into(),
-                "max_connections=300".into(),
-                "shared_buffers=128MB".into(),
-            ],
-        )?;
+        let cluster = Cluster::throwaway(Path::new(CLUSTER_DIR), port)?;
         // A run that was killed may have left its cluster behind.
         cluster.destroy()?;
         // Built first, so that the cluster is removed on every way out of here.
@@ -77,15 +65,16 @@ impl Rig {
             users: u64::from(users),
         };
         rig.cluster.start().await?;
-        crate::db::create_database(&rig.cluster, DATABASE, None).await?;
-        let mut db = rig.cluster.db_config(DATABASE)?;
+        rig.cluster.create_database(DATABASE, None)?;
+        let url = rig.cluster.url(DATABASE)?;
+        let mut db = DbConfig::with_url(url.clone());
         db.application_name = "chaos-monitor".to_owned();
         rig.password = std::fs::read_to_string(rig.cluster.password_file())
             .context("cannot read the chaos cluster's password")?
             .trim()
             .to_owned();
         rig.db = db;
-        stack::prepare_database(&rig.db, users).await?;
+        stack::prepare_database(Path::new(stack::RELEASE_API), &url, users).await?;
         std::fs::create_dir_all(LOG_DIR).with_context(|| format!("cannot create {LOG_DIR}"))?;
         Ok(rig)
     }

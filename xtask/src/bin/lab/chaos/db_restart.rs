@@ -163,7 +163,7 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> 
         backends_after.len(),
         reused.len()
     ));
-    let running_after = api.is_running() && crate::stack::healthz(&api.addr.to_string()).await;
+    let running_after = api.is_running() && xtask::stack::healthz(&api.addr.to_string()).await;
 
     report.check(
         "no crash: the API still runs and answers /healthz",

@@ -1,7 +1,8 @@
-//! `cargo xtask loadtest`: load the service (or the stand-in upstream) and report on it.
+//! The `loadtest` binary (`cargo xtask loadtest`): load the service (or the stand-in upstream)
+//! and report on it.
 //!
-//! The generator lives in the `loadtest` crate; this command turns flags into its configuration,
-//! prints the summary, writes the JSON and SVG reports, and applies `--check` and `--compare`.
+//! The generator is this crate's library; the binary turns flags into its configuration, prints
+//! the summary, writes the JSON and SVG reports, and applies `--check` and `--compare`.
 
 use std::{
     path::{Path, PathBuf},
@@ -13,9 +14,11 @@ use ::loadtest::{
 };
 use anyhow::{Context as _, Result, bail};
 
-/// Arguments of `cargo xtask loadtest`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
+/// Load the dashboard service (or the stand-in upstream) and report latency, throughput and
+/// errors.
+#[derive(Debug, clap::Parser)]
+#[command(name = "loadtest")]
+struct Args {
     /// Base URL [default: http://127.0.0.1:8000, or http://127.0.0.1:9100 for --scenario
     /// recommendations].
     #[arg(long)]
@@ -119,8 +122,9 @@ fn read(path: &Path) -> Result<(String, Report)> {
     Ok((path.display().to_string(), report))
 }
 
-/// Runs `cargo xtask loadtest`.
-pub async fn run(args: Args) -> Result<()> {
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = <Args as clap::Parser>::parse();
     if args.compare.len() > 2 {
         bail!("--compare takes one report (compared with this run) or two (with each other)");
     }

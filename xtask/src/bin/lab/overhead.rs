@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use tokio::process::{Child, Command};
 
 use crate::perf::{Bench, PerfArgs};
-use crate::stack;
+use xtask::stack;
 
 /// A Lua script for wrk: ids drawn uniformly from 1 to `USERS`.
 /// Each of wrk's threads gets its own seed: with one seed, both threads would ask for the same
@@ -256,7 +256,7 @@ async fn measure_all(bench: &Bench, args: &PerfArgs, callgrind: bool) -> Result<
 const SLOW_UPSTREAM: Duration = Duration::from_millis(50);
 
 async fn build_baseline() -> Result<()> {
-    let built = Command::new(crate::up::cargo())
+    let built = Command::new(xtask::stack::cargo())
         .args(["build", "--release", "--quiet", "--package", "baseline"])
         .status()
         .await

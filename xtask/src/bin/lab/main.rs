@@ -1,0 +1,56 @@
+//! The lab: the chaos runs and the benchmarks, which drive the stand-in recommendation service
+//! and the load generator in-process against the real API. Built in release with the `lab`
+//! feature and run by `cargo xtask chaos …` and `cargo xtask bench …`.
+
+mod bench;
+mod chaos;
+mod overhead;
+mod perf;
+mod seed_diff;
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+/// Chaos runs and benchmarks against the real service.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Faults, overload and hostile clients against the real service (database restart, pool
+    /// exhaustion, upstream faults, abandoned requests, shutdown under load, slow clients), with a
+    /// PASS/FAIL report; exits non-zero on any FAIL.
+    Chaos(chaos::ChaosArgs),
+    /// Wall-clock benchmarks, such as the seed's fan-out comparison (`bench fanout`).
+    Bench(bench::BenchArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Paths (config/, migrations/, target/) are relative to the workspace root.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask is not inside the workspace")?;
+    std::env::set_current_dir(root).context("cannot enter the workspace root")?;
+    match cli.command {
+        Command::Chaos(args) => chaos::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
+}
