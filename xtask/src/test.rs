@@ -102,11 +102,11 @@ pub async fn run(args: TestArgs) -> Result<()> {
         .await
         .is_ok_and(|s| s.success());
     // `-p crate` narrows the run; without it, everything in the workspace runs.
-    let scope: Vec<String> = if args
+    let narrowed = args
         .args
         .iter()
-        .any(|a| a == "-p" || a.starts_with("--package"))
-    {
+        .any(|a| a == "-p" || a.starts_with("--package"));
+    let scope: Vec<String> = if narrowed {
         Vec::new()
     } else {
         // The lab (chaos, benchmarks) is xtask's `lab` feature: its unit tests run too.
@@ -175,7 +175,7 @@ pub async fn run(args: TestArgs) -> Result<()> {
         drop(guard);
         bail!("`cargo {}` failed ({built})", build.join(" "));
     }
-    migrate_template(&template).await?;
+    migrate_template(&template, !narrowed).await?;
     for (run, env) in runs {
         let status = run_cargo(&run, &env, &template).await?;
         if !status.success() {
@@ -193,11 +193,12 @@ pub async fn run(args: TestArgs) -> Result<()> {
     Ok(())
 }
 
-/// Migrates the template database with the debug `api` binary (`api migrate`), building it when
-/// the test run's scope did not include it.
-async fn migrate_template(url: &str) -> Result<()> {
+/// Migrates the template database with the debug `api` binary (`api migrate`). The whole
+/// suite's build has just made it; a narrowed run (`-p …`) builds it here, so a stale binary
+/// never runs.
+async fn migrate_template(url: &str, whole_suite: bool) -> Result<()> {
     const API: &str = "target/debug/api";
-    if !Path::new(API).is_file() {
+    if !whole_suite || !Path::new(API).is_file() {
         let built = Command::new("cargo")
             .args(["build", "--package", "api", "--bin", "api"])
             .status()
@@ -207,12 +208,15 @@ async fn migrate_template(url: &str) -> Result<()> {
             bail!("building the api binary failed");
         }
     }
-    let output = Command::new(API)
+    let migrate = Command::new(API)
         .arg("migrate")
         .env("APP__DATABASE__URL", url)
         .env("APP_CONFIG_DIR", "config")
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(120), migrate)
         .await
+        .context("api migrate did not finish within 120 s")?
         .context("cannot run api migrate")?;
     if !output.status.success() {
         bail!(

@@ -425,14 +425,12 @@ fn parse_clause(expression: &str, clause: &str) -> Result<Check, CheckError> {
         return Err(CheckError::UnsupportedOperator(clause.to_owned()));
     }
     let threshold = match metric.unit() {
-        Unit::Duration => crate::parse_duration(value)
-            .map(|d| d.as_secs_f64() * 1000.0)
-            .map_err(|_| {
-                bad(format!(
-                    "{} is a latency: give a duration with its unit, e.g. 50ms or 1.5s, not `{value}`",
-                    metric.name()
-                ))
-            })?,
+        Unit::Duration => latency_ms(value).ok_or_else(|| {
+            bad(format!(
+                "{} is a latency: give a duration with its unit, e.g. 50ms or 1.5s, not `{value}`",
+                metric.name()
+            ))
+        })?,
         Unit::Ratio => {
             let number = value.strip_suffix('%').ok_or_else(|| {
                 bad(format!(
@@ -472,6 +470,21 @@ fn parse_clause(expression: &str, clause: &str) -> Result<Check, CheckError> {
         op,
         threshold,
     })
+}
+
+/// A latency threshold in milliseconds: a number and a unit (`us`, `ms`, `s`). Not humantime,
+/// which the duration flags use: thresholds want fractions (`1.5ms`), which it does not take.
+fn latency_ms(value: &str) -> Option<f64> {
+    let split = value.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let per_unit = match unit.trim() {
+        "us" | "µs" => 1e-3,
+        "ms" => 1.0,
+        "s" => 1e3,
+        _ => return None,
+    };
+    Some(number * per_unit).filter(|ms| ms.is_finite())
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
-//! The raw engine's HTTP/1.1 response codec: the head (parsed by `httparse`), and how the body is
-//! framed (RFC 9112 section 6): no body, `Content-Length`, chunked, or until the peer closes.
+//! The workspace's one HTTP/1.1 response reader: the head (parsed by `httparse`), and how the body
+//! is framed (RFC 9112 section 6): no body, `Content-Length`, chunked, or until the peer closes.
+//! The generator decodes incrementally with [`parse_head`] and [`Chunked`]; the chaos runs and
+//! benchmarks take whole answers with [`parse_response`].
 //!
 //! It is pure (no I/O) so that every framing rule is tested on byte strings, split anywhere.
 
 /// The largest response head accepted.
-pub(crate) const MAX_HEAD: usize = 64 * 1024;
+pub const MAX_HEAD: usize = 64 * 1024;
 
 /// Headers per response head accepted.
 const MAX_HEADERS: usize = 64;
@@ -14,7 +16,7 @@ const MAX_LINE: usize = 4096;
 
 /// How the body after a head is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Framing {
+pub enum Framing {
     /// No body (1xx, 204, 304, or `Content-Length: 0`).
     Empty,
     /// Exactly this many bytes.
@@ -27,7 +29,7 @@ pub(crate) enum Framing {
 
 /// A parsed response head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Head {
+pub struct Head {
     /// Status code.
     pub status: u16,
     /// How the body is delimited.
@@ -39,16 +41,18 @@ pub(crate) struct Head {
 }
 
 /// A response the codec cannot accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CodecError {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
     /// Not HTTP/1.x, or framing that contradicts itself.
+    #[error("malformed HTTP/1.1 response")]
     Malformed,
-    /// A head, chunk line or trailer beyond the limits above.
+    /// A head, chunk line, trailer or body beyond the limits.
+    #[error("HTTP/1.1 response too large")]
     TooLarge,
 }
 
 /// Parses a response head from the start of `buf`: `Ok(None)` until the whole head is there.
-pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, CodecError> {
+pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, CodecError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     let len = match response.parse(buf) {
@@ -132,25 +136,28 @@ enum ChunkState {
 
 /// Decodes a chunked body incrementally, from whatever bytes have arrived.
 #[derive(Debug, Clone)]
-pub(crate) struct Chunked {
+pub struct Chunked {
     state: ChunkState,
 }
 
 impl Chunked {
-    pub(crate) fn new() -> Self {
+    /// A decoder at the start of a chunked body.
+    #[must_use]
+    pub fn new() -> Self {
         Self {
             state: ChunkState::Size,
         }
     }
 
     /// Whether the last chunk and the trailers have been read.
-    pub(crate) fn is_done(&self) -> bool {
+    #[must_use]
+    pub fn is_done(&self) -> bool {
         self.state == ChunkState::Done
     }
 
     /// Decodes from `input`, handing each piece of body data to `data`. Returns how many bytes
     /// of `input` it consumed; the caller drops those and calls again with more.
-    pub(crate) fn decode(
+    pub fn decode(
         &mut self,
         input: &[u8],
         mut data: impl FnMut(&[u8]),
@@ -211,6 +218,68 @@ impl Chunked {
             }
         }
     }
+}
+
+impl Default for Chunked {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A whole response at the start of `buf`: its head, its body (de-chunked) and how many bytes of
+/// `buf` it used; `Ok(None)` while more must be read. A body framed by the end of the connection
+/// is whole only once the peer has closed (`at_eof`).
+///
+/// # Errors
+///
+/// [`CodecError::Malformed`] for what is not HTTP/1.x, [`CodecError::TooLarge`] for a head or a
+/// body over the limits (`max_body` bytes for the body).
+pub fn parse_response(
+    buf: &[u8],
+    at_eof: bool,
+    max_body: usize,
+) -> Result<Option<(Head, Vec<u8>, usize)>, CodecError> {
+    let Some(head) = parse_head(buf)? else {
+        return Ok(None);
+    };
+    let rest = &buf[head.len..];
+    let too_large = |n: usize| {
+        if n > max_body {
+            Err(CodecError::TooLarge)
+        } else {
+            Ok(())
+        }
+    };
+    let (body, used) = match head.framing {
+        Framing::Empty => (Vec::new(), 0),
+        Framing::Length(n) => {
+            let n = usize::try_from(n).map_err(|_| CodecError::TooLarge)?;
+            too_large(n)?;
+            if rest.len() < n {
+                return Ok(None);
+            }
+            (rest[..n].to_vec(), n)
+        }
+        Framing::Chunked => {
+            let mut decoder = Chunked::new();
+            let mut body = Vec::new();
+            let used = decoder.decode(rest, |data| body.extend_from_slice(data))?;
+            too_large(body.len())?;
+            if !decoder.is_done() {
+                return Ok(None);
+            }
+            (body, used)
+        }
+        Framing::UntilClose if at_eof => {
+            too_large(rest.len())?;
+            (rest.to_vec(), rest.len())
+        }
+        Framing::UntilClose => {
+            too_large(rest.len())?;
+            return Ok(None);
+        }
+    };
+    Ok(Some((head, body, head.len + used)))
 }
 
 /// The line at the start of `input`, without its CRLF; `None` until the CRLF has arrived.

@@ -202,7 +202,11 @@ fn differences(base: &Report, new: &Report) -> Vec<String> {
         base.format.to_string(),
         new.format.to_string(),
     );
-    differ("scenario", a.scenario.to_string(), b.scenario.to_string());
+    differ(
+        "scenario",
+        a.scenario.as_str().to_owned(),
+        b.scenario.as_str().to_owned(),
+    );
     differ("load model", a.load_model.clone(), b.load_model.clone());
     differ(
         "connections",
@@ -210,7 +214,6 @@ fn differences(base: &Report, new: &Report) -> Vec<String> {
         b.connections.to_string(),
     );
     differ("threads", a.threads.to_string(), b.threads.to_string());
-    differ("engine", a.engine.clone(), b.engine.clone());
     let rate = |r: Option<f64>| {
         r.map_or_else(
             || "closed loop".to_owned(),

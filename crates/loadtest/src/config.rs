@@ -5,6 +5,8 @@
 
 use std::{fmt, str::FromStr, time::Duration};
 
+use clap::ValueEnum;
+
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -16,7 +18,7 @@ pub const DEFAULT_SERVICE_URL: &str = "http://127.0.0.1:8000";
 pub const DEFAULT_UPSTREAM_URL: &str = "http://127.0.0.1:9100";
 
 /// What a run requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Scenario {
     /// `GET {url}/api/users/{id}/dashboard`.
@@ -48,26 +50,6 @@ impl Scenario {
         match self {
             Self::Recommendations => DEFAULT_UPSTREAM_URL,
             _ => DEFAULT_SERVICE_URL,
-        }
-    }
-}
-
-impl fmt::Display for Scenario {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Scenario {
-    type Err = ParseError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim() {
-            "dashboard" => Ok(Self::Dashboard),
-            "batch" => Ok(Self::Batch),
-            "mixed" => Ok(Self::Mixed),
-            "recommendations" => Ok(Self::Recommendations),
-            other => Err(ParseError::Scenario(other.to_owned())),
         }
     }
 }
@@ -113,14 +95,6 @@ impl Mix {
     #[must_use]
     pub fn weights(&self) -> &[(RequestKind, u32)] {
         &self.weights
-    }
-}
-
-impl Default for Mix {
-    fn default() -> Self {
-        Self {
-            weights: vec![(RequestKind::Dashboard, 90), (RequestKind::Batch, 10)],
-        }
     }
 }
 
@@ -241,7 +215,7 @@ impl FromStr for Distribution {
 }
 
 /// How the generator lays out its threads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum RuntimeFlavor {
     /// One current-thread tokio runtime per worker thread, connections spread over them; no task
     /// ever moves between threads. The default: on the 2-core development machine the two layouts
@@ -253,56 +227,13 @@ pub enum RuntimeFlavor {
     MultiThread,
 }
 
-impl fmt::Display for RuntimeFlavor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl RuntimeFlavor {
+    /// The layout's command-line name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
             Self::CurrentThread => "current-thread",
             Self::MultiThread => "multi-thread",
-        })
-    }
-}
-
-impl FromStr for RuntimeFlavor {
-    type Err = ParseError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim() {
-            "current-thread" => Ok(Self::CurrentThread),
-            "multi-thread" => Ok(Self::MultiThread),
-            other => Err(ParseError::Runtime(other.to_owned())),
-        }
-    }
-}
-
-/// How requests travel over the connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Engine {
-    /// HTTP/1.1 written and read directly on the socket, as wrk does: the default, and the one
-    /// that keeps up with wrk (see the crate docs).
-    #[default]
-    Raw,
-    /// hyper's low-level HTTP/1.1 client: about 1.8µs more CPU per request; kept as an
-    /// independent implementation to cross-check the raw engine's counts.
-    Hyper,
-}
-
-impl fmt::Display for Engine {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Raw => "raw",
-            Self::Hyper => "hyper",
-        })
-    }
-}
-
-impl FromStr for Engine {
-    type Err = ParseError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim() {
-            "raw" => Ok(Self::Raw),
-            "hyper" => Ok(Self::Hyper),
-            other => Err(ParseError::Engine(other.to_owned())),
         }
     }
 }
@@ -311,17 +242,6 @@ impl FromStr for Engine {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ParseError {
-    /// A duration without a unit, with an unknown unit, or not a number.
-    #[error("invalid duration `{input}`: {problem}")]
-    Duration {
-        /// The text given.
-        input: String,
-        /// What is wrong with it.
-        problem: &'static str,
-    },
-    /// An unknown scenario name.
-    #[error("unknown scenario `{0}`: expected dashboard, batch, mixed or recommendations")]
-    Scenario(String),
     /// A malformed mix expression.
     #[error("invalid mix `{input}`: {problem}")]
     Mix {
@@ -338,112 +258,83 @@ pub enum ParseError {
         /// What is wrong with it.
         problem: String,
     },
-    /// An unknown runtime layout.
-    #[error("unknown runtime `{0}`: expected current-thread or multi-thread")]
-    Runtime(String),
-    /// An unknown engine.
-    #[error("unknown engine `{0}`: expected raw or hyper")]
-    Engine(String),
 }
 
-/// Parses a duration written as a number and a unit: `250ms`, `1.5s`, `2m`, `1h`, `500us`.
-///
-/// ```
-/// use std::time::Duration;
-/// assert_eq!(loadtest::parse_duration("250ms")?, Duration::from_millis(250));
-/// assert_eq!(loadtest::parse_duration("1.5s")?, Duration::from_millis(1500));
-/// assert!(loadtest::parse_duration("30").is_err());
-/// # Ok::<(), loadtest::ParseError>(())
-/// ```
-///
-/// # Errors
-///
-/// [`ParseError::Duration`] when the unit is missing or unknown, or the number is not a
-/// non-negative finite number.
-pub fn parse_duration(text: &str) -> Result<Duration, ParseError> {
-    let input = text.trim();
-    let bad = |problem| ParseError::Duration {
-        input: text.to_owned(),
-        problem,
-    };
-    let split = input
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| bad("add a unit, e.g. 30s or 250ms"))?;
-    let (number, unit) = input.split_at(split);
-    if number.is_empty() {
-        return Err(bad("expected a number followed by a unit, e.g. 30s"));
-    }
-    let value: f64 = number
-        .parse()
-        .map_err(|_| bad("expected a number followed by a unit, e.g. 30s"))?;
-    let seconds_per_unit = match unit.trim() {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(bad("unknown unit: use ns, us, ms, s, m or h")),
-    };
-    Duration::try_from_secs_f64(value * seconds_per_unit).map_err(|_| bad("out of range"))
-}
-
-/// Everything a run needs to know.
-///
-/// [`Config::default`] holds the documented defaults of `cargo xtask loadtest`.
-#[derive(Debug, Clone, PartialEq)]
+/// Everything a run needs to know: the flags of `cargo xtask loadtest`, whose defaults are
+/// [`Config::default`].
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct Config {
-    /// Base URL, `http://host[:port][/prefix]`; requests go to paths under it.
-    pub url: String,
-    /// What to request.
+    /// Base URL, `http://host[:port][/prefix]`; requests go to paths under it [default:
+    /// http://127.0.0.1:8000, or http://127.0.0.1:9100 for --scenario recommendations].
+    #[arg(long)]
+    pub url: Option<String>,
+    /// What to request: dashboard, batch, mixed (weighted by --mix), or recommendations (the
+    /// stand-in upstream's own endpoint).
+    #[arg(long, value_enum, default_value_t = Scenario::Dashboard)]
     pub scenario: Scenario,
-    /// Request kind weights, used by [`Scenario::Mixed`] only.
+    /// Request weights for --scenario mixed, e.g. dashboard=90,batch=10.
+    #[arg(long, default_value = "dashboard=90,batch=10")]
     pub mix: Mix,
-    /// How long to measure, after the warm-up.
+    /// How long to measure, after the warm-up (e.g. 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// How long to run before measuring; those requests are counted apart and excluded.
+    /// Warm-up before measuring; its requests are reported apart and excluded from every figure.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub warmup: Duration,
-    /// Open connections, each with at most one request in flight (HTTP/1.1 keep-alive).
+    /// Keep-alive connections, each with at most one request in flight; in closed loop also the
+    /// number of requests in flight.
+    #[arg(long, default_value_t = 64)]
     pub connections: usize,
-    /// Open loop: the total arrival rate in requests per second. `None` is closed loop.
+    /// Open loop: total arrival rate in requests per second, with latency counted from each
+    /// request's scheduled send. Without it the load is closed loop.
+    #[arg(long)]
     pub rate: Option<f64>,
-    /// User ids are drawn from `1..=users`.
+    /// User ids are drawn from 1..=USERS.
+    #[arg(long, default_value_t = 100_000)]
     pub users: u64,
     /// Ids per batch request.
+    #[arg(long, default_value_t = 50)]
     pub batch_size: usize,
-    /// How user ids are drawn.
+    /// How ids are drawn: uniform, or zipf[:S] for hot users (id 1 is the hottest; S defaults
+    /// to 1.0).
+    #[arg(long, default_value = "uniform")]
     pub distribution: Distribution,
-    /// Seed of every random draw; each connection derives its own stream from it.
+    /// Seed of the id and mix draws; each connection derives its own stream from it, so the same
+    /// seed sends the same ids on each connection.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Limit on one request: connect (when needed), send, and the whole response body.
+    /// Per-request timeout, covering connect, send and the whole answer; it also bounds the
+    /// drain at the end of the run.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// Worker threads; at most one per connection is used.
+    /// Worker threads; at most one per connection is used [default: the number of cores].
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, usize::from), hide_default_value = true)]
     pub threads: usize,
-    /// How the worker threads run their tasks.
+    /// Thread layout: current-thread (one runtime per worker thread) or multi-thread (one shared
+    /// runtime).
+    #[arg(long, value_enum, default_value_t = RuntimeFlavor::CurrentThread)]
     pub runtime: RuntimeFlavor,
-    /// How requests travel.
-    pub engine: Engine,
 }
 
 impl Default for Config {
+    /// The flags' defaults: parsing no flags at all.
     fn default() -> Self {
-        Self {
-            url: DEFAULT_SERVICE_URL.to_owned(),
-            scenario: Scenario::Dashboard,
-            mix: Mix::default(),
-            duration: Duration::from_secs(30),
-            warmup: Duration::from_secs(5),
-            connections: 64,
-            rate: None,
-            users: 100_000,
-            batch_size: 50,
-            distribution: Distribution::Uniform,
-            seed: 1,
-            timeout: Duration::from_secs(5),
-            threads: std::thread::available_parallelism().map_or(1, usize::from),
-            runtime: RuntimeFlavor::CurrentThread,
-            engine: Engine::Raw,
+        #[derive(clap::Parser)]
+        struct NoFlags {
+            #[command(flatten)]
+            config: Config,
         }
+        <NoFlags as clap::Parser>::parse_from(["loadtest"]).config
+    }
+}
+
+impl Config {
+    /// The base URL: the one given, or the scenario's default.
+    #[must_use]
+    pub fn url(&self) -> &str {
+        self.url
+            .as_deref()
+            .unwrap_or_else(|| self.scenario.default_url())
     }
 }
 
@@ -523,7 +414,7 @@ impl Config {
         {
             return Err(bad("distribution", "the Zipf exponent must be positive"));
         }
-        Target::parse(&self.url)
+        Target::parse(self.url())
     }
 }
 
@@ -587,20 +478,58 @@ impl Target {
 mod tests {
     use super::*;
 
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn flags(args: &[&str]) -> Result<Config, clap::Error> {
+        <Flags as clap::Parser>::try_parse_from(
+            std::iter::once("loadtest").chain(args.iter().copied()),
+        )
+        .map(|f| f.config)
+    }
+
     #[test]
-    fn durations_need_a_unit() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("500us"), Ok(Duration::from_micros(500)));
-        assert_eq!(parse_duration(" 0.25s "), Ok(Duration::from_millis(250)));
-        for bad in ["30", "", "ms", "3x", "1.2.3s", "-1s"] {
-            assert!(parse_duration(bad).is_err(), "{bad} parsed");
-        }
-        let message = parse_duration("30").unwrap_err().to_string();
+    fn the_defaults_are_the_flags_defaults() {
+        let config = Config::default();
+        assert_eq!(config, flags(&[]).unwrap());
         assert_eq!(
-            message,
-            "invalid duration `30`: add a unit, e.g. 30s or 250ms"
+            (config.duration, config.warmup),
+            (Duration::from_secs(30), Duration::from_secs(5))
         );
+        assert_eq!(
+            (config.connections, config.scenario),
+            (64, Scenario::Dashboard)
+        );
+        assert_eq!(config.mix.to_string(), "dashboard=90,batch=10");
+        assert_eq!(config.url(), DEFAULT_SERVICE_URL);
+        let upstream = Config {
+            scenario: Scenario::Recommendations,
+            ..Config::default()
+        };
+        assert_eq!(upstream.url(), DEFAULT_UPSTREAM_URL);
+    }
+
+    #[test]
+    fn duration_flags_need_a_unit() {
+        let config = flags(&[
+            "--duration",
+            "2m",
+            "--timeout",
+            "250ms",
+            "--runtime",
+            "multi-thread",
+        ])
+        .unwrap();
+        assert_eq!(config.duration, Duration::from_secs(120));
+        assert_eq!(config.timeout, Duration::from_millis(250));
+        assert_eq!(config.runtime, RuntimeFlavor::MultiThread);
+        for bad in ["30", "", "3x", "-1s"] {
+            assert!(flags(&["--duration", bad]).is_err(), "{bad} parsed");
+        }
+        assert!(flags(&["--scenario", "orders"]).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! The loop is generic over [`Exchange`] (one request and its whole answer) so that its timing
 //! arithmetic can be tested on tokio's paused clock; the real exchange is
-//! [`crate::raw::RawExchange`] (and [`crate::hyper_client::HyperExchange`]).
+//! [`crate::raw::RawExchange`].
 //!
 //! Two rules keep a server that stops answering from hiding:
 //!

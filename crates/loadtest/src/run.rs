@@ -25,15 +25,14 @@ use tokio::{
 };
 
 use crate::{
-    Config, Engine, Error, Progress, Report, RuntimeFlavor,
+    Config, Error, Progress, Report, RuntimeFlavor,
     config::Target,
-    driver::{Exchange, Fleet, Plan, drive_all},
-    hyper_client::HyperExchange,
+    driver::{Fleet, Plan, drive_all},
     progress::{Sampler, tick_for},
     raw::RawExchange,
     report::{self, Inputs},
     requests::RequestPlan,
-    stats::{Outcome, WorkerStats},
+    stats::WorkerStats,
 };
 
 /// Time between spawning the workers and the first send, so every thread is up when it starts.
@@ -50,7 +49,6 @@ struct Shared {
     fleet: Arc<Fleet>,
     addr: SocketAddr,
     requests: RequestPlan,
-    engine: Engine,
 }
 
 /// What a worker thread reports when it ends.
@@ -97,7 +95,6 @@ pub async fn run(config: &Config, progress: Progress) -> Result<Report, Error> {
         }),
         addr,
         requests,
-        engine: config.engine,
     });
 
     let layouts: Vec<(usize, Vec<usize>)> = match config.runtime {
@@ -277,31 +274,12 @@ async fn run_connections(connections: &[usize], shared: &Shared) -> Result<(), E
         .iter()
         .map(|&index| {
             let requests = shared.requests.for_connection(index);
-            let exchange = match shared.engine {
-                Engine::Raw => AnyExchange::Raw(RawExchange::new(shared.addr, requests)),
-                Engine::Hyper => AnyExchange::Hyper(HyperExchange::new(shared.addr, requests)),
-            };
-            (index, exchange)
+            (index, RawExchange::new(shared.addr, requests))
         })
         .collect();
     drive_all(&shared.fleet, exchanges)
         .await
         .map_err(|message| Error::Worker(format!("a connection task failed: {message}")))
-}
-
-/// Either engine's exchange.
-enum AnyExchange {
-    Raw(RawExchange),
-    Hyper(HyperExchange),
-}
-
-impl Exchange for AnyExchange {
-    async fn exchange(&mut self, deadline: Instant) -> Outcome {
-        match self {
-            Self::Raw(raw) => raw.exchange(deadline).await,
-            Self::Hyper(hyper) => hyper.exchange(deadline).await,
-        }
-    }
 }
 
 /// CPU time this process has used so far (user plus system), from `/proc/self/stat` on Linux.

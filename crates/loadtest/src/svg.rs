@@ -78,7 +78,7 @@ where
     };
     let headline = format!(
         "loadtest {} · {model} · {} connections · {} measured",
-        p.scenario,
+        p.scenario.as_str(),
         p.connections,
         format::seconds(p.duration_s)
     );

@@ -25,13 +25,10 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use loadtest::{Checks, Config, Engine, Progress, Report, RuntimeFlavor, Scenario};
+use loadtest::{Checks, Config, Progress, Report, RuntimeFlavor, Scenario};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 const USERS: u64 = 1000;
-
-/// Every test runs once per engine: the raw engine, and hyper's client as a cross-check.
-const ENGINES: [Engine; 2] = [Engine::Raw, Engine::Hyper];
 
 /// What the test server sent.
 #[derive(Default)]
@@ -246,11 +243,10 @@ async fn serve(behaviour: Behaviour) -> Server {
     Server { url, counts, task }
 }
 
-fn config(url: &str, scenario: Scenario, engine: Engine) -> Config {
+fn config(url: &str, scenario: Scenario) -> Config {
     Config {
-        url: url.to_owned(),
+        url: Some(url.to_owned()),
         scenario,
-        engine,
         duration: Duration::from_millis(400),
         warmup: Duration::ZERO,
         connections: 8,
@@ -307,412 +303,373 @@ fn source_errors(report: &Report, source: &str, kind: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_counts_match_what_the_server_sent() {
-    for engine in ENGINES {
-        eprintln!("engine: {engine}");
-        let server = serve(Behaviour::default()).await;
-        let report = run(&config(&server.url, Scenario::Dashboard, engine)).await;
-        let c = &server.counts;
-        let m = &report.measured;
-        assert!(m.requests > 0);
-        assert_eq!(m.requests, c.requests.load(Relaxed));
-        assert_eq!(c.bad.load(Relaxed), 0, "every id was in 1..=users");
-        assert_eq!(status(&report, "200"), c.ok.load(Relaxed));
-        assert_eq!(status(&report, "404"), c.not_found.load(Relaxed));
-        assert_eq!(
-            m.error_codes.get("404 not_found").copied().unwrap_or(0),
-            c.not_found.load(Relaxed)
-        );
-        assert_eq!(m.errors, c.not_found.load(Relaxed));
-        assert_eq!(
-            source_errors(&report, "recommendations", "timeout"),
-            c.recommendation_timeouts.load(Relaxed)
-        );
-        // The reviews errors carry no kind: they are counted under their error text.
-        assert_eq!(
-            source_errors(&report, "reviews", "pool exhausted"),
-            c.review_errors.load(Relaxed)
-        );
-        assert_eq!(m.partial_answers, c.partial.load(Relaxed));
-        assert_eq!(m.undecodable_bodies, 0);
-        assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
-        assert_eq!(m.latency.count, m.responses);
-        assert_eq!(report.unfinished, 0);
-        assert_eq!(report.warmup.requests, 0);
-        assert!(report.summary().contains("recommendations: timeout"));
-    }
+    let server = serve(Behaviour::default()).await;
+    let report = run(&config(&server.url, Scenario::Dashboard)).await;
+    let c = &server.counts;
+    let m = &report.measured;
+    assert!(m.requests > 0);
+    assert_eq!(m.requests, c.requests.load(Relaxed));
+    assert_eq!(c.bad.load(Relaxed), 0, "every id was in 1..=users");
+    assert_eq!(status(&report, "200"), c.ok.load(Relaxed));
+    assert_eq!(status(&report, "404"), c.not_found.load(Relaxed));
+    assert_eq!(
+        m.error_codes.get("404 not_found").copied().unwrap_or(0),
+        c.not_found.load(Relaxed)
+    );
+    assert_eq!(m.errors, c.not_found.load(Relaxed));
+    assert_eq!(
+        source_errors(&report, "recommendations", "timeout"),
+        c.recommendation_timeouts.load(Relaxed)
+    );
+    // The reviews errors carry no kind: they are counted under their error text.
+    assert_eq!(
+        source_errors(&report, "reviews", "pool exhausted"),
+        c.review_errors.load(Relaxed)
+    );
+    assert_eq!(m.partial_answers, c.partial.load(Relaxed));
+    assert_eq!(m.undecodable_bodies, 0);
+    assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
+    assert_eq!(m.latency.count, m.responses);
+    assert_eq!(report.unfinished, 0);
+    assert_eq!(report.warmup.requests, 0);
+    assert!(report.summary().contains("recommendations: timeout"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_answers_are_read_and_inspected() {
-    for engine in ENGINES {
-        eprintln!("engine: {engine}");
-        let server = serve(Behaviour {
-            chunked: true,
-            ..Behaviour::default()
-        })
-        .await;
-        // The server does chunk its answers (user 1's dashboard is a plain 200).
-        let head = raw_get(&server.url, "/api/users/1/dashboard").await;
-        assert!(head.contains("transfer-encoding: chunked"), "{head}");
-        server.counts.requests.store(0, Relaxed);
-        server.counts.ok.store(0, Relaxed);
-        let report = run(&config(&server.url, Scenario::Dashboard, engine)).await;
-        let c = &server.counts;
-        let m = &report.measured;
-        assert!(m.requests > 0);
-        assert_eq!(m.requests, c.requests.load(Relaxed));
-        assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
-        assert_eq!(
-            m.undecodable_bodies, 0,
-            "bodies reassembled from their chunks"
-        );
-        assert_eq!(status(&report, "404"), c.not_found.load(Relaxed));
-        assert_eq!(
-            m.error_codes.get("404 not_found").copied().unwrap_or(0),
-            c.not_found.load(Relaxed)
-        );
-        assert_eq!(
-            source_errors(&report, "recommendations", "timeout"),
-            c.recommendation_timeouts.load(Relaxed)
-        );
-        assert_eq!(m.partial_answers, c.partial.load(Relaxed));
-    }
+    let server = serve(Behaviour {
+        chunked: true,
+        ..Behaviour::default()
+    })
+    .await;
+    // The server does chunk its answers (user 1's dashboard is a plain 200).
+    let head = raw_get(&server.url, "/api/users/1/dashboard").await;
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    server.counts.requests.store(0, Relaxed);
+    server.counts.ok.store(0, Relaxed);
+    let report = run(&config(&server.url, Scenario::Dashboard)).await;
+    let c = &server.counts;
+    let m = &report.measured;
+    assert!(m.requests > 0);
+    assert_eq!(m.requests, c.requests.load(Relaxed));
+    assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
+    assert_eq!(
+        m.undecodable_bodies, 0,
+        "bodies reassembled from their chunks"
+    );
+    assert_eq!(status(&report, "404"), c.not_found.load(Relaxed));
+    assert_eq!(
+        m.error_codes.get("404 not_found").copied().unwrap_or(0),
+        c.not_found.load(Relaxed)
+    );
+    assert_eq!(
+        source_errors(&report, "recommendations", "timeout"),
+        c.recommendation_timeouts.load(Relaxed)
+    );
+    assert_eq!(m.partial_answers, c.partial.load(Relaxed));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_per_id_errors_are_counted() {
-    for engine in ENGINES {
-        eprintln!("engine: {engine}");
-        let server = serve(Behaviour::default()).await;
-        let report = run(&config(&server.url, Scenario::Batch, engine)).await;
-        let c = &server.counts;
-        let m = &report.measured;
-        assert!(m.requests > 0);
-        assert_eq!(c.bad.load(Relaxed), 0);
-        assert_eq!(status(&report, "200"), c.batches.load(Relaxed));
-        assert_eq!(m.batch_id_errors.total, c.batch_id_errors.load(Relaxed));
-        assert_eq!(
-            m.batch_id_errors
-                .by_error
-                .get("user not found")
-                .copied()
-                .unwrap_or(0),
-            c.batch_id_errors.load(Relaxed)
-        );
-    }
+    let server = serve(Behaviour::default()).await;
+    let report = run(&config(&server.url, Scenario::Batch)).await;
+    let c = &server.counts;
+    let m = &report.measured;
+    assert!(m.requests > 0);
+    assert_eq!(c.bad.load(Relaxed), 0);
+    assert_eq!(status(&report, "200"), c.batches.load(Relaxed));
+    assert_eq!(m.batch_id_errors.total, c.batch_id_errors.load(Relaxed));
+    assert_eq!(
+        m.batch_id_errors
+            .by_error
+            .get("user not found")
+            .copied()
+            .unwrap_or(0),
+        c.batch_id_errors.load(Relaxed)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_runs_send_both_kinds() {
-    for engine in ENGINES {
-        eprintln!("engine: {engine}");
-        let server = serve(Behaviour::default()).await;
-        let mut config = config(&server.url, Scenario::Mixed, engine);
-        config.mix = "dashboard=1,batch=1".parse().unwrap();
-        let report = run(&config).await;
-        let c = &server.counts;
-        assert!(c.batches.load(Relaxed) > 0);
-        assert!(
-            c.ok.load(Relaxed) > c.batches.load(Relaxed),
-            "dashboards too"
-        );
-        assert_eq!(report.measured.requests, c.requests.load(Relaxed));
-        assert_eq!(
-            report.measured.batch_id_errors.total,
-            c.batch_id_errors.load(Relaxed)
-        );
-        assert_eq!(
-            source_errors(&report, "recommendations", "timeout"),
-            c.recommendation_timeouts.load(Relaxed)
-        );
-    }
+    let server = serve(Behaviour::default()).await;
+    let mut config = config(&server.url, Scenario::Mixed);
+    config.mix = "dashboard=1,batch=1".parse().unwrap();
+    let report = run(&config).await;
+    let c = &server.counts;
+    assert!(c.batches.load(Relaxed) > 0);
+    assert!(
+        c.ok.load(Relaxed) > c.batches.load(Relaxed),
+        "dashboards too"
+    );
+    assert_eq!(report.measured.requests, c.requests.load(Relaxed));
+    assert_eq!(
+        report.measured.batch_id_errors.total,
+        c.batch_id_errors.load(Relaxed)
+    );
+    assert_eq!(
+        source_errors(&report, "recommendations", "timeout"),
+        c.recommendation_timeouts.load(Relaxed)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_loop_sends_its_schedule() {
-    for engine in ENGINES {
-        eprintln!("engine: {engine}");
-        let server = serve(Behaviour::default()).await;
-        let mut config = config(&server.url, Scenario::Recommendations, engine);
-        config.rate = Some(500.0);
-        let report = run(&config).await;
-        let open = report.open_loop.as_ref().unwrap();
-        // 500 req/s for 0.4s is 200 sends, whatever the machine's speed: sent or missed.
-        assert_eq!(open.scheduled, 200);
-        assert_eq!(open.sent + open.missed, 200);
-        assert_eq!(open.sent, server.counts.recommendations.load(Relaxed));
-        assert_eq!(status(&report, "200"), open.sent);
-        assert_eq!(open.send_lag.count, open.sent);
-        assert!(report.measured.bytes_received > 0);
-    }
+    let server = serve(Behaviour::default()).await;
+    let mut config = config(&server.url, Scenario::Recommendations);
+    config.rate = Some(500.0);
+    let report = run(&config).await;
+    let open = report.open_loop.as_ref().unwrap();
+    // 500 req/s for 0.4s is 200 sends, whatever the machine's speed: sent or missed.
+    assert_eq!(open.scheduled, 200);
+    assert_eq!(open.sent + open.missed, 200);
+    assert_eq!(open.sent, server.counts.recommendations.load(Relaxed));
+    assert_eq!(status(&report, "200"), open.sent);
+    assert_eq!(open.send_lag.count, open.sent);
+    assert!(report.measured.bytes_received > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warmup_requests_are_kept_apart() {
-    for engine in ENGINES {
-        eprintln!("engine: {engine}");
-        let server = serve(Behaviour::default()).await;
-        let mut config = config(&server.url, Scenario::Recommendations, engine);
-        config.warmup = Duration::from_millis(200);
-        config.duration = Duration::from_millis(200);
-        let report = run(&config).await;
-        assert!(report.warmup.requests > 0);
-        assert!(report.measured.requests > 0);
-        assert_eq!(
-            report.warmup.requests + report.measured.requests,
-            server.counts.requests.load(Relaxed)
-        );
-        assert_eq!(report.measured.latency.count, report.measured.requests);
-    }
+    let server = serve(Behaviour::default()).await;
+    let mut config = config(&server.url, Scenario::Recommendations);
+    config.warmup = Duration::from_millis(200);
+    config.duration = Duration::from_millis(200);
+    let report = run(&config).await;
+    assert!(report.warmup.requests > 0);
+    assert!(report.measured.requests > 0);
+    assert_eq!(
+        report.warmup.requests + report.measured.requests,
+        server.counts.requests.load(Relaxed)
+    );
+    assert_eq!(report.measured.latency.count, report.measured.requests);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_multi_thread_runtime_counts_the_same_way() {
-    for engine in ENGINES {
-        eprintln!("engine: {engine}");
-        let server = serve(Behaviour::default()).await;
-        let mut config = config(&server.url, Scenario::Dashboard, engine);
-        config.runtime = RuntimeFlavor::MultiThread;
-        let report = run(&config).await;
-        let c = &server.counts;
-        assert!(report.measured.requests > 0);
-        assert_eq!(report.measured.requests, c.requests.load(Relaxed));
-        assert_eq!(status(&report, "404"), c.not_found.load(Relaxed));
-        assert_eq!(report.measured.partial_answers, c.partial.load(Relaxed));
-    }
+    let server = serve(Behaviour::default()).await;
+    let mut config = config(&server.url, Scenario::Dashboard);
+    config.runtime = RuntimeFlavor::MultiThread;
+    let report = run(&config).await;
+    let c = &server.counts;
+    assert!(report.measured.requests > 0);
+    assert_eq!(report.measured.requests, c.requests.load(Relaxed));
+    assert_eq!(status(&report, "404"), c.not_found.load(Relaxed));
+    assert_eq!(report.measured.partial_answers, c.partial.load(Relaxed));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_closed_by_the_server_are_reopened_without_errors() {
-    for engine in ENGINES {
-        eprintln!("engine: {engine}");
-        let server = serve(Behaviour {
-            close: true,
-            ..Behaviour::default()
-        })
-        .await;
-        let report = run(&config(&server.url, Scenario::Recommendations, engine)).await;
-        let m = &report.measured;
-        assert!(
-            m.requests > 8,
-            "more requests than connections: reconnects happened"
-        );
-        assert_eq!(m.requests, server.counts.requests.load(Relaxed));
-        assert_eq!(status(&report, "200"), m.requests);
-        assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
-    }
+    let server = serve(Behaviour {
+        close: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let report = run(&config(&server.url, Scenario::Recommendations)).await;
+    let m = &report.measured;
+    assert!(
+        m.requests > 8,
+        "more requests than connections: reconnects happened"
+    );
+    assert_eq!(m.requests, server.counts.requests.load(Relaxed));
+    assert_eq!(status(&report, "200"), m.requests);
+    assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_the_server_closed_are_reopened_without_errors() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    for engine in ENGINES {
-        eprintln!("engine: {engine}");
-        // Answers one request per connection, keep-alive by its headers, then closes the idle
-        // connection 10ms later: what a server's idle timeout does.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let served = Arc::new(AtomicU64::new(0));
-        let count = Arc::clone(&served);
-        let server = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let count = Arc::clone(&count);
-                tokio::spawn(async move {
-                    let mut request = Vec::new();
-                    let mut buf = [0u8; 1024];
+    // Answers one request per connection, keep-alive by its headers, then closes the idle
+    // connection 10ms later: what a server's idle timeout does.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&served);
+    let server = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                count.fetch_add(1, Relaxed);
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]";
+                let _ = stream.write_all(answer).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            });
+        }
+    });
+    // 20 req/s over 2 connections: each sits idle 100ms between its sends.
+    let mut config = config(&url, Scenario::Recommendations);
+    config.connections = 2;
+    config.rate = Some(20.0);
+    config.duration = Duration::from_millis(600);
+    let report = run(&config).await;
+    server.abort();
+    let m = &report.measured;
+    assert!(m.requests >= 6, "{} requests", m.requests);
+    assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
+    assert_eq!(status(&report, "200"), m.requests);
+    assert_eq!(served.load(Relaxed), m.requests);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_that_are_not_json_are_counted() {
+    let server = serve(Behaviour {
+        garbage: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let report = run(&config(&server.url, Scenario::Dashboard)).await;
+    assert!(report.measured.undecodable_bodies > 0);
+    assert_eq!(
+        report.measured.undecodable_bodies,
+        server.counts.ok.load(Relaxed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_server_is_cut_by_the_timeout() {
+    // Accepts connections and reads requests, but never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hang = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let mut config = config(&url, Scenario::Dashboard);
+    config.connections = 2;
+    config.duration = Duration::from_millis(500);
+    config.timeout = Duration::from_millis(300);
+    let report = run(&config).await;
+    hang.abort();
+    let m = &report.measured;
+    assert!(m.requests >= 2, "each connection sent at least once");
+    assert_eq!(m.responses, 0);
+    assert_eq!(m.transport_errors.get("timeout").copied(), Some(m.requests));
+    assert_eq!(m.error_rate, 1.0);
+    // The per-request timeout ended every request, not the drain deadline.
+    assert_eq!(report.unfinished, 0);
+    assert!(report.summary().contains("no answers"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_are_counted_by_kind() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let mut config = config(&url, Scenario::Dashboard);
+    config.duration = Duration::from_millis(200);
+    let report = run(&config).await;
+    let m = &report.measured;
+    assert!(m.requests > 0);
+    assert_eq!(
+        m.transport_errors.get("connect_refused").copied(),
+        Some(m.requests)
+    );
+    assert_eq!(m.errors, m.requests);
+    // Refusals are attempts, not throughput: nothing was answered.
+    assert_eq!(m.throughput_rps, 0.0);
+    assert!(m.attempts_rps > 0.0);
+    let outcomes = "rps>=1".parse::<Checks>().unwrap().evaluate(&report);
+    assert!(!outcomes[0].passed, "{outcomes:?}");
+    // Each refusal counts in the latency at the timeout (within the histogram's three
+    // significant digits): none was a fast answer.
+    assert_eq!(m.latency.count, m.requests);
+    assert!(m.latency.min_ms >= 29_970.0, "{}", m.latency.min_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_fails_the_checks_and_is_named_the_bottleneck() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers its first 40 requests at once, then reads requests and never answers: the
+    // stall starts after a count, not a time, so the test does not depend on speed.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let answered = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&answered);
+    let server = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
                     while !request.windows(4).any(|w| w == b"\r\n\r\n") {
                         match stream.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
                             Ok(n) => request.extend_from_slice(&buf[..n]),
                         }
                     }
-                    count.fetch_add(1, Relaxed);
-                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]";
-                    let _ = stream.write_all(answer).await;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                });
-            }
-        });
-        // 20 req/s over 2 connections: each sits idle 100ms between its sends.
-        let mut config = config(&url, Scenario::Recommendations, engine);
-        config.connections = 2;
-        config.rate = Some(20.0);
-        config.duration = Duration::from_millis(600);
-        let report = run(&config).await;
-        server.abort();
-        let m = &report.measured;
-        assert!(m.requests >= 6, "{} requests", m.requests);
-        assert!(m.transport_errors.is_empty(), "{:?}", m.transport_errors);
-        assert_eq!(status(&report, "200"), m.requests);
-        assert_eq!(served.load(Relaxed), m.requests);
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bodies_that_are_not_json_are_counted() {
-    for engine in ENGINES {
-        eprintln!("engine: {engine}");
-        let server = serve(Behaviour {
-            garbage: true,
-            ..Behaviour::default()
-        })
-        .await;
-        let report = run(&config(&server.url, Scenario::Dashboard, engine)).await;
-        assert!(report.measured.undecodable_bodies > 0);
-        assert_eq!(
-            report.measured.undecodable_bodies,
-            server.counts.ok.load(Relaxed)
-        );
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_server_is_cut_by_the_timeout() {
-    for engine in ENGINES {
-        eprintln!("engine: {engine}");
-        // Accepts connections and reads requests, but never answers.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let hang = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                held.push(stream);
-            }
-        });
-        let mut config = config(&url, Scenario::Dashboard, engine);
-        config.connections = 2;
-        config.duration = Duration::from_millis(500);
-        config.timeout = Duration::from_millis(300);
-        let report = run(&config).await;
-        hang.abort();
-        let m = &report.measured;
-        assert!(m.requests >= 2, "each connection sent at least once");
-        assert_eq!(m.responses, 0);
-        assert_eq!(m.transport_errors.get("timeout").copied(), Some(m.requests));
-        assert_eq!(m.error_rate, 1.0);
-        // The per-request timeout ended every request, not the drain deadline.
-        assert_eq!(report.unfinished, 0);
-        assert!(report.summary().contains("no answers"));
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_connections_are_counted_by_kind() {
-    for engine in ENGINES {
-        eprintln!("engine: {engine}");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        drop(listener);
-        let mut config = config(&url, Scenario::Dashboard, engine);
-        config.duration = Duration::from_millis(200);
-        let report = run(&config).await;
-        let m = &report.measured;
-        assert!(m.requests > 0);
-        assert_eq!(
-            m.transport_errors.get("connect_refused").copied(),
-            Some(m.requests)
-        );
-        assert_eq!(m.errors, m.requests);
-        // Refusals are attempts, not throughput: nothing was answered.
-        assert_eq!(m.throughput_rps, 0.0);
-        assert!(m.attempts_rps > 0.0);
-        let outcomes = "rps>=1".parse::<Checks>().unwrap().evaluate(&report);
-        assert!(!outcomes[0].passed, "{outcomes:?}");
-        // Each refusal counts in the latency at the timeout (within the histogram's three
-        // significant digits): none was a fast answer.
-        assert_eq!(m.latency.count, m.requests);
-        assert!(m.latency.min_ms >= 29_970.0, "{}", m.latency.min_ms);
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_that_stops_answering_fails_the_checks_and_is_named_the_bottleneck() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    for engine in ENGINES {
-        eprintln!("engine: {engine}");
-        // Answers its first 40 requests at once, then reads requests and never answers: the
-        // stall starts after a count, not a time, so the test does not depend on speed.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let answered = Arc::new(AtomicU64::new(0));
-        let count = Arc::clone(&answered);
-        let server = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let count = Arc::clone(&count);
-                tokio::spawn(async move {
-                    let mut request = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    loop {
-                        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match stream.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => request.extend_from_slice(&buf[..n]),
+                    request.clear();
+                    if count.fetch_add(1, Relaxed) >= 40 {
+                        // Hold the connection open, unanswered, until the client leaves.
+                        while let Ok(n) = stream.read(&mut buf).await {
+                            if n == 0 {
+                                return;
                             }
                         }
-                        request.clear();
-                        if count.fetch_add(1, Relaxed) >= 40 {
-                            // Hold the connection open, unanswered, until the client leaves.
-                            while let Ok(n) = stream.read(&mut buf).await {
-                                if n == 0 {
-                                    return;
-                                }
-                            }
-                            return;
-                        }
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]";
-                        if stream.write_all(answer).await.is_err() {
-                            return;
-                        }
+                        return;
                     }
-                });
-            }
-        });
-        let mut config = config(&url, Scenario::Recommendations, engine);
-        config.connections = 4;
-        config.rate = Some(100.0);
-        config.duration = Duration::from_secs(1);
-        config.timeout = Duration::from_millis(300);
-        let report = run(&config).await;
-        server.abort();
-        let m = &report.measured;
-        let open = report.open_loop.as_ref().unwrap();
-        eprintln!("{}", report.summary());
-        assert_eq!(open.scheduled, 100);
-        assert_eq!(open.sent + open.missed, 100);
-        assert_eq!(m.responses, 40);
-        assert!(m.missed > 0, "the stall held sends back");
-        assert!(open.missed_on_busy_connections > 0);
-        assert!(open.achieved_ratio <= 1.0);
-        // Every request sent and every send missed is in the latency and, unless answered, in
-        // the errors.
-        assert_eq!(m.latency.count, m.requests + m.missed);
-        assert_eq!(m.errors, m.requests - m.responses + m.missed);
-        assert_eq!(m.success_latency.count, 40);
-        assert!(m.latency.p99_ms >= 300.0, "p99 {}", m.latency.p99_ms);
-        assert!(m.transport_errors.get("timeout").copied().unwrap_or(0) > 0);
-        assert!(!open.kept_up);
-        assert!(
-            open.statement
-                .starts_with("The server is the bottleneck, not the generator"),
-            "{}",
-            open.statement
-        );
-        let outcomes = "p99<250ms,error_rate<5%"
-            .parse::<Checks>()
-            .unwrap()
-            .evaluate(&report);
-        assert_eq!(outcomes.len(), 3);
-        assert!(outcomes.iter().all(|o| !o.passed), "{outcomes:?}");
-        assert_eq!(outcomes[2].expression, "kept_up");
-    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]";
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut config = config(&url, Scenario::Recommendations);
+    config.connections = 4;
+    config.rate = Some(100.0);
+    config.duration = Duration::from_secs(1);
+    config.timeout = Duration::from_millis(300);
+    let report = run(&config).await;
+    server.abort();
+    let m = &report.measured;
+    let open = report.open_loop.as_ref().unwrap();
+    eprintln!("{}", report.summary());
+    assert_eq!(open.scheduled, 100);
+    assert_eq!(open.sent + open.missed, 100);
+    assert_eq!(m.responses, 40);
+    assert!(m.missed > 0, "the stall held sends back");
+    assert!(open.missed_on_busy_connections > 0);
+    assert!(open.achieved_ratio <= 1.0);
+    // Every request sent and every send missed is in the latency and, unless answered, in
+    // the errors.
+    assert_eq!(m.latency.count, m.requests + m.missed);
+    assert_eq!(m.errors, m.requests - m.responses + m.missed);
+    assert_eq!(m.success_latency.count, 40);
+    assert!(m.latency.p99_ms >= 300.0, "p99 {}", m.latency.p99_ms);
+    assert!(m.transport_errors.get("timeout").copied().unwrap_or(0) > 0);
+    assert!(!open.kept_up);
+    assert!(
+        open.statement
+            .starts_with("The server is the bottleneck, not the generator"),
+        "{}",
+        open.statement
+    );
+    let outcomes = "p99<250ms,error_rate<5%"
+        .parse::<Checks>()
+        .unwrap()
+        .evaluate(&report);
+    assert_eq!(outcomes.len(), 3);
+    assert!(outcomes.iter().all(|o| !o.passed), "{outcomes:?}");
+    assert_eq!(outcomes[2].expression, "kept_up");
 }
 
 #[tokio::test]
 async fn bad_configurations_fail_before_any_request() {
-    let mut config = config("https://127.0.0.1:1", Scenario::Dashboard, Engine::Raw);
+    let mut config = config("https://127.0.0.1:1", Scenario::Dashboard);
     let err = loadtest::run(&config, Progress::Off).await.unwrap_err();
     assert!(err.to_string().contains("https is not supported"), "{err}");
-    config.url = "http://127.0.0.1:1".to_owned();
+    config.url = Some("http://127.0.0.1:1".to_owned());
     config.threads = 0;
     let err = loadtest::run(&config, Progress::Off).await.unwrap_err();
     assert!(

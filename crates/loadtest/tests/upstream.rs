@@ -6,63 +6,59 @@
 
 use std::time::Duration;
 
-use loadtest::{Config, Engine, Progress, Scenario};
+use loadtest::{Config, Progress, Scenario};
 use upstream::{Fault, Reply, Server, StatusCode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_faults_are_counted_by_kind() {
-    for engine in [Engine::Raw, Engine::Hyper] {
-        eprintln!("engine: {engine}");
-        let server = Server::start(upstream::Config::default()).await.unwrap();
-        server.script([
-            Reply::fault(Fault::Status(StatusCode::SERVICE_UNAVAILABLE)),
-            Reply::fault(Fault::Reset),
-            Reply::fault(Fault::Hang),
-        ]);
-        let config = Config {
-            url: server.base_url(),
-            scenario: Scenario::Recommendations,
-            engine,
-            duration: Duration::from_millis(600),
-            warmup: Duration::ZERO,
-            connections: 4,
-            threads: 2,
-            timeout: Duration::from_millis(300),
-            users: 100,
-            ..Config::default()
-        };
-        let report = tokio::time::timeout(
-            Duration::from_secs(60),
-            loadtest::run(&config, Progress::Off),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-        let stats = server.stats();
-        server.shutdown().await;
-        let m = &report.measured;
-        let transport = |kind: &str| m.transport_errors.get(kind).copied().unwrap_or(0);
-        assert_eq!(stats.faults, 3);
-        assert_eq!(
-            m.requests, stats.requests,
-            "every request reached the server"
-        );
-        assert_eq!(m.statuses.get("503"), Some(&1));
-        assert_eq!(
-            transport("timeout"),
-            1,
-            "the hung request was cut: {:?}",
-            m.transport_errors
-        );
-        // A reset reads as ECONNRESET, or as an early close if the peer's RST races the read.
-        assert_eq!(
-            transport("reset") + transport("closed"),
-            1,
-            "{:?}",
-            m.transport_errors
-        );
-        assert_eq!(m.statuses.get("200").copied(), Some(m.requests - 3));
-        assert_eq!(m.errors, 3);
-        assert_eq!(report.unfinished, 0);
-    }
+    let server = Server::start(upstream::Config::default()).await.unwrap();
+    server.script([
+        Reply::fault(Fault::Status(StatusCode::SERVICE_UNAVAILABLE)),
+        Reply::fault(Fault::Reset),
+        Reply::fault(Fault::Hang),
+    ]);
+    let config = Config {
+        url: Some(server.base_url()),
+        scenario: Scenario::Recommendations,
+        duration: Duration::from_millis(600),
+        warmup: Duration::ZERO,
+        connections: 4,
+        threads: 2,
+        timeout: Duration::from_millis(300),
+        users: 100,
+        ..Config::default()
+    };
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        loadtest::run(&config, Progress::Off),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let stats = server.stats();
+    server.shutdown().await;
+    let m = &report.measured;
+    let transport = |kind: &str| m.transport_errors.get(kind).copied().unwrap_or(0);
+    assert_eq!(stats.faults, 3);
+    assert_eq!(
+        m.requests, stats.requests,
+        "every request reached the server"
+    );
+    assert_eq!(m.statuses.get("503"), Some(&1));
+    assert_eq!(
+        transport("timeout"),
+        1,
+        "the hung request was cut: {:?}",
+        m.transport_errors
+    );
+    // A reset reads as ECONNRESET, or as an early close if the peer's RST races the read.
+    assert_eq!(
+        transport("reset") + transport("closed"),
+        1,
+        "{:?}",
+        m.transport_errors
+    );
+    assert_eq!(m.statuses.get("200").copied(), Some(m.requests - 3));
+    assert_eq!(m.errors, 3);
+    assert_eq!(report.unfinished, 0);
 }

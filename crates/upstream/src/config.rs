@@ -28,50 +28,70 @@ pub const MAX_ITEMS_PER_USER: usize = 1000;
 /// `malformed_rate`, `oversized_rate`, `reset_rate`) are mutually exclusive outcomes of one draw, so
 /// their sum must not exceed 1. Which requests get which fault is a pure function of `seed` and the
 /// request's arrival number, so two runs with the same seed inject the same sequence of faults.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// It is also the `upstream` binary's flags (delays in whole milliseconds); [`Config::default`]
+/// is what no flags give.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct Config {
-    /// Latency added to every answer.
+    /// Latency added to every answer, in milliseconds.
+    #[arg(long = "delay-ms", value_parser = millis, default_value = "0")]
     pub delay: Duration,
-    /// Extra latency, uniformly distributed in `[0, jitter]`, added on top of `delay`.
+    /// Extra latency, uniformly random between 0 and this many milliseconds, on top of the delay.
+    #[arg(long = "jitter-ms", value_parser = millis, default_value = "0")]
     pub jitter: Duration,
-    /// Fraction of requests that are slow: they take `slow_delay` instead of `delay + jitter`.
-    /// This models the latency tail that hedged requests are meant to cut.
+    /// Fraction of requests (0-1) that are slow: they take --slow-delay-ms instead. This models
+    /// the latency tail that hedged requests are meant to cut.
+    #[arg(long, default_value_t = 0.0)]
     pub slow_rate: f64,
-    /// Latency of the slow requests.
+    /// Latency of the slow requests, in milliseconds.
+    #[arg(long = "slow-delay-ms", value_parser = millis, default_value = "1000")]
     pub slow_delay: Duration,
-    /// Fraction of requests answered with `error_status` and a small JSON error body.
+    /// Fraction of requests (0-1) answered with --error-status and a small JSON error body.
+    #[arg(long, default_value_t = 0.0)]
     pub error_rate: f64,
-    /// Status code of the injected errors (default 503).
+    /// Status code of the injected errors (4xx or 5xx).
+    #[arg(long, value_parser = status_code, default_value = "503")]
     pub error_status: StatusCode,
-    /// Fraction of requests that are never answered: the connection stays open, silent, until the
-    /// client gives up, the server shuts down, or [`Config::hang_limit`] passes.
+    /// Fraction of requests (0-1) never answered: the connection stays open, silent, until the
+    /// client gives up, the server shuts down, or --hang-limit-ms passes.
+    #[arg(long, default_value_t = 0.0)]
     pub hang_rate: f64,
-    /// How long a hanging request holds its connection before the server closes it. This bounds
-    /// the resources a client that never times out can pin.
+    /// How long a hanging request holds its connection before it is closed, in milliseconds.
+    /// This bounds the resources a client that never times out can pin.
+    #[arg(long = "hang-limit-ms", value_parser = millis, default_value = "300000")]
     pub hang_limit: Duration,
-    /// Fraction of requests answered `200 OK` with truncated, invalid JSON.
+    /// Fraction of requests (0-1) answered 200 with truncated, invalid JSON.
+    #[arg(long, default_value_t = 0.0)]
     pub malformed_rate: f64,
-    /// Fraction of requests answered `200 OK` with a body of `oversized_bytes` bytes (valid JSON,
-    /// declared in `Content-Length`).
+    /// Fraction of requests (0-1) answered 200 with a body of --oversized-bytes bytes (valid
+    /// JSON, declared in Content-Length).
+    #[arg(long, default_value_t = 0.0)]
     pub oversized_rate: f64,
-    /// Size of the oversized bodies (default 2 MiB, twice the client's default cap).
+    /// Size of the oversized bodies, in bytes; the default, 2 MiB, is twice the client's cap.
+    #[arg(long, default_value_t = 2 << 20)]
     pub oversized_bytes: usize,
-    /// Fraction of requests whose connection is reset (TCP RST) instead of being answered.
+    /// Fraction of requests (0-1) whose connection is reset (TCP RST) instead of answered.
+    #[arg(long, default_value_t = 0.0)]
     pub reset_rate: f64,
-    /// Items in each answer (default 10).
+    /// Items per answer.
+    #[arg(long = "items", default_value_t = 10)]
     pub items_per_user: usize,
-    /// How each item is written: objects (the default) or plain product ids, as the seed
-    /// article's recommendation service answers.
+    /// How items are written: `objects` ({"product_id","score","reason"}) or `ids` (plain
+    /// product ids, as the seed article's service answers).
+    #[arg(long, value_enum, default_value_t = Shape::Objects)]
     pub shape: Shape,
-    /// Product ids are drawn from `1..=catalog_size` (default 20 000, the id range of the seeded
+    /// Product ids are drawn from `1..=catalog_size` (20 000, the id range of the seeded
     /// reviews).
+    #[arg(skip = 20_000u32)]
     pub catalog_size: u32,
-    /// Seed of the fault and latency draws.
+    /// Seed of the latency and fault draws: the same seed injects the same faults in the same
+    /// order of arrival.
+    #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,
 }
 
 /// How the stand-in writes each recommended item.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Shape {
     /// `{"product_id":…,"score":…,"reason":…}`.
     #[default]
@@ -80,39 +100,29 @@ pub enum Shape {
     Ids,
 }
 
-impl std::str::FromStr for Shape {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "objects" => Ok(Shape::Objects),
-            "ids" => Ok(Shape::Ids),
-            other => Err(format!("unknown shape {other:?}: expected objects or ids")),
+impl Default for Config {
+    /// What the `upstream` binary runs with when given no flags.
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct NoFlags {
+            #[command(flatten)]
+            config: Config,
         }
+        <NoFlags as clap::Parser>::parse_from(["upstream"]).config
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            delay: Duration::ZERO,
-            jitter: Duration::ZERO,
-            slow_rate: 0.0,
-            slow_delay: Duration::from_secs(1),
-            error_rate: 0.0,
-            error_status: StatusCode::SERVICE_UNAVAILABLE,
-            hang_rate: 0.0,
-            hang_limit: Duration::from_secs(300),
-            malformed_rate: 0.0,
-            oversized_rate: 0.0,
-            oversized_bytes: 2 << 20,
-            reset_rate: 0.0,
-            items_per_user: 10,
-            shape: Shape::Objects,
-            catalog_size: 20_000,
-            seed: 0x5eed,
-        }
-    }
+/// A whole number of milliseconds, as the delay flags take them.
+fn millis(text: &str) -> Result<Duration, std::num::ParseIntError> {
+    text.parse().map(Duration::from_millis)
+}
+
+/// A status code, as `--error-status` takes it.
+fn status_code(text: &str) -> Result<StatusCode, String> {
+    text.parse::<u16>()
+        .ok()
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or_else(|| format!("{text} is not a status code"))
 }
 
 impl Config {

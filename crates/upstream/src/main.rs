@@ -5,11 +5,10 @@
 //! turns flags into its configuration, serves, and prints a summary on the way out.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use upstream::{Config, Server, StatusCode};
+use upstream::{Config, Server};
 
 /// The stand-in recommendation service: `GET /users/{id}/recommendations`, with optional latency
 /// and faults.
@@ -19,86 +18,15 @@ struct UpstreamArgs {
     /// Port to listen on, on 127.0.0.1 (0 picks a free one).
     #[arg(long, default_value_t = 9100)]
     port: u16,
-    /// Latency added to every answer, in milliseconds.
-    #[arg(long, default_value_t = 0)]
-    delay_ms: u64,
-    /// Extra latency, uniformly random between 0 and this many milliseconds.
-    #[arg(long, default_value_t = 0)]
-    jitter_ms: u64,
-    /// Fraction of requests (0-1) that are slow: they take --slow-delay-ms instead.
-    #[arg(long, default_value_t = 0.0)]
-    slow_rate: f64,
-    /// Latency of the slow requests, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    slow_delay_ms: u64,
-    /// Fraction of requests (0-1) answered with --error-status.
-    #[arg(long, default_value_t = 0.0)]
-    error_rate: f64,
-    /// Status code of the injected errors (4xx or 5xx).
-    #[arg(long, default_value_t = 503)]
-    error_status: u16,
-    /// Fraction of requests (0-1) never answered; their connection is held open.
-    #[arg(long, default_value_t = 0.0)]
-    hang_rate: f64,
-    /// How long a hanging request holds its connection before it is closed, in milliseconds.
-    #[arg(long, default_value_t = 300_000)]
-    hang_limit_ms: u64,
-    /// Fraction of requests (0-1) answered 200 with truncated JSON.
-    #[arg(long, default_value_t = 0.0)]
-    malformed_rate: f64,
-    /// Fraction of requests (0-1) answered 200 with a body of --oversized-bytes bytes.
-    #[arg(long, default_value_t = 0.0)]
-    oversized_rate: f64,
-    /// Size of the oversized bodies, in bytes; the default, 2 MiB, is twice the client's cap.
-    #[arg(long, default_value_t = 2 << 20)]
-    oversized_bytes: usize,
-    /// Fraction of requests (0-1) whose connection is reset (TCP RST) instead of answered.
-    #[arg(long, default_value_t = 0.0)]
-    reset_rate: f64,
-    /// Items per answer.
-    #[arg(long, default_value_t = 10)]
-    items: usize,
-    /// How items are written: `objects` ({"product_id","score","reason"}) or `ids` (plain
-    /// product ids, as the seed article's service answers).
-    #[arg(long, default_value = "objects")]
-    shape: upstream::Shape,
-    /// Seed of the latency and fault draws: the same seed injects the same faults in the same
-    /// order of arrival.
-    #[arg(long, default_value_t = 0x5eed)]
-    seed: u64,
-}
-
-impl UpstreamArgs {
-    fn config(&self) -> Result<Config> {
-        let error_status = StatusCode::from_u16(self.error_status).with_context(|| {
-            format!("--error-status {} is not a status code", self.error_status)
-        })?;
-        Ok(Config {
-            delay: Duration::from_millis(self.delay_ms),
-            jitter: Duration::from_millis(self.jitter_ms),
-            slow_rate: self.slow_rate,
-            slow_delay: Duration::from_millis(self.slow_delay_ms),
-            error_rate: self.error_rate,
-            error_status,
-            hang_rate: self.hang_rate,
-            hang_limit: Duration::from_millis(self.hang_limit_ms),
-            malformed_rate: self.malformed_rate,
-            oversized_rate: self.oversized_rate,
-            oversized_bytes: self.oversized_bytes,
-            reset_rate: self.reset_rate,
-            items_per_user: self.items,
-            shape: self.shape,
-            seed: self.seed,
-            ..Config::default()
-        })
-    }
+    #[command(flatten)]
+    config: Config,
 }
 
 /// Serves until Ctrl-C (or SIGTERM), then shuts down gracefully.
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = UpstreamArgs::parse();
-    let config = args.config()?;
+    let config = args.config;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
     let server = Server::bind(addr, config)
         .await

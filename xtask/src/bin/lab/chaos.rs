@@ -20,7 +20,7 @@
 //! the cluster, the API processes and the probes, `report` the report.
 
 mod abandoned;
-mod client;
+pub(crate) mod client;
 mod db_restart;
 mod pool;
 mod report;
@@ -101,6 +101,9 @@ const QUERY_MODES: [&str; 3] = ["coalesced", "pipelined", "pooled"];
 pub struct Ctx {
     /// The database and the API launcher.
     rig: Rig,
+    /// The settings every API starts from (`config/`), so the checks use the same deadlines and
+    /// limits as the servers instead of copies.
+    defaults: api::settings::Settings,
     /// Shorter phases.
     quick: bool,
 }
@@ -109,6 +112,34 @@ impl Ctx {
     /// `full` normally, `quick` with `--quick`.
     fn phase(&self, full: Duration, quick: Duration) -> Duration {
         if self.quick { quick } else { full }
+    }
+
+    /// What most scenarios start with: a stand-in recommendation service with `upstream`, and an
+    /// API named `name` (suffixed with the query `mode`, when one is given) that calls it, runs in
+    /// that mode and has `settings` on top of the defaults.
+    ///
+    /// # Errors
+    ///
+    /// When either cannot start.
+    async fn stack(
+        &self,
+        name: &str,
+        upstream: upstream::Config,
+        mode: Option<&str>,
+        settings: &[(&str, String)],
+    ) -> Result<(upstream::Server, rig::Api)> {
+        let upstream = upstream::Server::start(upstream).await?;
+        let mut all = vec![("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url())];
+        let name = match mode {
+            Some(mode) => {
+                all.push(("APP__SERVICE__QUERY_MODE", mode.to_owned()));
+                format!("{name}-{mode}")
+            }
+            None => name.to_owned(),
+        };
+        all.extend(settings.iter().cloned());
+        let api = self.rig.api(&name, &all).await?;
+        Ok((upstream, api))
     }
 }
 
@@ -140,6 +171,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
         );
         let ctx = Ctx {
             rig,
+            defaults: api::settings::Settings::load().context("cannot load the settings")?,
             quick: args.quick,
         };
         let mut runs = Vec::new();

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::chaos::client;
 use crate::perf::{Bench, PerfArgs};
 
 /// How many users the comparison asks for: known ones spread over the id range, and a few that
@@ -233,29 +233,15 @@ fn join(path: &str, key: &str) -> String {
 
 /// One `GET` with `Connection: close`: the status and the body parsed as JSON.
 async fn get(address: &str, path: &str) -> Result<(u16, Value)> {
-    let mut stream = tokio::net::TcpStream::connect(address)
+    let addr = address
+        .parse()
+        .with_context(|| format!("{address} is not host:port"))?;
+    let answer = client::fetch(addr, &client::get(path, false), Duration::from_secs(30))
         .await
-        .with_context(|| format!("cannot connect to {address}"))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
-        .await
-        .with_context(|| format!("{address}{path} did not answer within 30 s"))??;
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut response = httparse::Response::new(&mut headers);
-    let httparse::Status::Complete(head) = response.parse(&answer)? else {
-        bail!("{address}{path}: incomplete response head");
-    };
-    let status = response.code.unwrap_or_default();
-    let chunked = response.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("transfer-encoding")
-            && String::from_utf8_lossy(h.value).contains("chunked")
-    });
-    if chunked {
-        bail!("{address}{path}: a chunked body (not expected from either service)");
-    }
-    let body = serde_json::from_slice(&answer[head..])
+        .map_err(|lost| {
+            anyhow::anyhow!("{address}{path}: no answer ({})", lost.failure.as_str())
+        })?;
+    let body = serde_json::from_slice(&answer.body)
         .with_context(|| format!("{address}{path}: the body is not JSON"))?;
-    Ok((status, body))
+    Ok((answer.status, body))
 }

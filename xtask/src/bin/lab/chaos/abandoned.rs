@@ -51,21 +51,11 @@ impl Seen {
 /// Runs the scenario.
 pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> Result<()> {
     report.title = "1000 clients hang up after 200 ms; stand-in delayed 2 s, `users` locked";
-    let upstream = upstream::Server::start(upstream::Config {
+    let delayed = upstream::Config {
         delay: Duration::from_secs(2),
         ..upstream::Config::default()
-    })
-    .await?;
-    let api = ctx
-        .rig
-        .api(
-            &format!("abandoned-{mode}"),
-            &[
-                ("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url()),
-                ("APP__SERVICE__QUERY_MODE", mode.to_owned()),
-            ],
-        )
-        .await?;
+    };
+    let (upstream, api) = ctx.stack("abandoned", delayed, Some(mode), &[]).await?;
     let lock = ctx.rig.lock_table("users").await?;
 
     let addr = api.addr;

@@ -3,22 +3,21 @@
 //! The chaos checks need what a load generator's aggregate report throws away: for every single
 //! request, when it was sent, how long it took, its status and error code, and, when it got no
 //! answer, exactly how it failed (refused, reset, closed before or after the first byte of the
-//! answer, timed out). So the runs use this client rather than the `loadtest` crate. It speaks
-//! only what the dashboard API answers: `Content-Length` or chunked bodies, keep-alive or close.
+//! answer, timed out). So the runs use this client rather than the `loadtest` crate's generator;
+//! answers are read with the generator's codec (`loadtest::codec`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use loadtest::codec;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Largest response head accepted.
-const MAX_HEAD: usize = 64 * 1024;
 /// Largest response body kept (the API's bodies are far smaller).
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
@@ -193,7 +192,7 @@ impl Conn {
                 self.buf.drain(..used);
                 return Ok(answer);
             }
-            if self.buf.len() > MAX_HEAD + MAX_BODY {
+            if self.buf.len() > codec::MAX_HEAD + MAX_BODY {
                 return Err(Lost::new(Failure::Protocol, true));
             }
             let mut chunk = [0u8; 16 * 1024];
@@ -218,140 +217,24 @@ impl Conn {
     }
 }
 
-/// How a body is framed.
-enum Framing {
-    Length(usize),
-    Chunked,
-    UntilClose,
-}
-
-struct Head {
-    status: u16,
-    framing: Framing,
-    close: bool,
-    len: usize,
-}
-
-fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return if buf.len() > MAX_HEAD {
-            Err(Failure::Protocol)
-        } else {
-            Ok(None)
-        };
-    };
-    let text = std::str::from_utf8(&buf[..end]).map_err(|_| Failure::Protocol)?;
-    let mut lines = text.split("\r\n");
-    let status_line = lines.next().ok_or(Failure::Protocol)?;
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().ok_or(Failure::Protocol)?;
-    if !version.starts_with("HTTP/1.") {
-        return Err(Failure::Protocol);
-    }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or(Failure::Protocol)?;
-    let mut framing = Framing::UntilClose;
-    let mut close = version == "HTTP/1.0";
-    for line in lines {
-        let (name, value) = line.split_once(':').ok_or(Failure::Protocol)?;
-        let name = name.trim().to_ascii_lowercase();
-        let value = value.trim();
-        match name.as_str() {
-            "content-length" => {
-                framing = Framing::Length(value.parse().map_err(|_| Failure::Protocol)?);
-            }
-            "transfer-encoding" if value.eq_ignore_ascii_case("chunked") => {
-                framing = Framing::Chunked;
-            }
-            "connection" => close = value.eq_ignore_ascii_case("close"),
-            _ => {}
-        }
-    }
-    if status == 204 || status == 304 || (100..200).contains(&status) {
-        framing = Framing::Length(0);
-    }
-    if matches!(framing, Framing::UntilClose) {
-        close = true;
-    }
-    Ok(Some(Head {
-        status,
-        framing,
-        close,
-        len: end + 4,
-    }))
-}
-
 /// A complete answer at the start of `buf` and the bytes it used, or `None` when more must be
 /// read.
 fn parse(buf: &[u8]) -> Result<Option<(Answer, usize)>, Failure> {
-    let Some(head) = parse_head(buf)? else {
-        return Ok(None);
-    };
-    let rest = &buf[head.len..];
-    let (body, used) = match head.framing {
-        Framing::Length(n) if n > MAX_BODY => return Err(Failure::Protocol),
-        Framing::Length(n) if rest.len() >= n => (rest[..n].to_vec(), n),
-        Framing::Length(_) | Framing::UntilClose => return Ok(None),
-        Framing::Chunked => match dechunk(rest)? {
-            Some(done) => done,
-            None => return Ok(None),
-        },
-    };
-    Ok(Some((
-        Answer {
-            status: head.status,
-            body,
-            close: head.close,
-        },
-        head.len + used,
-    )))
+    let parsed = codec::parse_response(buf, false, MAX_BODY).map_err(|_| Failure::Protocol)?;
+    Ok(parsed.map(|(head, body, used)| (answer(&head, body), used)))
 }
 
 /// The answer in `buf` when the connection has ended, for bodies framed by the close.
 fn parse_at_eof(buf: &[u8]) -> Option<(Answer, usize)> {
-    let head = parse_head(buf).ok()??;
-    matches!(head.framing, Framing::UntilClose).then(|| {
-        (
-            Answer {
-                status: head.status,
-                body: buf[head.len..].to_vec(),
-                close: true,
-            },
-            buf.len(),
-        )
-    })
+    let (head, body, used) = codec::parse_response(buf, true, MAX_BODY).ok()??;
+    Some((answer(&head, body), used))
 }
 
-/// Decodes a chunked body: the body and the bytes used, or `None` when incomplete.
-fn dechunk(mut rest: &[u8]) -> Result<Option<(Vec<u8>, usize)>, Failure> {
-    let total = rest.len();
-    let mut body = Vec::new();
-    loop {
-        let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
-            return Ok(None);
-        };
-        let size_text = std::str::from_utf8(&rest[..line_end]).map_err(|_| Failure::Protocol)?;
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| Failure::Protocol)?;
-        if body.len() + size > MAX_BODY {
-            return Err(Failure::Protocol);
-        }
-        let data_start = line_end + 2;
-        if size == 0 {
-            // No trailers are sent by the API: the body ends with an empty line.
-            if rest.len() < data_start + 2 {
-                return Ok(None);
-            }
-            let used = total - rest.len() + data_start + 2;
-            return Ok(Some((body, used)));
-        }
-        if rest.len() < data_start + size + 2 {
-            return Ok(None);
-        }
-        body.extend_from_slice(&rest[data_start..data_start + size]);
-        rest = &rest[data_start + size + 2..];
+fn answer(head: &codec::Head, body: Vec<u8>) -> Answer {
+    Answer {
+        status: head.status,
+        body,
+        close: !head.keep_alive,
     }
 }
 
@@ -499,10 +382,45 @@ pub struct Load {
     pub batch_percent: u32,
 }
 
+/// A [`Load`] running in the background until [`Running::finish`].
+pub struct Running {
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Record>>,
+}
+
+impl Running {
+    /// Time since the load started (the origin of every record's `sent`).
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Stops the load, lets each connection finish its request, and returns every record.
+    ///
+    /// # Errors
+    ///
+    /// When the load task panicked.
+    pub async fn finish(self) -> anyhow::Result<Vec<Record>> {
+        self.stop.store(true, Ordering::Relaxed);
+        anyhow::Context::context(self.task.await, "the load task failed")
+    }
+}
+
 /// Ids per batch request of a [`Load`].
 pub const BATCH_IDS: usize = 20;
 
 impl Load {
+    /// Starts the load in the background.
+    pub fn start(self) -> Running {
+        let start = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = Arc::clone(&stop);
+            async move { self.run(start, stop).await }
+        });
+        Running { start, stop, task }
+    }
+
     /// Runs until `stop` is set, then lets each connection finish its request; returns every
     /// request's record, timed from `start`.
     pub async fn run(&self, start: Instant, stop: Arc<AtomicBool>) -> Vec<Record> {

@@ -5,12 +5,9 @@
 //! the 2 s dashboard deadline); within 2 s of the restart every request is a complete 200 again;
 //! the pool has replaced every connection the restart broke; nothing is lost or left behind.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use tokio::time::Instant;
 
 use super::Ctx;
 use super::client::{Load, Outcome};
@@ -18,22 +15,14 @@ use super::report::{self, ScenarioReport, describe_latency, latencies, ms, perce
 
 /// The bound on recovery after the restart.
 const RECOVERY_BOUND: Duration = Duration::from_secs(2);
-/// "Quickly": half the dashboard deadline.
-const QUICK_503: Duration = Duration::from_secs(1);
 
 /// Runs the scenario.
 pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> Result<()> {
+    // "Quickly": within half the dashboard deadline.
+    let quick_503 = ctx.defaults.service.dashboard.deadline / 2;
     report.title = "PostgreSQL stopped (pg_ctl stop -m fast) and restarted under a 32-connection load (10% batches)";
-    let upstream = upstream::Server::start(upstream::Config::default()).await?;
-    let mut api = ctx
-        .rig
-        .api(
-            &format!("db-restart-{mode}"),
-            &[
-                ("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url()),
-                ("APP__SERVICE__QUERY_MODE", mode.to_owned()),
-            ],
-        )
+    let (upstream, mut api) = ctx
+        .stack("db-restart", upstream::Config::default(), Some(mode), &[])
         .await?;
     let warm = ctx.phase(Duration::from_secs(4), Duration::from_secs(2));
     let outage = ctx.phase(Duration::from_secs(4), Duration::from_secs(2));
@@ -47,27 +36,21 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> 
         seed: 1,
         batch_percent: 10,
     };
-    let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = tokio::spawn({
-        let stop = Arc::clone(&stop);
-        async move { load.run(start, stop).await }
-    });
+    let running = load.start();
     tokio::time::sleep(warm).await;
     let backends_before = backend_pids(ctx, &api.application_name).await?;
-    let stop_began = start.elapsed();
+    let stop_began = running.elapsed();
     let stopped = ctx.rig.stop_database().await;
-    let stopped_at = start.elapsed();
+    let stopped_at = running.elapsed();
     if stopped.is_ok() {
         tokio::time::sleep(outage).await;
     }
-    let restart_began = start.elapsed();
+    let restart_began = running.elapsed();
     // Started again even when stopping failed half-way, so later scenarios have a database.
     let restarted = ctx.rig.start_database().await;
-    let restarted_at = start.elapsed();
+    let restarted_at = running.elapsed();
     tokio::time::sleep(after).await;
-    stop.store(true, Ordering::Relaxed);
-    let records = running.await.context("the load task failed")?;
+    let records = running.finish().await?;
     stopped.context("cannot stop PostgreSQL")?;
     restarted.context("cannot start PostgreSQL again")?;
 
@@ -195,9 +178,9 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> 
     report.check(
         format!(
             "the 503s come quickly (p99 under {} ms)",
-            QUICK_503.as_millis()
+            quick_503.as_millis()
         ),
-        p99_503.is_some_and(|p99| p99 < QUICK_503),
+        p99_503.is_some_and(|p99| p99 < quick_503),
         p99_503.map_or("no 503 at all".to_owned(), |p99| {
             format!("p99 {:.1} ms", ms(p99))
         }),

@@ -11,24 +11,15 @@
 //! every request is a complete 200 again and nothing is left running, in the API or in the
 //! database.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use tokio::time::Instant;
 
 use super::Ctx;
 use super::client::{Load, Outcome};
 use super::db_restart::sample;
 use super::report::{self, ScenarioReport, describe_latency, latencies, ms, percentiles};
 
-/// `service.db_slot_wait` in `config/default.toml`, which this scenario runs with.
-const SLOT_WAIT: Duration = Duration::from_millis(500);
-/// The dashboard's deadline (`service.dashboard.deadline`).
-const DEADLINE: Duration = Duration::from_secs(2);
-/// The batch's deadline (`service.batch.deadline`).
-const BATCH_DEADLINE: Duration = Duration::from_secs(10);
 /// Scheduling slack on a shared 2-core machine with 400 connections open.
 const SLACK: Duration = Duration::from_millis(500);
 /// Allowed growth of the peak RSS while the database is stalled.
@@ -36,17 +27,18 @@ const RSS_GROWTH_KIB: u64 = 64 * 1024;
 
 /// Runs the scenario.
 pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> Result<()> {
+    // The bounds the API runs with (config/default.toml).
+    let service = &ctx.defaults.service;
+    let (slot_wait, deadline) = (service.db_slot_wait, service.dashboard.deadline);
+    let batch_deadline = service.batch.deadline;
     report.title =
         "400 connections (10% batches) against a pool of 20 while `users` is locked from outside";
-    let upstream = upstream::Server::start(upstream::Config::default()).await?;
-    let api = ctx
-        .rig
-        .api(
-            &format!("pool-exhaustion-{mode}"),
-            &[
-                ("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url()),
-                ("APP__SERVICE__QUERY_MODE", mode.to_owned()),
-            ],
+    let (upstream, api) = ctx
+        .stack(
+            "pool-exhaustion",
+            upstream::Config::default(),
+            Some(mode),
+            &[],
         )
         .await?;
     let warm = ctx.phase(Duration::from_secs(2), Duration::from_secs(1));
@@ -57,35 +49,29 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> 
         addr: api.addr,
         connections: 400,
         users: ctx.rig.users,
-        timeout: BATCH_DEADLINE + Duration::from_secs(5),
+        timeout: batch_deadline + Duration::from_secs(5),
         seed: 2,
         batch_percent: 10,
     };
-    let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = tokio::spawn({
-        let stop = Arc::clone(&stop);
-        async move { load.run(start, stop).await }
-    });
+    let running = load.start();
     tokio::time::sleep(warm).await;
     let peak_before = api.memory_kib("VmHWM");
     let lock = ctx.rig.lock_table("users").await;
-    let locked_at = start.elapsed();
+    let locked_at = running.elapsed();
     let mut during = None;
     if lock.is_ok() {
         tokio::time::sleep(stall / 2).await;
         during = api.metrics().await.ok();
         tokio::time::sleep(stall / 2).await;
     }
-    let release_began = start.elapsed();
+    let release_began = running.elapsed();
     let released = match lock {
         Ok(lock) => lock.release().await,
         Err(e) => Err(e),
     };
-    let released_at = start.elapsed();
+    let released_at = running.elapsed();
     tokio::time::sleep(after).await;
-    stop.store(true, Ordering::Relaxed);
-    let records = running.await.context("the load task failed")?;
+    let records = running.finish().await?;
     released.context("the stall could not be made")?;
     let peak_after = api.memory_kib("VmHWM");
 
@@ -221,9 +207,9 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> 
     report.check(
         format!(
             "excess requests wait at most the slot wait ({} ms) then 503",
-            SLOT_WAIT.as_millis()
+            slot_wait.as_millis()
         ),
-        busy_max.is_some_and(|max| max <= SLOT_WAIT + SLACK),
+        busy_max.is_some_and(|max| max <= slot_wait + SLACK),
         busy_max.map_or("no busy 503 at all".to_owned(), |max| {
             format!("{} busy 503s, longest {:.0} ms", busy.len(), ms(max))
         }),
@@ -231,10 +217,10 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport, mode: &'static str) -> 
     report.check(
         format!(
             "no request waits forever (no dashboard beyond its {} s deadline, no batch beyond its {} s)",
-            DEADLINE.as_secs(),
-            BATCH_DEADLINE.as_secs()
+            deadline.as_secs(),
+            batch_deadline.as_secs()
         ),
-        max_dashboard <= DEADLINE + SLACK && max_batch <= BATCH_DEADLINE + SLACK,
+        max_dashboard <= deadline + SLACK && max_batch <= batch_deadline + SLACK,
         format!(
             "longest dashboard {:.0} ms, longest batch {:.0} ms",
             ms(max_dashboard),

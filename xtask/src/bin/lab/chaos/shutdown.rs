@@ -7,20 +7,15 @@
 //! before any byte of an answer), never cut off half-way; the process exits with code 0 within its
 //! grace period, and its log says the pool was closed.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
-use tokio::time::Instant;
+use anyhow::Result;
 
 use super::Ctx;
 use super::client::{Load, Outcome};
 use super::db_restart::sample;
 use super::report::{ScenarioReport, ms};
 
-/// `server.shutdown_grace` (default).
-const GRACE: Duration = Duration::from_secs(10);
 /// The line the API logs once the server has stopped and the pool is closed.
 const POOL_CLOSED: &str = "shut down: pool closed";
 /// The warning the API logs when the grace period ends with requests still unfinished (they are
@@ -29,48 +24,36 @@ const GRACE_OVER: &str = "grace period over";
 
 /// Runs the scenario.
 pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
+    let grace = ctx.defaults.server.shutdown_grace;
     report.title = "SIGTERM during a 64-connection load, 10% batches (stand-in answers in 100 ms)";
-    let upstream = upstream::Server::start(upstream::Config {
+    let delayed = upstream::Config {
         delay: Duration::from_millis(100),
         ..upstream::Config::default()
-    })
-    .await?;
-    let mut api = ctx
-        .rig
-        .api(
-            "shutdown",
-            &[("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url())],
-        )
-        .await?;
+    };
+    let (upstream, mut api) = ctx.stack("shutdown", delayed, None, &[]).await?;
     let warm = ctx.phase(Duration::from_secs(3), Duration::from_secs(2));
     let load = Load {
         addr: api.addr,
         connections: 64,
         users: ctx.rig.users,
-        timeout: GRACE + Duration::from_secs(5),
+        timeout: grace + Duration::from_secs(5),
         seed: 5,
         batch_percent: 10,
     };
-    let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = tokio::spawn({
-        let stop = Arc::clone(&stop);
-        async move { load.run(start, stop).await }
-    });
+    let running = load.start();
     tokio::time::sleep(warm).await;
     let in_flight = api
         .metrics()
         .await
         .map_or(f64::NAN, |m| m.get("http_requests_in_flight"));
     // The boundary is taken before the signal is sent, so "before the signal" is conservative.
-    let signal_at = start.elapsed();
+    let signal_at = running.elapsed();
     let signalled = api.terminate().await;
-    let exit = api.wait_exit(GRACE + Duration::from_secs(5)).await;
-    let exited_at = start.elapsed();
+    let exit = api.wait_exit(grace + Duration::from_secs(5)).await;
+    let exited_at = running.elapsed();
     // Clients keep trying a little after the exit: those attempts must be refused, not hang.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let records = running.await.context("the load task failed")?;
+    let records = running.finish().await?;
     signalled?;
     let (status, graceful) = exit?;
 
@@ -166,7 +149,7 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
     );
     report.check(
         "exit code 0, within the grace period",
-        graceful && status.success() && drain <= GRACE,
+        graceful && status.success() && drain <= grace,
         format!("{status} after {:.0} ms", ms(drain)),
     );
     let grace_over = log.lines().any(|line| line.contains(GRACE_OVER));

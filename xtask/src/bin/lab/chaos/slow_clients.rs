@@ -63,24 +63,19 @@ impl Cut {
 pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
     report.title =
         "slow headers and bodies, oversized headers and bodies, idle connections beyond the limit";
-    let upstream = upstream::Server::start(upstream::Config::default()).await?;
-    let api = ctx
-        .rig
-        .api(
-            "slow-clients",
-            &[
-                ("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url()),
-                (
-                    "APP__SERVER__CLIENT_REQUEST_TIMEOUT",
-                    format!("{}ms", REQUEST_TIMEOUT.as_millis()),
-                ),
-                ("APP__SERVER__WORKERS", "1".to_owned()),
-                (
-                    "APP__SERVER__MAX_CONNECTIONS_PER_WORKER",
-                    MAX_CONNECTIONS.to_owned().to_string(),
-                ),
-            ],
-        )
+    let settings = [
+        (
+            "APP__SERVER__CLIENT_REQUEST_TIMEOUT",
+            format!("{}ms", REQUEST_TIMEOUT.as_millis()),
+        ),
+        ("APP__SERVER__WORKERS", "1".to_owned()),
+        (
+            "APP__SERVER__MAX_CONNECTIONS_PER_WORKER",
+            MAX_CONNECTIONS.to_string(),
+        ),
+    ];
+    let (upstream, api) = ctx
+        .stack("slow-clients", upstream::Config::default(), None, &settings)
         .await?;
 
     slow(&api, report, "slow headers", 16, |_| {

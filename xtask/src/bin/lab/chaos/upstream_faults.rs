@@ -19,12 +19,8 @@ use super::db_restart::sample;
 use super::report::{ScenarioReport, ms};
 use super::rig::Api;
 
-/// `service.dashboard.recommendations_timeout` (default).
-const SOURCE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Scheduling slack.
 const SLACK: Duration = Duration::from_millis(300);
-/// Failures that open the breaker (`recommendations.breaker.failure_threshold`, default).
-const THRESHOLD: i64 = 5;
 /// The breaker's cool-down in this scenario (the default, 10 s, would make it long).
 const COOLDOWN: Duration = Duration::from_secs(1);
 /// What "fails fast" means: no network wait at all, only the database reads.
@@ -33,18 +29,16 @@ const FAST: Duration = Duration::from_millis(250);
 /// Runs the scenario.
 pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
     report.title = "every stand-in fault mode: partial 200s within the timeout; the breaker opens, fails fast and closes";
-    let upstream = upstream::Server::start(upstream::Config::default()).await?;
-    let api = ctx
-        .rig
-        .api(
+    let cooldown = [(
+        "APP__RECOMMENDATIONS__BREAKER__COOLDOWN",
+        format!("{}ms", COOLDOWN.as_millis()),
+    )];
+    let (upstream, api) = ctx
+        .stack(
             "upstream-faults",
-            &[
-                ("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url()),
-                (
-                    "APP__RECOMMENDATIONS__BREAKER__COOLDOWN",
-                    format!("{}ms", COOLDOWN.as_millis()),
-                ),
-            ],
+            upstream::Config::default(),
+            None,
+            &cooldown,
         )
         .await?;
     let modes: [(&str, Reply, &str); 7] = [
@@ -75,6 +69,7 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
     for (index, (name, reply, expected_kind)) in modes.into_iter().enumerate() {
         let base = 1000 * (index as i64 + 1);
         mode(
+            ctx,
             &api,
             &upstream,
             report,
@@ -161,14 +156,17 @@ async fn breaker_state(api: &Api) -> f64 {
 }
 
 async fn mode(
+    ctx: &Ctx,
     api: &Api,
     upstream: &upstream::Server,
     report: &mut ScenarioReport,
     mode: Mode,
 ) -> Result<()> {
     let name = mode.name;
+    let threshold = i64::from(ctx.defaults.recommendations.breaker.failure_threshold);
+    let source_timeout = ctx.defaults.service.dashboard.recommendations_timeout;
     // 1. Failures, concurrently (a hang costs one timeout, not five).
-    let faulty: Vec<i64> = (1..=THRESHOLD + 1).map(|i| mode.base + i).collect();
+    let faulty: Vec<i64> = (1..=threshold + 1).map(|i| mode.base + i).collect();
     for &user in &faulty {
         upstream.set_user_reply(user, mode.reply);
     }
@@ -199,9 +197,9 @@ async fn mode(
     report.check(
         format!(
             "{name}: within the recommendations timeout ({} ms)",
-            SOURCE_TIMEOUT.as_millis()
+            source_timeout.as_millis()
         ),
-        slowest <= SOURCE_TIMEOUT + SLACK,
+        slowest <= source_timeout + SLACK,
         format!("slowest {:.0} ms", ms(slowest)),
     );
 
