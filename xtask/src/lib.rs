@@ -11,3 +11,29 @@ pub mod pg;
 pub mod seed;
 pub mod settings;
 pub mod stack;
+
+/// Enters the workspace root: paths in the settings (config/, migrations/, target/) are relative
+/// to it, wherever `cargo xtask` was typed.
+///
+/// # Errors
+///
+/// When the root cannot be entered.
+pub fn enter_workspace() -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("xtask is not inside the workspace"))?;
+    std::env::set_current_dir(root)
+        .map_err(|e| anyhow::anyhow!("cannot enter the workspace root: {e}"))
+}
+
+/// The exit code of a command, with its error printed as one readable line per cause (a
+/// backtrace helps nobody running a developer command).
+pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

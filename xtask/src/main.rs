@@ -13,7 +13,6 @@ mod up;
 use std::os::unix::process::CommandExt as _;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 /// Developer commands for the dashboard workspace.
@@ -32,6 +31,7 @@ enum Command {
     /// Run the project-local PostgreSQL cluster: start, stop, status, url.
     Db(db::DbArgs),
     /// Apply pending migrations from migrations/ (or list them with --status): `api migrate`.
+    #[command(disable_help_flag = true)]
     Migrate(Forward),
     /// Fill the database with deterministic pseudo-random users, orders and reviews.
     Seed(db::SeedArgs),
@@ -39,14 +39,18 @@ enum Command {
     Test(test::TestArgs),
     /// Serve the stand-in recommendation service (with optional latency and faults) until Ctrl-C:
     /// the `upstream` binary; `--help` lists its flags.
+    #[command(disable_help_flag = true)]
     Upstream(Forward),
     /// Load the service (or the stand-in upstream) and report latency, throughput and errors:
     /// the `loadtest` binary; `--help` lists its flags.
+    #[command(disable_help_flag = true)]
     Loadtest(Forward),
     /// Faults, overload and hostile clients against the real service, with a PASS/FAIL report;
     /// exits non-zero on any FAIL. `--help` lists the scenarios.
+    #[command(disable_help_flag = true)]
     Chaos(Forward),
     /// Benchmarks (fan-out, database ceiling, latency, overhead, …); `--help` lists them.
+    #[command(disable_help_flag = true)]
     Bench(Forward),
 }
 
@@ -60,23 +64,11 @@ struct Forward {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One readable line per cause; a backtrace helps nobody running a developer command.
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    xtask::exit_code(run(cli).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    // Paths in the settings (config/, migrations/, target/) are relative to the workspace root,
-    // wherever `cargo xtask` was typed.
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask is not inside the workspace")?;
-    std::env::set_current_dir(root).context("cannot enter the workspace root")?;
+    xtask::enter_workspace()?;
     match cli.command {
         Command::Up(args) => up::run(args).await,
         Command::Db(args) => db::run(args).await,

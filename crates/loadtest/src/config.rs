@@ -219,8 +219,7 @@ impl FromStr for Distribution {
 pub enum RuntimeFlavor {
     /// One current-thread tokio runtime per worker thread, connections spread over them; no task
     /// ever moves between threads. The default: on the 2-core development machine the two layouts
-    /// measured the same within noise with the raw engine, and this one was faster with hyper's
-    /// client; it also keeps a worker's statistics on one thread.
+    /// measured the same within noise, and this one keeps a worker's statistics on one thread.
     #[default]
     CurrentThread,
     /// One multi-thread tokio runtime with `threads` workers and work stealing.

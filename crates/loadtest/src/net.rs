@@ -1,4 +1,4 @@
-//! What both engines share: opening a connection, sorting I/O errors into report kinds, and the
+//! What a connection needs besides HTTP: opening a connection, sorting I/O errors into report kinds, and the
 //! per-connection watchdog that bounds every wait.
 //!
 //! Rather than a fresh timer per request, each connection keeps one *watchdog* timer. It is only

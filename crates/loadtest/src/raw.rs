@@ -1,4 +1,4 @@
-//! The raw engine (the default): HTTP/1.1 written and read directly on a tokio `TcpStream`, the
+//! The exchange: HTTP/1.1 written and read directly on a tokio `TcpStream`, the
 //! way wrk does it.
 //!
 //! A request is encoded into a buffer the connection reuses and written with one `write`; the
@@ -8,7 +8,7 @@
 //! response callback, header maps and body channel), which is what lets the generator keep up
 //! with wrk on a machine it shares with the server.
 //!
-//! Connections are HTTP/1.1 keep-alive with one request in flight; the engine reconnects after a
+//! Connections are HTTP/1.1 keep-alive with one request in flight; the connection is reopened after a
 //! `Connection: close`, a body delimited by the close, any error, and a timeout (whose answer
 //! could otherwise arrive later and be taken for the next one's).
 

@@ -114,8 +114,7 @@ impl RequestPlan {
 /// Makes one connection's requests: their kinds, ids and bodies, from its own seeded stream.
 ///
 /// [`Requests::draw`] picks the next request and writes its path (and body) into buffers the
-/// connection reuses; the engines then read them: [`Requests::encode`] writes the raw HTTP/1.1
-/// bytes, [`Requests::hyper_request`] builds a hyper request.
+/// connection reuses; [`Requests::encode`] then writes the HTTP/1.1 bytes.
 pub(crate) struct Requests {
     rng: Pcg64Mcg,
     plan: RequestPlan,
