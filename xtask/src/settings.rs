@@ -1,14 +1,12 @@
-//! The few settings the developer commands need, read the way the service reads them: the same
-//! files (`config/default.toml`, then `config/{APP_ENV}.toml`) and the same `APP__SECTION__KEY`
-//! variables (and `DATABASE_URL`), with the `config` crate the service uses. Only the keys below
-//! are read; the service itself checks the rest.
+//! The few settings the developer commands need, read exactly as the service reads them (the
+//! `layered` crate: the same files, the same `APP__SECTION__KEY` variables and `DATABASE_URL`).
+//! Only the keys below are read; the service itself checks the rest.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use config::{Config, Environment, File, FileFormat};
 use serde::Deserialize;
 
 /// The keys of the service's settings that `cargo xtask` uses.
@@ -57,8 +55,7 @@ impl Settings {
     ///
     /// When a file is missing or malformed, or a key has the wrong type.
     pub fn load() -> Result<Self> {
-        let dir = std::env::var_os("APP_CONFIG_DIR").map_or_else(|| "config".into(), PathBuf::from);
-        Self::load_from(&dir, &std::env::vars().collect())
+        Ok(layered::load()?)
     }
 
     /// Loads the settings from `dir`, with `env` standing in for the process environment.
@@ -67,37 +64,7 @@ impl Settings {
     ///
     /// When a file is missing or malformed, or a key has the wrong type.
     pub fn load_from(dir: &Path, env: &HashMap<String, String>) -> Result<Self> {
-        let defaults = dir.join("default.toml");
-        if !defaults.is_file() {
-            bail!("settings file {} not found", defaults.display());
-        }
-        let mut builder =
-            Config::builder().add_source(File::from(defaults).format(FileFormat::Toml));
-        if let Some(app_env) = env.get("APP_ENV").filter(|v| !v.is_empty()) {
-            let file = dir.join(format!("{app_env}.toml"));
-            builder = builder.add_source(File::from(file).format(FileFormat::Toml).required(false));
-        }
-        let app_vars: config::Map<String, String> = env
-            .iter()
-            .filter(|(key, _)| key.starts_with("APP__"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        builder = builder.add_source(
-            Environment::with_prefix("APP")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(false)
-                .source(Some(app_vars)),
-        );
-        if !env.contains_key("APP__DATABASE__URL")
-            && let Some(url) = env.get("DATABASE_URL").filter(|v| !v.is_empty())
-        {
-            builder = builder.set_override("database.url", url.as_str())?;
-        }
-        builder
-            .build()
-            .and_then(Config::try_deserialize)
-            .context("invalid settings")
+        Ok(layered::load_from(dir, env)?)
     }
 }
 

@@ -1,4 +1,5 @@
-//! Layered settings: `config/default.toml`, then `config/{APP_ENV}.toml`, then the environment.
+//! Layered settings: `config/default.toml`, then `config/{APP_ENV}.toml`, then the environment
+//! (the `layered` crate, which `cargo xtask` reads them with too).
 //!
 //! Every setting has its default, with a comment, in `config/default.toml`. An environment file
 //! (`APP_ENV=production` reads `config/production.toml`) overrides some of them, and environment
@@ -8,10 +9,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use config::{Config, Environment, File, FileFormat};
 use serde::Deserialize;
 use service::ServiceConfig;
 use service::settings::{ClientConfig, DbConfig};
@@ -130,17 +130,7 @@ pub enum LogFormat {
 }
 
 /// Why the settings could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum SettingsError {
-    /// A file is unreadable or malformed, a key is unknown, or a value has the wrong type.
-    #[error("invalid settings: {0}")]
-    Invalid(#[from] config::ConfigError),
-    /// `config/default.toml` is not where it should be.
-    #[error(
-        "settings file {0} not found (set APP_CONFIG_DIR to the directory holding default.toml)"
-    )]
-    MissingDefaults(PathBuf),
-}
+pub use layered::Error as SettingsError;
 
 impl Settings {
     /// Loads the settings from `APP_CONFIG_DIR` (default `config`) and the process environment.
@@ -149,10 +139,7 @@ impl Settings {
     ///
     /// [`SettingsError`] naming the file or key that is wrong.
     pub fn load() -> Result<Self, SettingsError> {
-        let dir = std::env::var_os("APP_CONFIG_DIR")
-            .map_or_else(|| PathBuf::from("config"), PathBuf::from);
-        let env: HashMap<String, String> = std::env::vars().collect();
-        Self::load_from(&dir, &env)
+        layered::load()
     }
 
     /// Loads the settings from `dir` with `env` standing in for the process environment.
@@ -161,43 +148,15 @@ impl Settings {
     ///
     /// [`SettingsError`] naming the file or key that is wrong.
     pub fn load_from(dir: &Path, env: &HashMap<String, String>) -> Result<Self, SettingsError> {
-        let defaults = dir.join("default.toml");
-        if !defaults.is_file() {
-            return Err(SettingsError::MissingDefaults(defaults));
-        }
-        let mut builder =
-            Config::builder().add_source(File::from(defaults).format(FileFormat::Toml));
-        if let Some(app_env) = env.get("APP_ENV").filter(|v| !v.is_empty()) {
-            builder = builder.add_source(
-                File::from(dir.join(format!("{app_env}.toml")))
-                    .format(FileFormat::Toml)
-                    .required(false),
-            );
-        }
-        let app_vars: config::Map<String, String> = env
-            .iter()
-            .filter(|(key, _)| key.starts_with("APP__"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        builder = builder.add_source(
-            Environment::with_prefix("APP")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(false)
-                .source(Some(app_vars)),
-        );
-        if !env.contains_key("APP__DATABASE__URL")
-            && let Some(url) = env.get("DATABASE_URL").filter(|v| !v.is_empty())
-        {
-            builder = builder.set_override("database.url", url.as_str())?;
-        }
-        Ok(builder.build()?.try_deserialize()?)
+        layered::load_from(dir, env)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use std::path::PathBuf;
 
     use super::*;
 
