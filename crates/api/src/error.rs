@@ -19,6 +19,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     retry_after: Option<u32>,
+    /// `WWW-Authenticate` of a 401 or 403.
+    challenge: Option<String>,
 }
 
 /// The body of every error response.
@@ -36,7 +38,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// A stable code: `invalid_user_id`, `invalid_batch`, `invalid_json`, `payload_too_large`,
     /// `request_timeout`, `unsupported_media_type`, `not_found`, `user_not_found`,
-    /// `method_not_allowed`, `unavailable`, `deadline_exceeded`, `internal`.
+    /// `method_not_allowed`, `unauthorized`, `forbidden`, `rate_limited`, `unavailable`,
+    /// `deadline_exceeded`, `internal`.
     pub code: String,
     /// One sentence for a human.
     pub message: String,
@@ -63,6 +66,26 @@ impl ApiError {
             code,
             message,
             retry_after: None,
+            challenge: None,
+        }
+    }
+
+    /// The same error with a `WWW-Authenticate` challenge.
+    #[must_use]
+    pub fn with_challenge(mut self, challenge: String) -> Self {
+        self.challenge = Some(challenge);
+        self
+    }
+
+    /// 429: the client is over its rate; it may retry after `retry_after` seconds.
+    pub fn too_many_requests(retry_after: u32) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests from this client; retry after the time in Retry-After",
+            )
         }
     }
 
@@ -140,6 +163,12 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status);
         if let Some(seconds) = self.retry_after {
             response.insert_header((header::RETRY_AFTER, HeaderValue::from(seconds)));
+        }
+        if let Some(challenge) = &self.challenge {
+            response.insert_header((
+                header::WWW_AUTHENTICATE,
+                crate::auth::challenge_value(challenge),
+            ));
         }
         response.json(ErrorBody {
             status: "error",

@@ -10,6 +10,7 @@
 //! Routes: `GET /api/users/{user_id}/dashboard`, `POST /api/users/batch`, `GET /healthz`,
 //! `GET /readyz`, `GET /metrics`, `GET /openapi.json`. Every error is JSON (see [`error`]).
 
+pub mod auth;
 pub mod disconnect;
 pub mod error;
 pub mod metrics;
@@ -44,6 +45,10 @@ pub struct AppState {
     /// How long a client may take to send a request's body, from the moment its headers are in
     /// (`server.client_request_timeout`, which actix applies to the headers only).
     pub body_timeout: Duration,
+    /// Bearer-token verification (`[auth]`).
+    pub auth: auth::Authenticator,
+    /// Requests per client, when limited (`[rate_limit]`).
+    pub rate_limit: Option<auth::RateLimit>,
 }
 
 /// Why the application could not start.
@@ -111,6 +116,20 @@ impl Application {
             workers,
         )
         .map_err(|e| StartupError::Settings(e.to_string()))?;
+        let authenticator = auth::Authenticator::new(&settings.auth)
+            .map_err(|e| StartupError::Settings(e.to_string()))?;
+        let cors_origins = settings.cors.allowed_origins.clone();
+        for origin in &cors_origins {
+            if !(origin.starts_with("https://") || origin.starts_with("http://")) {
+                return Err(StartupError::Settings(format!(
+                    "cors.allowed_origins: {origin:?} is not an origin (scheme://host[:port])"
+                )));
+            }
+        }
+        let protected = Protected {
+            metrics: authenticator.enabled() && settings.auth.protect_metrics,
+            openapi: authenticator.enabled() && settings.auth.protect_openapi,
+        };
         check_file_limit(&settings);
         service
             .wait_until_ready(settings.startup.db_wait)
@@ -123,9 +142,11 @@ impl Application {
         let state = web::Data::new(AppState {
             service,
             metrics: Metrics::new(),
-            openapi: openapi::document(),
+            openapi: openapi::document(authenticator.enabled()),
             in_flight: middleware::InFlight::default(),
             body_timeout: settings.server.client_request_timeout,
+            auth: authenticator,
+            rate_limit: auth::RateLimit::new(&settings.rate_limit),
         });
 
         let server_settings = &settings.server;
@@ -150,8 +171,9 @@ impl Application {
                 )
                 .app_data(web::PathConfig::default().error_handler(error::path_error))
                 .app_data(web::QueryConfig::default().error_handler(error::query_error))
+                .wrap(cors(&cors_origins))
                 .wrap(actix_web::middleware::from_fn(middleware::observe))
-                .configure(routes_config)
+                .configure(|config| routes_config(config, protected))
                 .default_service(web::to(error::not_found))
         })
         .on_connect(move |connection, data| {
@@ -294,22 +316,68 @@ pub(crate) const ROUTES: [&str; 5] = [
     "/openapi.json",
 ];
 
-fn routes_config(config: &mut web::ServiceConfig) {
+/// Which operations routes need a token (`auth.protect_metrics`, `auth.protect_openapi`).
+#[derive(Debug, Clone, Copy)]
+struct Protected {
+    metrics: bool,
+    openapi: bool,
+}
+
+fn routes_config(config: &mut web::ServiceConfig, protected: Protected) {
+    use actix_web::middleware::{Condition, DefaultHeaders, from_fn};
+    use auth::Access;
+    // People's orders and reviews are never stored by a cache on the way.
+    let no_store =
+        || DefaultHeaders::new().add((actix_web::http::header::CACHE_CONTROL, "no-store"));
     config
         .service(
             web::resource("/api/users/batch")
                 .app_data(middleware::RouteLabel("/api/users/batch"))
                 .route(web::post().to(routes::batch))
-                .default_service(web::to(|| error::method_not_allowed("POST"))),
+                .default_service(web::to(|| error::method_not_allowed("POST")))
+                .wrap(from_fn(|request, next| {
+                    auth::guard(request, next, Access::Batch)
+                }))
+                .wrap(no_store()),
         )
-        .service(get_resource(
-            "/api/users/{user_id}/dashboard",
-            routes::dashboard,
-        ))
+        .service(
+            get_resource("/api/users/{user_id}/dashboard", routes::dashboard)
+                .wrap(from_fn(|request, next| {
+                    auth::guard(request, next, Access::Dashboard)
+                }))
+                .wrap(no_store()),
+        )
         .service(get_resource("/healthz", routes::healthz))
         .service(get_resource("/readyz", routes::readyz))
-        .service(get_resource("/metrics", routes::metrics))
-        .service(get_resource("/openapi.json", routes::openapi));
+        .service(
+            get_resource("/metrics", routes::metrics).wrap(Condition::new(
+                protected.metrics,
+                from_fn(|request, next| auth::guard(request, next, Access::Ops)),
+            )),
+        )
+        .service(
+            get_resource("/openapi.json", routes::openapi).wrap(Condition::new(
+                protected.openapi,
+                from_fn(|request, next| auth::guard(request, next, Access::Ops)),
+            )),
+        );
+}
+
+/// CORS for the configured origins; with none, no CORS headers at all (browsers then refuse
+/// cross-origin calls, the safe default).
+fn cors(origins: &[String]) -> actix_web::middleware::Condition<actix_cors::Cors> {
+    let mut cors = actix_cors::Cors::default()
+        .allowed_methods(["GET", "HEAD", "POST"])
+        .allowed_headers([
+            actix_web::http::header::AUTHORIZATION,
+            actix_web::http::header::CONTENT_TYPE,
+        ])
+        .expose_headers(["x-request-id", "retry-after", "server-timing"])
+        .max_age(600);
+    for origin in origins {
+        cors = cors.allowed_origin(origin);
+    }
+    actix_web::middleware::Condition::new(!origins.is_empty(), cors)
 }
 
 /// A resource answering GET and HEAD with `handler` (actix-web sends no body for HEAD).

@@ -3,6 +3,7 @@
 //! version serves).
 
 mod migrate;
+mod token;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Command {
     Serve,
     /// Apply the pending migrations of a directory to `database.url`, then exit.
     Migrate(migrate::MigrateArgs),
+    /// Print an HS256 token signed with `auth.secret` (APP__AUTH__SECRET), for development.
+    Token(token::TokenArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -37,6 +40,10 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::load().context("cannot load the settings")?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
+            let app_env = std::env::var("APP_ENV").ok();
+            settings
+                .check_production(app_env.as_deref())
+                .map_err(anyhow::Error::msg)?;
             api::telemetry::init(&settings.telemetry).context("cannot set up logging")?;
             let application = Application::build(settings)
                 .await
@@ -44,6 +51,7 @@ async fn main() -> anyhow::Result<()> {
             application.run().await.context("the server failed")?;
         }
         Command::Migrate(args) => migrate::run(&settings, &args).await?,
+        Command::Token(args) => println!("{}", token::mint(&settings.auth, &args)?),
     }
     Ok(())
 }

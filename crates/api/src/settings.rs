@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -32,6 +32,147 @@ pub struct Settings {
     pub recommendations: ClientConfig,
     /// The orchestration layer: database gate, dashboard limits, batch limits (`[service]`).
     pub service: ServiceConfig,
+    /// Who may read what: bearer tokens (`[auth]`).
+    pub auth: AuthSettings,
+    /// Requests per client (`[rate_limit]`).
+    pub rate_limit: RateLimitSettings,
+    /// Browser front ends on other origins (`[cors]`).
+    pub cors: CorsSettings,
+}
+
+/// Whether requests must carry a bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// No authentication: anyone who reaches the service reads any dashboard. The local default;
+    /// refused with `APP_ENV=production` unless `allow_none_in_production` says so.
+    #[default]
+    None,
+    /// A JWT bearer token on every dashboard and batch request.
+    Jwt,
+}
+
+/// Bearer-token authentication and the scopes it checks.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// `none` or `jwt`.
+    pub mode: AuthMode,
+    /// HS256 shared secret (development; `APP__AUTH__SECRET`). Never put it in a file.
+    pub secret: Option<String>,
+    /// A JWKS file of public keys (RS256, ES256), chosen by the token's `kid`.
+    pub jwks_path: Option<PathBuf>,
+    /// When set, a token's `iss` must equal it.
+    pub issuer: Option<String>,
+    /// When set, a token's `aud` must contain it.
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// The scope that reads any user's dashboard (a token whose `sub` is the user needs none).
+    pub read_scope: String,
+    /// The scope the batch endpoint needs.
+    pub batch_scope: String,
+    /// The scope `/metrics` and `/openapi.json` need when they are protected.
+    pub ops_scope: String,
+    /// Whether `/metrics` needs a token with `ops_scope` (in `jwt` mode).
+    pub protect_metrics: bool,
+    /// Whether `/openapi.json` needs a token with `ops_scope` (in `jwt` mode).
+    pub protect_openapi: bool,
+    /// Lets `APP_ENV=production` start in `none` mode.
+    pub allow_none_in_production: bool,
+}
+
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field("mode", &self.mode)
+            .field("secret", &self.secret.as_ref().map(|_| "***"))
+            .field("jwks_path", &self.jwks_path)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("leeway", &self.leeway)
+            .field("read_scope", &self.read_scope)
+            .field("batch_scope", &self.batch_scope)
+            .field("ops_scope", &self.ops_scope)
+            .field("protect_metrics", &self.protect_metrics)
+            .field("protect_openapi", &self.protect_openapi)
+            .field("allow_none_in_production", &self.allow_none_in_production)
+            .finish()
+    }
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::None,
+            secret: None,
+            jwks_path: None,
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(30),
+            read_scope: "dashboards:read".to_owned(),
+            batch_scope: "users:batch".to_owned(),
+            ops_scope: "ops:read".to_owned(),
+            protect_metrics: false,
+            protect_openapi: false,
+            allow_none_in_production: false,
+        }
+    }
+}
+
+/// A token bucket per client: the token's subject, or the client's address without one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Sustained requests per second per client; 0 turns the limit off.
+    pub per_second: u32,
+    /// Requests a client may send at once above the sustained rate.
+    pub burst: u32,
+    /// Proxies (load balancers) whose `X-Forwarded-For` is believed; from anyone else it is
+    /// ignored and the peer address is the client.
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            per_second: 0,
+            burst: 20,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// Cross-origin requests from browser front ends.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsSettings {
+    /// Origins allowed to call the API from a browser (`https://app.example.com`); none by default.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Settings {
+    /// Refuses to run without authentication in production: `APP_ENV=production` with
+    /// `auth.mode = "none"` needs `auth.allow_none_in_production = true`.
+    ///
+    /// # Errors
+    ///
+    /// One line saying what to set.
+    pub fn check_production(&self, app_env: Option<&str>) -> Result<(), String> {
+        if app_env == Some("production")
+            && self.auth.mode == AuthMode::None
+            && !self.auth.allow_none_in_production
+        {
+            return Err(
+                "refusing to start: APP_ENV=production with auth.mode = \"none\" would serve \
+                        every user's orders to anyone; set APP__AUTH__MODE=jwt (or \
+                        APP__AUTH__ALLOW_NONE_IN_PRODUCTION=true to serve without authentication)"
+                    .to_owned(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The HTTP server's address, workers and connection limits.
@@ -172,6 +313,23 @@ mod tests {
     }
 
     #[test]
+    fn production_refuses_to_run_without_authentication_unless_told() {
+        let mut settings = Settings::default();
+        assert!(settings.check_production(None).is_ok());
+        assert!(settings.check_production(Some("staging")).is_ok());
+        let refusal = settings.check_production(Some("production")).unwrap_err();
+        assert!(refusal.contains("APP__AUTH__MODE=jwt"), "{refusal}");
+        assert!(!refusal.contains('\n'));
+        settings.auth.allow_none_in_production = true;
+        assert!(settings.check_production(Some("production")).is_ok());
+        settings.auth = AuthSettings {
+            mode: AuthMode::Jwt,
+            ..AuthSettings::default()
+        };
+        assert!(settings.check_production(Some("production")).is_ok());
+    }
+
+    #[test]
     fn default_toml_matches_the_built_in_defaults() {
         let mut loaded = Settings::load_from(&config_dir(), &env(&[])).unwrap();
         let built_in = Settings::default();
@@ -200,6 +358,21 @@ mod tests {
                 "service",
                 format!("{:?}", loaded.service),
                 format!("{:?}", built_in.service),
+            ),
+            (
+                "auth",
+                format!("{:?}", loaded.auth),
+                format!("{:?}", built_in.auth),
+            ),
+            (
+                "rate_limit",
+                format!("{:?}", loaded.rate_limit),
+                format!("{:?}", built_in.rate_limit),
+            ),
+            (
+                "cors",
+                format!("{:?}", loaded.cors),
+                format!("{:?}", built_in.cors),
             ),
         ] {
             assert_eq!(
