@@ -52,6 +52,10 @@ enum Command {
     /// Benchmarks (fan-out, database ceiling, latency, overhead, …); `--help` lists them.
     #[command(disable_help_flag = true)]
     Bench(Forward),
+    /// Mint a development token with the local HS256 secret: `--sub 42 [--scope users:batch]
+    /// [--ttl 1h]` (`api token`; `--help` lists its flags).
+    #[command(disable_help_flag = true)]
+    Token(Forward),
 }
 
 /// The arguments of a command that another binary runs, passed on untouched (`--help` included).
@@ -79,6 +83,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Loadtest(f) => Err(cargo_run("loadtest", None, &f)),
         Command::Chaos(f) => Err(cargo_run("lab", Some("chaos"), &f)),
         Command::Bench(f) => Err(cargo_run("lab", Some("bench"), &f)),
+        Command::Token(f) => {
+            let secret = xtask::stack::dev_secret()?;
+            Err(cargo_run_with(
+                "api",
+                Some("token"),
+                &f,
+                &[("APP__AUTH__SECRET", &secret)],
+            ))
+        }
     }
 }
 
@@ -86,7 +99,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// `lab` feature), its `subcommand` and the forwarded arguments; returns only if cargo cannot
 /// start. cargo's progress shows while it builds.
 fn cargo_run(binary: &str, subcommand: Option<&str>, forward: &Forward) -> anyhow::Error {
+    cargo_run_with(binary, subcommand, forward, &[])
+}
+
+/// [`cargo_run`] with extra environment variables.
+fn cargo_run_with(
+    binary: &str,
+    subcommand: Option<&str>,
+    forward: &Forward,
+    env: &[(&str, &str)],
+) -> anyhow::Error {
     let mut command = std::process::Command::new(xtask::stack::cargo());
+    command.envs(env.iter().copied());
     command.args(["run", "--release"]);
     if binary == "lab" {
         command.args(["--package", "xtask", "--features", "lab", "--bin", "lab"]);

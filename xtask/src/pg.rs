@@ -624,7 +624,12 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-fn random_password() -> Result<String> {
+/// 36 random hex characters from the kernel.
+///
+/// # Errors
+///
+/// When /dev/urandom cannot be read.
+pub fn random_password() -> Result<String> {
     let mut bytes = [0u8; 18];
     std::io::Read::read_exact(
         &mut std::fs::File::open("/dev/urandom").context("cannot open /dev/urandom")?,
@@ -635,7 +640,12 @@ fn random_password() -> Result<String> {
 }
 
 /// Writes a file only its owner can read.
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+/// Writes `contents` to a file only its owner can read.
+///
+/// # Errors
+///
+/// When the file cannot be written.
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

@@ -65,35 +65,79 @@ pub async fn run(cluster: &Cluster, template: &str) -> Result<()> {
     let upstream = Upstream::start("target/debug/upstream", free_port()?, &[])
         .await
         .context("cannot start the stand-in recommendation service")?;
-    let port = free_port()?;
-    let api = ApiProcess::start_binary(
-        "target/debug/api",
-        port,
-        &[
-            ("DATABASE_URL", database),
+    let mut failed = Vec::new();
+    // Without authentication, then in jwt mode with a token that may read every dashboard and
+    // call the batch (schemathesis also sends requests without it: they must be 401).
+    for auth in [false, true] {
+        let mut settings = vec![
+            ("DATABASE_URL", database.clone()),
             ("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url.clone()),
             ("APP__SERVER__WORKERS", "2".to_owned()),
             ("RUST_LOG", "error".to_owned()),
-        ],
-        true,
-    )
-    .await?;
-    eprintln!("schemathesis: checking {}/openapi.json", api.base);
-    let status = Command::new(&cli)
-        .args(["run", &format!("{}/openapi.json", api.base)])
-        .args(["--checks", "all"])
-        .args(["--phases", "examples,coverage,fuzzing,stateful"])
-        // Deterministic: the same cases on every run, so a red run reproduces.
-        .args(["--generation-deterministic", "--max-examples", "200"])
-        .args(["--request-timeout", "10", "--workers", "2"])
-        .env("NO_COLOR", "1")
-        .status()
-        .await
-        .context("cannot run schemathesis")?;
-    api.stop(Duration::from_secs(10)).await?;
+        ];
+        let mut header = Vec::new();
+        if auth {
+            let secret = format!(
+                "{}{}",
+                xtask::pg::random_password()?,
+                xtask::pg::random_password()?
+            );
+            let token = mint(&secret).await?;
+            settings.push(("APP__AUTH__MODE", "jwt".to_owned()));
+            settings.push(("APP__AUTH__SECRET", secret));
+            header = vec![
+                "--header".to_owned(),
+                format!("Authorization: Bearer {token}"),
+            ];
+        }
+        let api =
+            ApiProcess::start_binary("target/debug/api", free_port()?, &settings, true).await?;
+        let mode = if auth { "jwt" } else { "none" };
+        eprintln!(
+            "schemathesis: checking {}/openapi.json (auth.mode = {mode})",
+            api.base
+        );
+        let status = Command::new(&cli)
+            .args(["run", &format!("{}/openapi.json", api.base)])
+            .args(["--checks", "all"])
+            .args(["--phases", "examples,coverage,fuzzing,stateful"])
+            // Deterministic: the same cases on every run, so a red run reproduces.
+            .args(["--generation-deterministic", "--max-examples", "200"])
+            .args(["--request-timeout", "10", "--workers", "2"])
+            .args(&header)
+            .env("NO_COLOR", "1")
+            .status()
+            .await
+            .context("cannot run schemathesis")?;
+        api.stop(Duration::from_secs(10)).await?;
+        if !status.success() {
+            failed.push(mode);
+        }
+    }
     upstream.stop().await;
-    if !status.success() {
-        bail!("schemathesis found failures ({status}); the report is above");
+    if !failed.is_empty() {
+        bail!(
+            "schemathesis found failures with auth.mode = {}; the report is above",
+            failed.join(", ")
+        );
     }
     Ok(())
+}
+
+/// A token for every dashboard and the batch, signed with `secret` by the debug `api` binary.
+async fn mint(secret: &str) -> Result<String> {
+    let output = Command::new("target/debug/api")
+        .args(["token", "--sub", "schemathesis", "--ttl", "1h"])
+        .args(["--scope", "dashboards:read", "--scope", "users:batch"])
+        .env("APP__AUTH__SECRET", secret)
+        .output()
+        .await
+        .context("cannot run api token")?;
+    if !output.status.success() {
+        bail!(
+            "api token failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }

@@ -339,3 +339,56 @@ impl Upstream {
         }
     }
 }
+
+/// Where the local stack's HS256 secret lives (`cargo xtask up --auth`, `cargo xtask token`).
+pub const DEV_SECRET: &str = "target/auth/secret";
+
+/// The local stack's HS256 secret, made (64 random hex characters, mode 0600) the first time.
+///
+/// # Errors
+///
+/// When it cannot be read or written.
+pub fn dev_secret() -> Result<String> {
+    let path = Path::new(DEV_SECRET);
+    if let Ok(secret) = std::fs::read_to_string(path)
+        && secret.trim().len() >= 32
+    {
+        return Ok(secret.trim().to_owned());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let secret = format!(
+        "{}{}",
+        crate::pg::random_password()?,
+        crate::pg::random_password()?
+    );
+    crate::pg::write_private(path, &secret)?;
+    Ok(secret)
+}
+
+/// A development token minted by the `api` binary at `api` with the local secret.
+///
+/// # Errors
+///
+/// When the binary fails.
+pub async fn mint_token(api: &str, sub: &str, scopes: &[&str], ttl: &str) -> Result<String> {
+    let mut command = Command::new(api);
+    command.args(["token", "--sub", sub, "--ttl", ttl]);
+    for scope in scopes {
+        command.args(["--scope", scope]);
+    }
+    let output = command
+        .env("APP__AUTH__SECRET", dev_secret()?)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("cannot run {api} token"))?;
+    if !output.status.success() {
+        bail!(
+            "{api} token failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}

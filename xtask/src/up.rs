@@ -26,6 +26,10 @@ pub struct UpArgs {
     /// Latency the stand-in recommendation service adds to each answer, in milliseconds.
     #[arg(long, default_value_t = 0)]
     upstream_delay_ms: u64,
+    /// Run the API in `jwt` mode with the local HS256 secret (target/auth/secret) and print a
+    /// token to try it with.
+    #[arg(long)]
+    auth: bool,
 }
 
 /// How long the API gets to finish in-flight requests after the signal, beyond its own grace.
@@ -83,7 +87,15 @@ async fn serve(settings: &Settings, args: &UpArgs) -> Result<()> {
 
     // The API, built in release mode above, in the foreground.
     step("starting the API");
-    let api = match stack::ApiProcess::start(settings.server.port, &[], false).await {
+    let auth = if args.auth {
+        vec![
+            ("APP__AUTH__MODE", "jwt".to_owned()),
+            ("APP__AUTH__SECRET", stack::dev_secret()?),
+        ]
+    } else {
+        Vec::new()
+    };
+    let api = match stack::ApiProcess::start(settings.server.port, &auth, false).await {
         Ok(api) => api,
         Err(e) => {
             upstream.stop().await;
@@ -91,14 +103,30 @@ async fn serve(settings: &Settings, args: &UpArgs) -> Result<()> {
         }
     };
     let base = &api.base;
-    println!(
-        "\nThe dashboard API is up. Try:\n\
+    if args.auth {
+        let api_binary = stack::RELEASE_API;
+        let user = stack::mint_token(api_binary, "42", &[], "24h").await?;
+        let batch = stack::mint_token(api_binary, "batch-client", &["users:batch"], "24h").await?;
+        println!(
+            "\nThe dashboard API is up, in jwt mode (HS256, secret in {}). Try:\n\
+             \x20 curl -H 'authorization: Bearer {user}' {base}/api/users/42/dashboard\n\
+             \x20 curl {base}/api/users/42/dashboard     # 401: no token\n\
+             \x20 curl -H 'authorization: Bearer {user}' {base}/api/users/43/dashboard     # 403: not user 43\n\
+             \x20 curl -X POST -H 'authorization: Bearer {batch}' -H 'content-type: application/json' -d '{{\"user_ids\":[1,2,3]}}' {base}/api/users/batch\n\
+             More tokens: cargo xtask token --sub 7 [--scope dashboards:read] [--ttl 1h]\n\
+             Ctrl-C stops everything this command started.\n",
+            stack::DEV_SECRET
+        );
+    } else {
+        println!(
+            "\nThe dashboard API is up. Try:\n\
          \x20 curl {base}/api/users/42/dashboard\n\
          \x20 curl -X POST -H 'content-type: application/json' -d '{{\"user_ids\":[1,2,3]}}' {base}/api/users/batch\n\
          \x20 curl {base}/metrics\n\
          \x20 curl {base}/openapi.json\n\
          Ctrl-C stops everything this command started.\n"
-    );
+        );
+    }
 
     let status = wait_for_stop(api, settings).await;
     upstream.stop().await;

@@ -313,6 +313,14 @@ pub struct Config {
     /// runtime).
     #[arg(long, value_enum, default_value_t = RuntimeFlavor::CurrentThread)]
     pub runtime: RuntimeFlavor,
+    /// A bearer token sent with every request (for a service in `auth.mode = "jwt"`).
+    #[arg(long, conflicts_with = "token_secret_file")]
+    pub token: Option<String>,
+    /// A file holding the service's HS256 secret (the local stack's is target/auth/secret): each
+    /// request then carries a token minted for it, as real clients would: a dashboard's for its
+    /// user, a batch's with scope users:batch.
+    #[arg(long)]
+    pub token_secret_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {

@@ -11,14 +11,26 @@ use rand_pcg::Pcg64Mcg;
 use crate::{Config, Error, RequestKind, Scenario, config::Target, ids::IdSampler};
 
 /// What every connection's requests have in common; each connection draws its own from it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct RequestPlan {
+    auth: Auth,
     kinds: Kinds,
     ids: IdSampler,
     base_path: String,
     authority: String,
     batch_size: usize,
     seed: u64,
+}
+
+/// The `Authorization` each request carries.
+#[derive(Clone)]
+enum Auth {
+    /// None.
+    None,
+    /// The same token on every request.
+    Fixed(std::sync::Arc<str>),
+    /// A token minted per request with this HS256 key (about 3µs of CPU each).
+    Mint(std::sync::Arc<jsonwebtoken::EncodingKey>),
 }
 
 #[derive(Debug, Clone)]
@@ -68,7 +80,20 @@ impl RequestPlan {
             field: "distribution",
             problem: e.to_string(),
         })?;
+        let auth = match (&config.token, &config.token_secret_file) {
+            (Some(token), _) => Auth::Fixed(token.trim().into()),
+            (None, Some(path)) => {
+                let secret = std::fs::read_to_string(path).map_err(|e| Error::Config {
+                    field: "token-secret-file",
+                    problem: format!("cannot read {}: {e}", path.display()),
+                })?;
+                let key = jsonwebtoken::EncodingKey::from_secret(secret.trim().as_bytes());
+                Auth::Mint(std::sync::Arc::new(key))
+            }
+            (None, None) => Auth::None,
+        };
         let plan = Self {
+            auth,
             kinds,
             ids,
             base_path: target.base_path.clone(),
@@ -107,6 +132,7 @@ impl RequestPlan {
             path: String::with_capacity(self.base_path.len() + 64),
             json: String::with_capacity(16 + self.batch_size * 8),
             seen: HashSet::with_capacity(self.batch_size),
+            token: String::new(),
         }
     }
 }
@@ -122,6 +148,8 @@ pub(crate) struct Requests {
     path: String,
     json: String,
     seen: HashSet<u64>,
+    /// The drawn request's bearer token, empty for none.
+    token: String,
 }
 
 impl Requests {
@@ -150,10 +178,12 @@ impl Requests {
         self.path.clear();
         self.path.push_str(&self.plan.base_path);
         self.json.clear();
+        self.token.clear();
         self.method = match kind {
             RequestKind::Dashboard => {
                 let id = self.plan.ids.sample(&mut self.rng);
                 let _ = write!(self.path, "/api/users/{id}/dashboard");
+                self.authorize(&id.to_string(), "");
                 Method::GET
             }
             RequestKind::Recommendations => {
@@ -164,9 +194,28 @@ impl Requests {
             RequestKind::Batch => {
                 self.path.push_str("/api/users/batch");
                 self.batch_body();
+                self.authorize("loadtest", "users:batch");
                 Method::POST
             }
         };
+    }
+
+    /// Sets the request's token: the fixed one, or one minted for `sub` with `scope`.
+    fn authorize(&mut self, sub: &str, scope: &str) {
+        match &self.plan.auth {
+            Auth::None => {}
+            Auth::Fixed(token) => self.token.push_str(token),
+            Auth::Mint(key) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let claims = serde_json::json!({ "sub": sub, "exp": now + 3600, "scope": scope });
+                let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+                if let Ok(token) = jsonwebtoken::encode(&header, &claims, key) {
+                    self.token.push_str(&token);
+                }
+            }
+        }
     }
 
     /// `{"user_ids":[...]}` with `batch_size` distinct ids.
@@ -198,6 +247,11 @@ impl Requests {
         out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         out.extend_from_slice(self.plan.authority.as_bytes());
         out.extend_from_slice(b"\r\n");
+        if !self.token.is_empty() {
+            out.extend_from_slice(b"authorization: Bearer ");
+            out.extend_from_slice(self.token.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
         if self.method == Method::POST {
             let _ = write!(
                 ByteWriter(out),
@@ -349,5 +403,59 @@ mod tests {
         assert_eq!(out.len() - head, length);
         let body: serde_json::Value = serde_json::from_slice(&out[head..]).unwrap();
         assert_eq!(body["user_ids"].as_array().unwrap().len(), 20);
+    }
+
+    #[test]
+    fn requests_carry_a_fixed_or_a_minted_token() {
+        let dir = std::env::temp_dir().join(format!("loadtest-secret-{}", std::process::id()));
+        std::fs::write(&dir, "a-secret-of-thirty-two-bytes-or-more\n").unwrap();
+        let plan = |token: Option<&str>, secret: bool| {
+            let config = Config {
+                url: Some("http://localhost:1".to_owned()),
+                scenario: Scenario::Mixed,
+                mix: "dashboard=1,batch=1".parse().unwrap(),
+                token: token.map(str::to_owned),
+                token_secret_file: secret.then(|| dir.clone()),
+                ..Config::default()
+            };
+            let target = config.validate().unwrap();
+            RequestPlan::new(&config, &target)
+                .unwrap()
+                .for_connection(0)
+        };
+        let header = |r: &mut Requests| {
+            let kind = r.draw();
+            let mut out = Vec::new();
+            r.encode(&mut out);
+            let text = String::from_utf8(out).unwrap();
+            let token = text
+                .lines()
+                .find_map(|l| l.strip_prefix("authorization: Bearer "))
+                .map(str::to_owned);
+            (kind, r.path.clone(), token)
+        };
+        assert_eq!(
+            header(&mut plan(Some("abc"), false)).2.as_deref(),
+            Some("abc")
+        );
+        assert_eq!(header(&mut plan(None, false)).2, None);
+        let mut minted = plan(None, true);
+        let key = jsonwebtoken::DecodingKey::from_secret(b"a-secret-of-thirty-two-bytes-or-more");
+        let validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        for _ in 0..20 {
+            let (kind, path, token) = header(&mut minted);
+            let claims =
+                jsonwebtoken::decode::<serde_json::Value>(&token.unwrap(), &key, &validation)
+                    .unwrap()
+                    .claims;
+            match kind {
+                RequestKind::Dashboard => {
+                    let id = path.split('/').nth(3).unwrap();
+                    assert_eq!(claims["sub"], id);
+                }
+                _ => assert_eq!(claims["scope"], "users:batch"),
+            }
+        }
+        let _ = std::fs::remove_file(&dir);
     }
 }

@@ -46,6 +46,9 @@ pub enum BenchCommand {
     /// This service against a bare handler (`bench/baseline`) and pgbench's ceiling, under wrk
     /// (uniform and Zipf ids) and this project's generator: throughput and CPU per dashboard.
     Overhead(OverheadArgs),
+    /// Dashboards/s with no authentication, HS256 and ES256 tokens, and a token minted per
+    /// request, under the same load.
+    Auth(crate::perf::PerfArgs),
     /// Every benchmark above, then the README's Performance table.
     Report(crate::perf::ReportArgs),
 }
@@ -106,6 +109,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             crate::perf::run_latency(args.perf, args.upstream_delay_ms, args.rate).await
         }
         BenchCommand::Modes(args) => crate::perf::run_modes(args).await,
+        BenchCommand::Auth(args) => crate::perf::run_auth(args).await,
         BenchCommand::Batch(args) => crate::perf::run_batch(args.perf, args.ids, args.rounds).await,
         BenchCommand::Peer(args) => crate::perf::run_peer(args).await,
         BenchCommand::SeedDiff(args) => crate::seed_diff::run(args).await,

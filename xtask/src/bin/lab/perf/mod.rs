@@ -127,7 +127,7 @@ impl Bench {
         ApiProcess::start(stack::free_port()?, &settings, true).await
     }
 
-    fn load(&self, api: &ApiProcess, scenario: Scenario) -> loadtest::Config {
+    pub(super) fn load(&self, api: &ApiProcess, scenario: Scenario) -> loadtest::Config {
         self.load_url(&api.base, scenario)
     }
 
@@ -173,6 +173,7 @@ async fn measure(config: &loadtest::Config, name: &str) -> Result<Report> {
     Ok(report)
 }
 
+mod auth;
 mod batch;
 mod ceiling;
 mod latency;
@@ -180,6 +181,7 @@ mod modes;
 mod peer;
 mod report;
 
+pub use auth::run_auth;
 pub use batch::run_batch;
 pub use ceiling::run_db_ceiling;
 pub use latency::run_latency;
