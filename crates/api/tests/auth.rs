@@ -498,3 +498,31 @@ async fn jwt_mode_without_a_key_does_not_start() {
         .to_string();
     assert!(error.contains("32 bytes"), "{error}");
 }
+
+#[tokio::test]
+async fn a_verified_token_is_remembered_only_until_it_expires() {
+    let app = spawn_app_with(|settings| {
+        jwt_mode(settings);
+        settings.auth.leeway = std::time::Duration::ZERO;
+    })
+    .await;
+    let mut short = claims("1", "");
+    short["exp"] = json!(now() + 2);
+    let token = hs256(&short, SECRET.as_bytes());
+    // Verified once, then served from the cache.
+    assert_eq!(dashboard(&app, 1, &token).await.status(), 200);
+    assert_eq!(dashboard(&app, 1, &token).await.status(), 200);
+    // Past its expiry the remembered token is refused like any expired one.
+    while now() <= short["exp"].as_u64().unwrap() {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let response = dashboard(&app, 1, &token).await;
+    assert_eq!(response.status(), 401);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired")
+    );
+}

@@ -51,6 +51,10 @@ pub struct ChaosArgs {
     /// Users seeded into the throwaway database.
     #[arg(long, default_value_t = 20_000)]
     users: u32,
+    /// Run every API in `jwt` mode (the local HS256 secret) and send every request with a token
+    /// that may read any dashboard and call the batch.
+    #[arg(long)]
+    auth: bool,
 }
 
 /// The scenarios, in the order they run.
@@ -106,6 +110,8 @@ pub struct Ctx {
     defaults: api::settings::Settings,
     /// Shorter phases.
     quick: bool,
+    /// The HS256 secret every API verifies tokens with (`--auth`).
+    secret: Option<String>,
 }
 
 impl Ctx {
@@ -130,6 +136,10 @@ impl Ctx {
     ) -> Result<(upstream::Server, rig::Api)> {
         let upstream = upstream::Server::start(upstream).await?;
         let mut all = vec![("APP__RECOMMENDATIONS__BASE_URL", upstream.base_url())];
+        if let Some(secret) = &self.secret {
+            all.push(("APP__AUTH__MODE", "jwt".to_owned()));
+            all.push(("APP__AUTH__SECRET", secret.clone()));
+        }
         let name = match mode {
             Some(mode) => {
                 all.push(("APP__SERVICE__QUERY_MODE", mode.to_owned()));
@@ -156,6 +166,19 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     };
     eprintln!("chaos: building the API (release)");
     xtask::stack::build_release(&["api"]).await?;
+    let secret = if args.auth {
+        let token = xtask::stack::mint_token(
+            xtask::stack::RELEASE_API,
+            "chaos",
+            &["dashboards:read", "users:batch"],
+            "2h",
+        )
+        .await?;
+        client::use_token(token);
+        Some(xtask::stack::dev_secret()?)
+    } else {
+        None
+    };
     // Ctrl-C or SIGTERM drops the run: its API processes are killed, its stand-ins stopped and
     // its cluster deleted on the way out, as when it ends by itself.
     let work = async {
@@ -173,6 +196,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
             rig,
             defaults: api::settings::Settings::load().context("cannot load the settings")?,
             quick: args.quick,
+            secret: secret.clone(),
         };
         let mut runs = Vec::new();
         for scenario in scenarios {

@@ -241,14 +241,33 @@ fn answer(head: &codec::Head, body: Vec<u8>) -> Answer {
 /// A `GET` request for `path`.
 pub fn get(path: &str, keep_alive: bool) -> Vec<u8> {
     let connection = if keep_alive { "keep-alive" } else { "close" };
-    format!("GET {path} HTTP/1.1\r\nhost: chaos\r\nconnection: {connection}\r\n\r\n").into_bytes()
+    let auth = auth_line();
+    format!("GET {path} HTTP/1.1\r\nhost: chaos\r\n{auth}connection: {connection}\r\n\r\n")
+        .into_bytes()
+}
+
+/// The bearer token every request of this run carries (`cargo xtask chaos --auth`).
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Makes every request of this process carry `token`.
+pub fn use_token(token: String) {
+    let _ = TOKEN.set(token);
+}
+
+/// `authorization: Bearer …\r\n` when the run has a token, else nothing.
+pub fn auth_line() -> String {
+    TOKEN
+        .get()
+        .map(|token| format!("authorization: Bearer {token}\r\n"))
+        .unwrap_or_default()
 }
 
 /// A keep-alive `POST` of a JSON body.
 pub fn post_json(path: &str, body: &str) -> Vec<u8> {
     format!(
-        "POST {path} HTTP/1.1\r\nhost: chaos\r\nconnection: keep-alive\r\n\
+        "POST {path} HTTP/1.1\r\nhost: chaos\r\n{}connection: keep-alive\r\n\
          content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        auth_line(),
         body.len()
     )
     .into_bytes()

@@ -87,7 +87,7 @@ pub async fn run(ctx: &Ctx, report: &mut ScenarioReport) -> Result<()> {
     .await;
     slow(&api, report, "slow body", 8, |_| {
         (
-            b"POST /api/users/batch HTTP/1.1\r\nhost: chaos\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{\"user_ids\":[1".to_vec(),
+            format!("POST /api/users/batch HTTP/1.1\r\nhost: chaos\r\n{}content-type: application/json\r\ncontent-length: 200\r\n\r\n{{\"user_ids\":[1", client::auth_line()).into_bytes(),
             b'1',
         )
     })
@@ -229,9 +229,9 @@ async fn oversized(api: &Api, report: &mut ScenarioReport) {
         many_headers.push_str(&format!("x-h{i}: {i}\r\n"));
     }
     many_headers.push_str("\r\n");
-    let mut declared = b"POST /api/users/batch HTTP/1.1\r\nhost: chaos\r\ncontent-type: application/json\r\ncontent-length: 10485760\r\n\r\n{\"user_ids\":[".to_vec();
+    let mut declared = format!("POST /api/users/batch HTTP/1.1\r\nhost: chaos\r\n{}content-type: application/json\r\ncontent-length: 10485760\r\n\r\n{{\"user_ids\":[", client::auth_line()).into_bytes();
     declared.extend(std::iter::repeat_n(b'1', 128 * 1024));
-    let mut chunked = b"POST /api/users/batch HTTP/1.1\r\nhost: chaos\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    let mut chunked = format!("POST /api/users/batch HTTP/1.1\r\nhost: chaos\r\n{}content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n", client::auth_line()).into_bytes();
     for _ in 0..4 {
         chunked.extend_from_slice(format!("{:x}\r\n", 32 * 1024).as_bytes());
         chunked.extend(std::iter::repeat_n(b'1', 32 * 1024));
