@@ -38,16 +38,25 @@ const STOP_SLACK: Duration = Duration::from_secs(5);
 /// Runs `cargo xtask up`.
 pub async fn run(args: UpArgs) -> Result<()> {
     let settings = Settings::load()?;
-    step("building the API and the stand-in recommendation service (release)");
-    tokio::select! {
-        built = stack::build_release(&["api", "upstream"]) => built?,
-        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-    }
-
-    step("starting PostgreSQL");
     let (cluster, database) = xtask::pg::dev_cluster(&settings)?;
     let started_cluster = cluster.state()? != State::Running;
-    xtask::pg::start(&cluster, &database).await?;
+    // The cluster starts while cargo builds: the end of a release build keeps one core busy.
+    step("building the API and the stand-in recommendation service (release); starting PostgreSQL");
+    let prepared = tokio::select! {
+        both = async {
+            tokio::try_join!(
+                stack::build_release(&["api", "upstream"]),
+                xtask::pg::start(&cluster, &database),
+            )
+        } => both.map(|_| ()),
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    if let Err(e) = prepared {
+        if started_cluster {
+            let _ = cluster.stop();
+        }
+        return Err(e);
+    }
     println!(
         "PostgreSQL: 127.0.0.1:{} (database {database})",
         cluster.port
