@@ -53,14 +53,11 @@ fn hs256(claims: &Value, secret: &[u8]) -> String {
 }
 
 fn signed(claims: &Value, algorithm: Algorithm, kid: &str) -> String {
-    let pem = std::fs::read(keys().join(match algorithm {
-        Algorithm::RS256 => "rsa.pem",
-        _ => "ec.pem",
-    }))
-    .unwrap();
     let key = match algorithm {
-        Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem).unwrap(),
-        _ => EncodingKey::from_ec_pem(&pem).unwrap(),
+        Algorithm::RS256 => {
+            EncodingKey::from_rsa_der(&std::fs::read(keys().join("rsa.der")).unwrap())
+        }
+        _ => EncodingKey::from_ec_der(&std::fs::read(keys().join("ec.der")).unwrap()),
     };
     let mut header = Header::new(algorithm);
     header.kid = Some(kid.to_owned());

@@ -40,8 +40,8 @@ fn token(algorithm: Algorithm) -> Result<String> {
     });
     let (key, kid) = match algorithm {
         Algorithm::ES256 => {
-            let pem = std::fs::read(format!("{KEYS}/ec.pem")).context("cannot read the EC key")?;
-            (EncodingKey::from_ec_pem(&pem)?, Some("ec-1".to_owned()))
+            let der = std::fs::read(format!("{KEYS}/ec.der")).context("cannot read the EC key")?;
+            (EncodingKey::from_ec_der(&der), Some("ec-1".to_owned()))
         }
         _ => (EncodingKey::from_secret(SECRET.as_bytes()), None),
     };
