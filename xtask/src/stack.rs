@@ -80,7 +80,17 @@ pub async fn build_release(packages: &[&str]) -> Result<()> {
     for package in packages {
         command.args(["--package", package]);
     }
-    let built = command.status().await.context("cannot run cargo build")?;
+    // In a group of its own, stopped with every rustc under it if this future is dropped (a
+    // failed step beside it, Ctrl-C): no build goes on after the command has given up.
+    let mut child = command
+        .process_group(0)
+        .spawn()
+        .context("cannot run cargo build")?;
+    let group = ProcessGroup::of(&child);
+    let built = child.wait().await.context("cannot wait for cargo build")?;
+    if let Some(mut group) = group {
+        group.stopped = true;
+    }
     if !built.success() {
         bail!("building {} failed", packages.join(", "));
     }
