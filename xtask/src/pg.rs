@@ -154,7 +154,7 @@ impl Cluster {
     ///
     /// When psql cannot connect or the command fails.
     pub fn psql(&self, database: &str, sql: &str) -> Result<String> {
-        psql(&self.url(database)?, sql)
+        run_psql(&self.bin_dir, &self.url(database)?, sql)
     }
 
     /// Creates `database` (optionally as a copy of `template`) unless it exists.
@@ -456,7 +456,13 @@ impl Cluster {
 ///
 /// When psql cannot be found or run, cannot connect, or the command fails.
 pub fn psql(url: &str, sql: &str) -> Result<String> {
-    let output = Command::new(find_bin_dir()?.join("psql"))
+    run_psql(&find_bin_dir()?, url, sql)
+}
+
+/// [`psql`] with the programs' directory already found (a cluster knows it: its start-up check
+/// runs psql every 100 ms).
+fn run_psql(bin_dir: &Path, url: &str, sql: &str) -> Result<String> {
+    let output = Command::new(bin_dir.join("psql"))
         .args([
             "-X",
             "-A",

@@ -82,7 +82,14 @@ pub async fn run(cluster: &Cluster, template: &str) -> Result<()> {
                 xtask::pg::random_password()?,
                 xtask::pg::random_password()?
             );
-            let token = mint(&secret).await?;
+            let token = xtask::stack::mint_token(
+                "target/debug/api",
+                &secret,
+                "schemathesis",
+                &["dashboards:read", "users:batch"],
+                "1h",
+            )
+            .await?;
             settings.push(("APP__AUTH__MODE", "jwt".to_owned()));
             settings.push(("APP__AUTH__SECRET", secret));
             header = vec![
@@ -122,22 +129,4 @@ pub async fn run(cluster: &Cluster, template: &str) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A token for every dashboard and the batch, signed with `secret` by the debug `api` binary.
-async fn mint(secret: &str) -> Result<String> {
-    let output = Command::new("target/debug/api")
-        .args(["token", "--sub", "schemathesis", "--ttl", "1h"])
-        .args(["--scope", "dashboards:read", "--scope", "users:batch"])
-        .env("APP__AUTH__SECRET", secret)
-        .output()
-        .await
-        .context("cannot run api token")?;
-    if !output.status.success() {
-        bail!(
-            "api token failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }

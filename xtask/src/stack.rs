@@ -377,19 +377,25 @@ pub fn dev_secret() -> Result<String> {
     Ok(secret)
 }
 
-/// A development token minted by the `api` binary at `api` with the local secret.
+/// An HS256 token minted by the `api` binary at `api` (`api token`) with `secret`.
 ///
 /// # Errors
 ///
 /// When the binary fails.
-pub async fn mint_token(api: &str, sub: &str, scopes: &[&str], ttl: &str) -> Result<String> {
+pub async fn mint_token(
+    api: &str,
+    secret: &str,
+    sub: &str,
+    scopes: &[&str],
+    ttl: &str,
+) -> Result<String> {
     let mut command = Command::new(api);
     command.args(["token", "--sub", sub, "--ttl", ttl]);
     for scope in scopes {
         command.args(["--scope", scope]);
     }
     let output = command
-        .env("APP__AUTH__SECRET", dev_secret()?)
+        .env("APP__AUTH__SECRET", secret)
         .stdin(Stdio::null())
         .output()
         .await

@@ -96,13 +96,17 @@ async fn serve(settings: &Settings, args: &UpArgs) -> Result<()> {
 
     // The API, built in release mode above, in the foreground.
     step("starting the API");
-    let auth = if args.auth {
-        vec![
-            ("APP__AUTH__MODE", "jwt".to_owned()),
-            ("APP__AUTH__SECRET", stack::dev_secret()?),
-        ]
+    let secret = if args.auth {
+        Some(stack::dev_secret()?)
     } else {
-        Vec::new()
+        None
+    };
+    let auth = match &secret {
+        Some(secret) => vec![
+            ("APP__AUTH__MODE", "jwt".to_owned()),
+            ("APP__AUTH__SECRET", secret.clone()),
+        ],
+        None => Vec::new(),
     };
     let api = match stack::ApiProcess::start(settings.server.port, &auth, false).await {
         Ok(api) => api,
@@ -112,10 +116,11 @@ async fn serve(settings: &Settings, args: &UpArgs) -> Result<()> {
         }
     };
     let base = &api.base;
-    if args.auth {
+    if let Some(secret) = &secret {
         let api_binary = stack::RELEASE_API;
-        let user = stack::mint_token(api_binary, "42", &[], "24h").await?;
-        let batch = stack::mint_token(api_binary, "batch-client", &["users:batch"], "24h").await?;
+        let user = stack::mint_token(api_binary, secret, "42", &[], "24h").await?;
+        let batch =
+            stack::mint_token(api_binary, secret, "batch-client", &["users:batch"], "24h").await?;
         println!(
             "\nThe dashboard API is up, in jwt mode (HS256, secret in {}). Try:\n\
              \x20 curl -H 'authorization: Bearer {user}' {base}/api/users/42/dashboard\n\

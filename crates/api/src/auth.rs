@@ -35,7 +35,7 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{self, HeaderMap, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::web;
-use governor::clock::{Clock as _, DefaultClock};
+use governor::clock::Clock as _;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -78,11 +78,33 @@ pub enum AuthSetupError {
     WeakSecret,
 }
 
-/// One verification key and the one algorithm it verifies.
+/// One verification key, the one algorithm it verifies, and the claim checks (built once).
 struct Key {
     kid: Option<String>,
     algorithm: Algorithm,
     key: DecodingKey,
+    validation: Validation,
+}
+
+/// The claim checks for tokens of `algorithm`: `exp` and `sub` required, `nbf` checked, `iss` and
+/// `aud` when configured.
+fn validation(algorithm: Algorithm, settings: &AuthSettings) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = settings.leeway.as_secs();
+    validation.validate_nbf = true;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    if let Some(issuer) = &settings.issuer {
+        validation.set_issuer(&[issuer]);
+        validation.required_spec_claims.insert("iss".to_owned());
+    }
+    match &settings.audience {
+        Some(audience) => {
+            validation.set_audience(&[audience]);
+            validation.required_spec_claims.insert("aud".to_owned());
+        }
+        None => validation.validate_aud = false,
+    }
+    validation
 }
 
 /// The configured verifier; `None` mode lets everyone through.
@@ -161,10 +183,11 @@ impl Authenticator {
                     kid: None,
                     algorithm: Algorithm::HS256,
                     key: DecodingKey::from_secret(secret.as_bytes()),
+                    validation: validation(Algorithm::HS256, settings),
                 });
             }
             if let Some(path) = &settings.jwks_path {
-                keys.extend(load_jwks(path)?);
+                keys.extend(load_jwks(path, settings)?);
             }
             if keys.is_empty() {
                 return Err(AuthSetupError::NoKey);
@@ -269,22 +292,7 @@ impl Authenticator {
         if key.algorithm != header.alg {
             return Err(invalid("the token's algorithm is not its key's"));
         }
-        let mut validation = Validation::new(key.algorithm);
-        validation.leeway = self.settings.leeway.as_secs();
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        if let Some(issuer) = &self.settings.issuer {
-            validation.set_issuer(&[issuer]);
-            validation.required_spec_claims.insert("iss".to_owned());
-        }
-        match &self.settings.audience {
-            Some(audience) => {
-                validation.set_audience(&[audience]);
-                validation.required_spec_claims.insert("aud".to_owned());
-            }
-            None => validation.validate_aud = false,
-        }
-        jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
+        jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
             .map(|data| data.claims)
             .map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind;
@@ -357,7 +365,7 @@ fn unauthorized(error: Option<&str>, message: &str) -> ApiError {
 
 /// The keys of a JWKS file: RSA keys verify RS256, P-256 keys ES256 (or the JWK's own `alg`
 /// when it names one of those).
-fn load_jwks(path: &Path) -> Result<Vec<Key>, AuthSetupError> {
+fn load_jwks(path: &Path, settings: &AuthSettings) -> Result<Vec<Key>, AuthSetupError> {
     let bad = |problem: String| AuthSetupError::Jwks {
         path: path.display().to_string(),
         problem,
@@ -389,6 +397,7 @@ fn load_jwks(path: &Path) -> Result<Vec<Key>, AuthSetupError> {
             kid: jwk.common.key_id.clone(),
             algorithm,
             key,
+            validation: validation(algorithm, settings),
         });
     }
     if keys.is_empty() {
@@ -435,7 +444,7 @@ impl RateLimit {
             self.limiter.retain_recent();
         }
         self.limiter.check_key(&client).map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let wait = not_until.wait_time_from(self.limiter.clock().now());
             let seconds = u32::try_from(wait.as_secs()).unwrap_or(u32::MAX).max(1);
             ApiError::too_many_requests(seconds)
         })

@@ -167,15 +167,17 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     eprintln!("chaos: building the API (release)");
     xtask::stack::build_release(&["api"]).await?;
     let secret = if args.auth {
+        let secret = xtask::stack::dev_secret()?;
         let token = xtask::stack::mint_token(
             xtask::stack::RELEASE_API,
+            &secret,
             "chaos",
             &["dashboards:read", "users:batch"],
             "2h",
         )
         .await?;
         client::use_token(token);
-        Some(xtask::stack::dev_secret()?)
+        Some(secret)
     } else {
         None
     };

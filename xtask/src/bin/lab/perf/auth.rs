@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use loadtest::{Report, Scenario};
+use loadtest::Scenario;
 
 use super::*;
 
@@ -82,45 +82,26 @@ pub(super) async fn auth(bench: &Bench) -> Result<Vec<AuthFigures>> {
     for setup in &setups {
         apis.push(bench.api(&setup.settings).await?);
     }
-    let result = async {
-        let mut runs: Vec<Vec<Report>> = vec![Vec::new(); setups.len()];
-        for round in 1..=bench.args.rounds {
-            for (i, (setup, api)) in setups.iter().zip(&apis).enumerate() {
-                let mut config = bench.load(api, Scenario::Dashboard);
-                config.token = setup.token.clone();
-                config.token_secret_file = setup.mint.then(|| secret_file.clone());
-                if round > 1 {
-                    config.warmup = config.warmup.min(Duration::from_secs(2));
-                }
-                let report = measure(&config, &format!("auth-{i}-{round}")).await?;
-                println!(
-                    "{}, round {round}/{}:\n{}",
-                    setup.label,
-                    bench.args.rounds,
-                    report.summary()
-                );
-                runs[i].push(report);
-            }
-        }
-        Ok::<_, anyhow::Error>(runs)
-    }
-    .await;
-    for api in apis {
-        api.stop(Duration::from_secs(20)).await?;
-    }
-    Ok(setups
+    let labels: Vec<&str> = setups.iter().map(|setup| setup.label).collect();
+    let runs = alternate(bench, apis, &labels, |i, api| {
+        let mut config = bench.load(api, Scenario::Dashboard);
+        config.token = setups[i].token.clone();
+        config.token_secret_file = setups[i].mint.then(|| secret_file.clone());
+        config
+    })
+    .await?;
+    setups
         .iter()
-        .zip(result?)
-        .map(|(setup, mut reports)| {
-            reports.sort_by(|a, b| a.measured.success_rps.total_cmp(&b.measured.success_rps));
-            let median = &reports[reports.len() / 2].measured;
-            AuthFigures {
+        .zip(runs)
+        .map(|(setup, reports)| {
+            let median = median_round(reports)?.measured;
+            Ok(AuthFigures {
                 label: setup.label,
                 rps: median.success_rps,
                 p99_ms: median.latency.p99_ms,
-            }
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// `cargo xtask bench auth`.

@@ -247,3 +247,50 @@ fn listed(values: &[f64]) -> String {
     let parts: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
     parts.join(", ")
 }
+
+/// Measures each API in turn, `rounds` times (later rounds with at most 2 s of warm-up), so that
+/// every setting sees the same machine; `load(i, api)` makes the load of API `i`, `labels[i]`
+/// names it. Returns every round's report per API; the APIs are stopped either way.
+pub(super) async fn alternate(
+    bench: &Bench,
+    apis: Vec<ApiProcess>,
+    labels: &[&str],
+    load: impl Fn(usize, &ApiProcess) -> loadtest::Config,
+) -> Result<Vec<Vec<Report>>> {
+    let result = async {
+        let mut runs: Vec<Vec<Report>> = vec![Vec::new(); apis.len()];
+        for round in 1..=bench.args.rounds {
+            for (i, api) in apis.iter().enumerate() {
+                let mut config = load(i, api);
+                if round > 1 {
+                    config.warmup = config.warmup.min(Duration::from_secs(2));
+                }
+                let label = labels.get(i).copied().unwrap_or("api");
+                let name = format!("{}-{round}", label.replace([' ', ','], "-"));
+                let report = measure(&config, &name).await?;
+                println!(
+                    "{label}, round {round}/{}:\n{}",
+                    bench.args.rounds,
+                    report.summary()
+                );
+                runs[i].push(report);
+            }
+        }
+        Ok::<_, anyhow::Error>(runs)
+    }
+    .await;
+    for api in apis {
+        api.stop(Duration::from_secs(20)).await?;
+    }
+    result
+}
+
+/// The round whose successful throughput is the median.
+pub(super) fn median_round(mut reports: Vec<Report>) -> Result<Report> {
+    reports.sort_by(|a, b| a.measured.success_rps.total_cmp(&b.measured.success_rps));
+    let middle = reports.len() / 2;
+    reports
+        .into_iter()
+        .nth(middle)
+        .context("no round was measured")
+}

@@ -28,30 +28,13 @@ pub(super) async fn modes(bench: &Bench) -> Result<(Vec<ModeFigures>, Vec<f64>)>
                 .await?,
         );
     }
-    let result = async {
-        let mut runs: [Vec<Report>; 2] = [Vec::new(), Vec::new()];
-        for round in 1..=bench.args.rounds {
-            for (i, (mode, api)) in MODES.iter().zip(&apis).enumerate() {
-                let mut config = bench.load(api, Scenario::Dashboard);
-                if round > 1 {
-                    config.warmup = config.warmup.min(Duration::from_secs(2));
-                }
-                let report = measure(&config, &format!("mode-{mode}-{round}")).await?;
-                println!(
-                    "{mode}, round {round}/{}:\n{}",
-                    bench.args.rounds,
-                    report.summary()
-                );
-                runs[i].push(report);
-            }
-        }
-        Ok::<_, anyhow::Error>(runs)
-    }
-    .await;
-    for api in apis {
-        api.stop(Duration::from_secs(20)).await?;
-    }
-    let [pipelined, pooled] = result?;
+    let runs = alternate(bench, apis, &MODES, |_, api| {
+        bench.load(api, Scenario::Dashboard)
+    })
+    .await?;
+    let [pipelined, pooled]: [Vec<Report>; 2] = runs
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("expected one series per mode"))?;
     let ratios = pipelined
         .iter()
         .zip(&pooled)
@@ -60,17 +43,16 @@ pub(super) async fn modes(bench: &Bench) -> Result<(Vec<ModeFigures>, Vec<f64>)>
     let figures = MODES
         .iter()
         .zip([pipelined, pooled])
-        .map(|(mode, mut reports)| {
-            reports.sort_by(|a, b| a.measured.success_rps.total_cmp(&b.measured.success_rps));
-            let median = &reports[reports.len() / 2].measured;
-            ModeFigures {
+        .map(|(mode, reports)| {
+            let median = median_round(reports)?.measured;
+            Ok(ModeFigures {
                 mode,
                 rps: median.success_rps,
                 p50_ms: median.latency.p50_ms,
                 p99_ms: median.latency.p99_ms,
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     Ok((figures, ratios))
 }
 
