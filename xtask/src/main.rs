@@ -5,7 +5,9 @@
 //! own build takes seconds. `chaos` and `bench` run the `lab` binary (this package with the `lab`
 //! feature), built in release because they measure or stress at full speed.
 
+mod cluster;
 mod db;
+mod image;
 mod schemathesis;
 mod test;
 mod up;
@@ -52,6 +54,12 @@ enum Command {
     /// Benchmarks (fan-out, database ceiling, latency, overhead, …); `--help` lists them.
     #[command(disable_help_flag = true)]
     Bench(Forward),
+    /// Scale-out on a real topology: PostgreSQL primary + streaming replica, PgBouncer,
+    /// N API instances behind nginx with TLS (`up`), and its fault runs (`chaos`).
+    Cluster(cluster::ClusterArgs),
+    /// Build the container image (FROM scratch, podman) and optionally run it against the
+    /// local database.
+    Image(image::ImageArgs),
     /// Mint a development token with the local HS256 secret: `--sub 42 [--scope users:batch]
     /// [--ttl 1h]` (`api token`; `--help` lists its flags).
     #[command(disable_help_flag = true)]
@@ -83,6 +91,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Loadtest(f) => Err(cargo_run("loadtest", None, &f)),
         Command::Chaos(f) => Err(cargo_run("lab", Some("chaos"), &f)),
         Command::Bench(f) => Err(cargo_run("lab", Some("bench"), &f)),
+        Command::Cluster(args) => cluster::run(args).await,
+        Command::Image(args) => image::run(args).await,
         Command::Token(f) => {
             let secret = xtask::stack::dev_secret()?;
             Err(cargo_run_with(
