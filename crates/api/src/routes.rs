@@ -252,6 +252,37 @@ pub async fn batch(
 pub struct Health {
     /// `ok` (alive) or `ready` (dependencies answer).
     pub status: &'static str,
+    /// Readiness only: each database and whether reads can use it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub databases: Vec<DatabaseReport>,
+}
+
+/// One database in a readiness answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DatabaseReport {
+    /// `primary`, or `replica-N` for the N-th of `database.replica_urls`.
+    #[schema(example = "replica-1")]
+    pub name: String,
+    /// `primary` or `replica`.
+    #[schema(example = "replica")]
+    pub role: &'static str,
+    /// `up`, `lagging` (a replica too far behind: skipped), `down`, or `unchecked`.
+    #[schema(example = "up")]
+    pub reach: &'static str,
+    /// A replica's replay lag at its last check, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_ms: Option<u64>,
+}
+
+impl From<&service::DatabaseState> for DatabaseReport {
+    fn from(state: &service::DatabaseState) -> Self {
+        Self {
+            name: state.name.clone(),
+            role: state.role.as_str(),
+            reach: state.reach.as_str(),
+            lag_ms: state.lag_ms,
+        }
+    }
 }
 
 /// `GET /healthz`: the process is alive and serving.
@@ -260,7 +291,10 @@ pub struct Health {
     responses((status = 200, description = "Alive", body = Health))
 )]
 pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(Health { status: "ok" })
+    HttpResponse::Ok().json(Health {
+        status: "ok",
+        databases: Vec::new(),
+    })
 }
 
 /// `GET /readyz`: the database answers, so requests can be served.
@@ -273,7 +307,10 @@ pub async fn healthz() -> HttpResponse {
 )]
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     match state.service.readiness(READY_TIMEOUT).await {
-        Ok(()) => Ok(HttpResponse::Ok().json(Health { status: "ready" })),
+        Ok(databases) => Ok(HttpResponse::Ok().json(Health {
+            status: "ready",
+            databases: databases.iter().map(DatabaseReport::from).collect(),
+        })),
         Err(not_ready) => {
             tracing::warn!(%not_ready, "not ready");
             Err(ApiError::unavailable("the database does not answer", 1))

@@ -36,9 +36,26 @@ pub struct DbConfig {
     /// How long the health check of a returned connection may take before it is replaced.
     #[serde(with = "humantime_serde")]
     pub recycle_timeout: Duration,
-    /// Server-side `statement_timeout`: the server cancels any statement running longer.
+    /// Server-side `statement_timeout`: the server cancels any statement running longer. Sent in
+    /// the start-up packet with [`Statements::Prepared`], with `SET LOCAL` in each connection
+    /// lease's transaction with [`Statements::Unnamed`].
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
+    /// How statements reach the server: see [`Statements`].
+    pub statements: Statements,
+    /// Read replicas (hot standbys, or poolers in front of them). The reads go to one that
+    /// answers and is at most [`DbConfig::replica_max_lag`] behind, the primary otherwise. In a
+    /// file a list; in the environment one string of URLs separated by spaces. The password
+    /// settings apply to them as to [`DbConfig::url`].
+    #[serde(deserialize_with = "urls")]
+    pub replica_urls: Vec<String>,
+    /// A replica further behind its primary than this is skipped until it catches up.
+    #[serde(with = "humantime_serde")]
+    pub replica_max_lag: Duration,
+    /// How often each replica's reachability and lag are checked (in the background of the
+    /// requests that read from it).
+    #[serde(with = "humantime_serde")]
+    pub replica_check_interval: Duration,
     /// `application_name` shown in `pg_stat_activity`.
     pub application_name: String,
     /// At most this many orders are returned for one user, newest first.
@@ -58,6 +75,10 @@ impl Default for DbConfig {
             create_timeout: Duration::from_secs(2),
             recycle_timeout: Duration::from_secs(1),
             statement_timeout: Duration::from_secs(30),
+            statements: Statements::Prepared,
+            replica_urls: Vec::new(),
+            replica_max_lag: Duration::from_secs(5),
+            replica_check_interval: Duration::from_secs(1),
             application_name: "dashboard".to_owned(),
             orders_limit: 100,
             reviews_limit: 100,
@@ -81,8 +102,25 @@ impl DbConfig {
     /// [`Error::Config`] when the URL does not parse, a limit is out of range, or the password
     /// file exists but cannot be read.
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, Error> {
-        let mut pg = tokio_postgres::Config::from_str(&self.url).map_err(|e| {
-            Error::Config(format!("database.url is not a valid PostgreSQL URL: {e}"))
+        self.pg_config_of(&self.url, "database.url")
+    }
+
+    /// [`DbConfig::pg_config`] for each of [`DbConfig::replica_urls`], in order.
+    ///
+    /// # Errors
+    ///
+    /// As [`DbConfig::pg_config`]; the message names the replica's position.
+    pub fn replica_pg_configs(&self) -> Result<Vec<tokio_postgres::Config>, Error> {
+        self.replica_urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| self.pg_config_of(url, &format!("database.replica_urls[{i}]")))
+            .collect()
+    }
+
+    fn pg_config_of(&self, url: &str, key: &str) -> Result<tokio_postgres::Config, Error> {
+        let mut pg = tokio_postgres::Config::from_str(url).map_err(|e| {
+            Error::Config(format!("{key} is not a valid PostgreSQL URL: {e}"))
         })?;
         if pg.get_password().is_none() {
             if let Some(password) = &self.password {
@@ -110,6 +148,8 @@ impl DbConfig {
             ("database.create_timeout", self.create_timeout),
             ("database.recycle_timeout", self.recycle_timeout),
             ("database.statement_timeout", self.statement_timeout),
+            ("database.replica_max_lag", self.replica_max_lag),
+            ("database.replica_check_interval", self.replica_check_interval),
         ] {
             if value.is_zero() {
                 return Err(Error::Config(format!("{key} must be greater than zero")));
@@ -125,11 +165,14 @@ impl DbConfig {
         }
         pg.application_name(&self.application_name);
         pg.connect_timeout(self.create_timeout);
-        // Sent in the start-up packet, so the setting costs no extra round trip per connection.
-        pg.options(format!(
-            "-c statement_timeout={}",
-            self.statement_timeout.as_millis()
-        ));
+        if self.statements == Statements::Prepared {
+            // Sent in the start-up packet, so the setting costs no extra round trip per
+            // connection. A transaction pooler refuses start-up options: see `Statements`.
+            pg.options(format!(
+                "-c statement_timeout={}",
+                self.statement_timeout.as_millis()
+            ));
+        }
         Ok(pg)
     }
 
@@ -137,6 +180,43 @@ impl DbConfig {
     pub fn masked_url(&self) -> String {
         mask_url(&self.url)
     }
+}
+
+/// How statements reach the server.
+///
+/// A transaction pooler (PgBouncer in `pool_mode = transaction`) hands each transaction to
+/// whichever server connection is free, so nothing may outlive a transaction: PgBouncer 1.18
+/// knows no named prepared statements, and refuses start-up `options`. [`Statements::Unnamed`]
+/// keeps each connection lease in one transaction, so that its pipelined statements stay on one
+/// server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Statements {
+    /// Named statements prepared once per connection and cached (two round trips the first
+    /// time, one after); `statement_timeout` in the start-up packet. For direct connections
+    /// and session pooling.
+    #[default]
+    Prepared,
+    /// Unnamed statements (`query_typed`: parse, bind and execute in one round trip, every time),
+    /// inside a `BEGIN READ ONLY` that also sets `statement_timeout` with `SET LOCAL`, sent
+    /// pipelined with the first statement of a lease and committed when the lease ends. For
+    /// transaction poolers.
+    Unnamed,
+}
+
+/// Reads a list of URLs: a list, or one string of URLs separated by whitespace (an environment
+/// variable cannot hold a list).
+fn urls<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(text) => text.split_whitespace().map(str::to_owned).collect(),
+        OneOrMany::Many(list) => list,
+    })
 }
 
 /// A connection string as it may be logged: rebuilt from its parsed parts (user, hosts, ports,
@@ -302,5 +382,37 @@ mod tests {
         let pg = DbConfig::default().pg_config().unwrap();
         assert_eq!(pg.get_options(), Some("-c statement_timeout=30000"));
         assert_eq!(pg.get_application_name(), Some("dashboard"));
+    }
+
+    #[test]
+    fn unnamed_statements_send_no_startup_options_a_pooler_would_refuse() {
+        let config = DbConfig {
+            statements: Statements::Unnamed,
+            ..DbConfig::default()
+        };
+        assert_eq!(config.pg_config().unwrap().get_options(), None);
+    }
+
+    #[test]
+    fn replica_urls_come_as_a_list_or_one_string_and_bad_ones_are_named() {
+        #[derive(Deserialize)]
+        struct Wrap {
+            #[serde(deserialize_with = "urls")]
+            replica_urls: Vec<String>,
+        }
+        let from_env: Wrap =
+            serde_json::from_str(r#"{"replica_urls": " postgres://a/x  postgres://b/x "}"#)
+                .unwrap();
+        assert_eq!(from_env.replica_urls, ["postgres://a/x", "postgres://b/x"]);
+        let from_file: Wrap =
+            serde_json::from_str(r#"{"replica_urls": ["postgres://a/x"]}"#).unwrap();
+        assert_eq!(from_file.replica_urls, ["postgres://a/x"]);
+
+        let config = DbConfig {
+            replica_urls: vec!["postgres://a/x".into(), "nope".into()],
+            ..DbConfig::default()
+        };
+        let err = config.replica_pg_configs().unwrap_err().to_string();
+        assert!(err.contains("database.replica_urls[1]"), "{err}");
     }
 }

@@ -1,11 +1,17 @@
-//! The connection pool and the reads the dashboard needs.
+//! The connection pools and the reads the dashboard needs.
 //!
-//! [`Database`] owns a deadpool-postgres pool. Each read runs a statement prepared once per
-//! connection and kept in that connection's statement cache. A caller that wants several reads
-//! on one connection takes a [`Conn`]: its methods borrow it shared, so polling them concurrently
-//! pipelines the statements on the one socket (tokio-postgres sends each as soon as it is polled).
+//! [`Database`] owns a deadpool-postgres pool for the primary and one for each read replica
+//! ([`crate::replica`] says which replica a read may use). Every method here reads, so every
+//! lease goes to a usable replica when there is one and to the primary otherwise; a statement
+//! whose replica fails under it runs again on the primary (see [`Conn`]).
+//!
+//! A caller that wants several reads on one connection takes a [`Conn`]: its methods borrow it
+//! shared, so polling them concurrently pipelines the statements on the one socket
+//! (tokio-postgres sends each as soon as it is polled). How a statement is sent depends on
+//! [`Statements`]: a named statement prepared once per connection and cached, or an unnamed one
+//! inside a read-only transaction per lease (for transaction poolers).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -13,71 +19,111 @@ use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Status, Timeouts,
     Transaction,
 };
-use tokio_postgres::types::FromSql;
+use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 use tracing::instrument;
 
 use crate::models::{Order, OrderSummary, Page, Profile, Review, UserSummary};
-use crate::{DbConfig, Error};
+use crate::replica::{DatabaseState, Replica};
+use crate::{DbConfig, Error, Statements};
 
-const PROFILE: &str = "SELECT id, username, email, avatar FROM users WHERE id = $1";
-const ORDERS: &str = "SELECT id, product, amount, created_at FROM orders \
-     WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2";
-const REVIEWS: &str = "SELECT id, product_id, rating, content FROM reviews \
-     WHERE user_id = $1 ORDER BY id DESC LIMIT $2";
-/// The batched reads: one statement for many users, each user's rows in the same order and with
-/// the same limit as the single reads above (`LATERAL` keeps the per-user `ORDER BY ... LIMIT`).
-const PROFILES: &str = "SELECT id, username, email, avatar FROM users WHERE id = ANY($1)";
-const ORDERS_OF: &str = "SELECT u.id, o.id, o.product, o.amount, o.created_at \
-     FROM unnest($1::bigint[]) AS u(id) \
-     CROSS JOIN LATERAL (SELECT id, product, amount, created_at FROM orders \
-                         WHERE user_id = u.id ORDER BY created_at DESC, id DESC LIMIT $2) o";
-const REVIEWS_OF: &str = "SELECT u.id, r.id, r.product_id, r.rating, r.content \
-     FROM unnest($1::bigint[]) AS u(id) \
-     CROSS JOIN LATERAL (SELECT id, product_id, rating, content FROM reviews \
-                         WHERE user_id = u.id ORDER BY id DESC LIMIT $2) r";
-const USER_SUMMARIES: &str = "SELECT u.id, u.username, u.email, u.avatar, s.order_count, s.total_amount \
-     FROM users u \
-     CROSS JOIN LATERAL (SELECT count(*) AS order_count, coalesce(sum(o.amount), 0.00) AS total_amount \
-                         FROM orders o WHERE o.user_id = u.id) s \
-     WHERE u.id = ANY($1)";
+/// One statement: its text and its parameters' types (which an unnamed statement sends along).
+#[derive(Debug)]
+struct Sql {
+    text: &'static str,
+    types: &'static [Type],
+}
 
-/// A pool of PostgreSQL connections and the typed reads over it. Cheap to clone: clones share
-/// the pool.
+const PROFILE: Sql = Sql {
+    text: "SELECT id, username, email, avatar FROM users WHERE id = $1",
+    types: &[Type::INT8],
+};
+const ORDERS: Sql = Sql {
+    text: "SELECT id, product, amount, created_at FROM orders \
+           WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+    types: &[Type::INT8, Type::INT8],
+};
+const REVIEWS: Sql = Sql {
+    text: "SELECT id, product_id, rating, content FROM reviews \
+           WHERE user_id = $1 ORDER BY id DESC LIMIT $2",
+    types: &[Type::INT8, Type::INT8],
+};
+// The batched reads: one statement for many users, each user's rows in the same order and with
+// the same limit as the single reads above (`LATERAL` keeps the per-user `ORDER BY ... LIMIT`).
+const PROFILES: Sql = Sql {
+    text: "SELECT id, username, email, avatar FROM users WHERE id = ANY($1)",
+    types: &[Type::INT8_ARRAY],
+};
+const ORDERS_OF: Sql = Sql {
+    text: "SELECT u.id, o.id, o.product, o.amount, o.created_at \
+           FROM unnest($1::bigint[]) AS u(id) \
+           CROSS JOIN LATERAL (SELECT id, product, amount, created_at FROM orders \
+                               WHERE user_id = u.id ORDER BY created_at DESC, id DESC LIMIT $2) o",
+    types: &[Type::INT8_ARRAY, Type::INT8],
+};
+const REVIEWS_OF: Sql = Sql {
+    text: "SELECT u.id, r.id, r.product_id, r.rating, r.content \
+           FROM unnest($1::bigint[]) AS u(id) \
+           CROSS JOIN LATERAL (SELECT id, product_id, rating, content FROM reviews \
+                               WHERE user_id = u.id ORDER BY id DESC LIMIT $2) r",
+    types: &[Type::INT8_ARRAY, Type::INT8],
+};
+const USER_SUMMARIES: Sql = Sql {
+    text: "SELECT u.id, u.username, u.email, u.avatar, s.order_count, s.total_amount \
+           FROM users u \
+           CROSS JOIN LATERAL (SELECT count(*) AS order_count, \
+                                      coalesce(sum(o.amount), 0.00) AS total_amount \
+                               FROM orders o WHERE o.user_id = u.id) s \
+           WHERE u.id = ANY($1)",
+    types: &[Type::INT8_ARRAY],
+};
+
+/// The pools of the primary and the replicas, and the typed reads over them. Cheap to clone:
+/// clones share the pools.
 ///
-/// The pool may be split into lanes, one per worker thread ([`Database::connect_lazy_in_lanes`]
-/// and [`crate::lane`]); everything else sees one pool of `max_size` connections.
+/// Each pool may be split into lanes, one per worker thread
+/// ([`Database::connect_lazy_in_lanes`] and [`crate::lane`]); everything else sees one pool of
+/// `max_size` connections per database.
 #[derive(Clone)]
 pub struct Database {
-    lanes: Arc<[Pool]>,
-    homes: Arc<[Arc<OnceLock<crate::lane::Home>>]>,
+    primary: Arc<Target>,
+    replicas: Arc<[Arc<Replica>]>,
+    /// Which replica the next lease tries first (round robin).
+    turn: Arc<AtomicUsize>,
     limits: Limits,
 }
 
-/// The per-query row caps and the pool wait, copied out of [`DbConfig`] for each [`Conn`].
+/// What each [`Conn`] needs of [`DbConfig`], copied out once.
 #[derive(Debug, Clone, Copy)]
-struct Limits {
+pub(crate) struct Limits {
     orders: i64,
     reviews: i64,
-    wait: Duration,
+    pub(crate) wait: Duration,
+    statements: Statements,
+    statement_timeout: Duration,
+    pub(crate) max_lag: Duration,
+    pub(crate) check_interval: Duration,
+    /// How long one replica check may take (opening a connection included).
+    pub(crate) check_timeout: Duration,
 }
 
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Database")
-            .field("lanes", &self.lanes.len())
+            .field("lanes", &self.primary.lanes.len())
+            .field("replicas", &self.replicas.len())
             .field("status", &self.status())
             .field("limits", &self.limits)
             .finish()
     }
 }
 
-/// A snapshot of the pool, for `/metrics` and readiness checks.
+/// A snapshot of the pools, for `/metrics` and readiness checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PoolStatus {
-    /// The most connections the pool will open.
+    /// The most connections the pool opens to one database.
     pub max_size: usize,
-    /// Connections open now (idle or in use).
+    /// Connections open now (idle or in use), to every database together.
     pub size: usize,
     /// Idle connections ready to be handed out.
     pub idle: usize,
@@ -96,26 +142,14 @@ impl From<Status> for PoolStatus {
     }
 }
 
-impl Database {
-    /// Builds the pool. No connection is opened until the first query; call [`Database::ping`]
-    /// to check that the server answers.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Config`] when the settings are unusable.
-    pub fn connect_lazy(config: &DbConfig) -> Result<Self, Error> {
-        Self::connect_lazy_in_lanes(config, 1)
-    }
+/// One database server: its pool, split into lanes.
+pub(crate) struct Target {
+    lanes: Vec<Pool>,
+    homes: Vec<Arc<OnceLock<crate::lane::Home>>>,
+}
 
-    /// Builds the pool split into `lanes` pools of `max_size / lanes` connections each (at most
-    /// `max_size` lanes), one per worker thread; see [`crate::lane`]. One lane is one pool.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Config`] when the settings are unusable.
-    pub fn connect_lazy_in_lanes(config: &DbConfig, lanes: usize) -> Result<Self, Error> {
-        let pg = config.pg_config()?;
-        let count = lanes.clamp(1, config.max_size.max(1));
+impl Target {
+    fn build(pg: &tokio_postgres::Config, config: &DbConfig, count: usize) -> Result<Self, Error> {
         let mut homes = Vec::with_capacity(count);
         let lanes = (0..count)
             .map(|lane| {
@@ -140,14 +174,137 @@ impl Database {
                     .build()
                     .map_err(|e| Error::Config(format!("cannot build the database pool: {e}")))
             })
-            .collect::<Result<Arc<[Pool]>, Error>>()?;
+            .collect::<Result<Vec<Pool>, Error>>()?;
+        Ok(Self { lanes, homes })
+    }
+
+    /// A connection from lane `lane`, or (with [`Pick::Any`]) from the calling thread's lane if
+    /// one is free there (or may be opened), else an idle one from another lane, else the first
+    /// to free up in its own lane. Returns the lane it came from.
+    async fn take(&self, pick: Pick) -> Result<(Object, usize), PoolError> {
+        let count = self.lanes.len();
+        let own = match pick {
+            Pick::Lane(lane) => lane % count.max(1),
+            Pick::Any => lanes::current(count),
+        };
+        let Some(pool) = self.lanes.get(own) else {
+            return Err(PoolError::Closed);
+        };
+        if count == 1 || matches!(pick, Pick::Lane(_)) {
+            return pool.get().await.map(|object| (object, own));
+        }
+        let at_once = Timeouts {
+            wait: Some(Duration::ZERO),
+            ..pool.timeouts()
+        };
+        match pool.timeout_get(&at_once).await {
+            Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => {}
+            taken => return taken.map(|object| (object, own)),
+        }
+        for (lane, other) in self.lanes.iter().enumerate() {
+            // Only an idle connection: opening one here would put its driver on this thread.
+            if lane != own
+                && other.status().available > 0
+                && let Ok(object) = other.timeout_get(&at_once).await
+            {
+                return Ok((object, lane));
+            }
+        }
+        pool.get().await.map(|object| (object, own))
+    }
+
+    /// A connection from any lane, for a check: one that is idle, or may be opened, at once.
+    pub(crate) async fn take_for_check(&self) -> Result<Object, PoolError> {
+        let mut last = PoolError::Closed;
+        for pool in &self.lanes {
+            let at_once = Timeouts {
+                wait: Some(Duration::ZERO),
+                ..pool.timeouts()
+            };
+            match pool.timeout_get(&at_once).await {
+                Ok(object) => return Ok(object),
+                Err(error) => last = error,
+            }
+        }
+        Err(last)
+    }
+
+    fn claim_home(&self, worker: usize) {
+        let Some(home) = self.homes.get(worker % self.homes.len().max(1)) else {
+            return;
+        };
+        if home.get().is_none()
+            && let Some(this) = crate::lane::Home::of_current_thread()
+        {
+            let _ = home.set(this);
+        }
+    }
+
+    fn status(&self) -> PoolStatus {
+        self.lanes
+            .iter()
+            .map(|pool| PoolStatus::from(pool.status()))
+            .fold(PoolStatus::default(), |sum, lane| PoolStatus {
+                max_size: sum.max_size + lane.max_size,
+                size: sum.size + lane.size,
+                idle: sum.idle + lane.idle,
+                waiting: sum.waiting + lane.waiting,
+            })
+    }
+}
+
+/// Which lane a lease comes from.
+#[derive(Debug, Clone, Copy)]
+enum Pick {
+    /// The caller's own lane first, else an idle connection of any lane.
+    Any,
+    /// This lane (modulo the number of lanes).
+    Lane(usize),
+}
+
+impl Database {
+    /// Builds the pools. No connection is opened until the first query; call
+    /// [`Database::ping`] to check that a database answers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the settings are unusable.
+    pub fn connect_lazy(config: &DbConfig) -> Result<Self, Error> {
+        Self::connect_lazy_in_lanes(config, 1)
+    }
+
+    /// Builds the pools, each split into `lanes` pools of `max_size / lanes` connections (at
+    /// most `max_size` lanes), one per worker thread; see [`crate::lane`]. One lane is one pool.
+    /// Every database (the primary and each replica) gets `max_size` connections.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the settings are unusable.
+    pub fn connect_lazy_in_lanes(config: &DbConfig, lanes: usize) -> Result<Self, Error> {
+        let count = lanes.clamp(1, config.max_size.max(1));
+        let primary = Arc::new(Target::build(&config.pg_config()?, config, count)?);
+        let replicas = config
+            .replica_pg_configs()?
+            .iter()
+            .enumerate()
+            .map(|(i, pg)| {
+                let target = Target::build(pg, config, count)?;
+                Ok(Arc::new(Replica::new(format!("replica-{}", i + 1), target)))
+            })
+            .collect::<Result<Arc<[_]>, Error>>()?;
         Ok(Self {
-            lanes,
-            homes: homes.into(),
+            primary,
+            replicas,
+            turn: Arc::new(AtomicUsize::new(0)),
             limits: Limits {
                 orders: config.orders_limit,
                 reviews: config.reviews_limit,
                 wait: config.wait_timeout,
+                statements: config.statements,
+                statement_timeout: config.statement_timeout,
+                max_lag: config.replica_max_lag,
+                check_interval: config.replica_check_interval,
+                check_timeout: config.create_timeout + config.recycle_timeout,
             },
         })
     }
@@ -165,34 +322,30 @@ impl Database {
         lanes::bind_thread(worker);
     }
 
-    /// Claims the calling thread's lane for the current runtime, if the thread is bound and the
-    /// lane has no home yet; see [`Database::adopt_thread`]. Done at every connection request;
-    /// a server calls it earlier too (when its worker accepts a connection), so that no other
-    /// worker opens connections of this lane on its own runtime before the first request here.
+    /// Claims the calling thread's lane (of every database) for the current runtime, if the
+    /// thread is bound and the lane has no home yet; see [`Database::adopt_thread`]. Done at
+    /// every connection request; a server calls it earlier too (when its worker accepts a
+    /// connection), so that no other worker opens connections of this lane on its own runtime
+    /// before the first request here.
     pub fn claim_home(&self) {
         let Some(worker) = lanes::bound() else {
             return;
         };
-        let Some(home) = self.homes.get(worker % self.homes.len().max(1)) else {
-            return;
-        };
-        if home.get().is_none()
-            && let Some(this) = crate::lane::Home::of_current_thread()
-        {
-            let _ = home.set(this);
+        self.primary.claim_home(worker);
+        for replica in self.replicas.iter() {
+            replica.target.claim_home(worker);
         }
     }
 
-    /// Takes a connection out of the pool, waiting at most the configured `wait_timeout`.
+    /// Takes a connection for reading, waiting at most the configured `wait_timeout`: from a
+    /// usable replica if there is one (see [`crate::replica`]), else from the primary.
     ///
     /// # Errors
     ///
     /// [`Error::PoolTimeout`] when none became free in time, [`Error::Unavailable`] when a new
     /// connection could not be opened, [`Error::Closed`] after [`Database::close`].
     pub async fn conn(&self) -> Result<Conn, Error> {
-        self.claim_home();
-        let taken = self.take().await;
-        self.wrap(taken)
+        self.lease(Pick::Any).await
     }
 
     /// Takes a connection out of lane `lane` (modulo the number of lanes), waiting at most the
@@ -203,104 +356,258 @@ impl Database {
     ///
     /// As [`Database::conn`].
     pub async fn conn_in_lane(&self, lane: usize) -> Result<Conn, Error> {
+        self.lease(Pick::Lane(lane)).await
+    }
+
+    /// Takes a connection from the primary only (for tools and checks that must see it).
+    ///
+    /// # Errors
+    ///
+    /// As [`Database::conn`].
+    pub async fn primary_conn(&self) -> Result<Conn, Error> {
         self.claim_home();
-        let taken = match self.lanes.get(lane % self.lanes.len().max(1)) {
-            Some(pool) => pool.get().await,
-            None => Err(PoolError::Closed),
-        };
-        self.wrap(taken)
+        let (object, lane) = self.primary.take(Pick::Any).await.map_err(|e| self.pool_error(e))?;
+        Ok(self.wrap(object, lane, None))
     }
 
-    fn wrap(&self, taken: Result<Object, PoolError>) -> Result<Conn, Error> {
-        let client = taken.map_err(|e| Error::from_pool(e, self.limits.wait))?;
-        Ok(Conn {
-            client: Some(client),
-            limits: self.limits,
-            broken: AtomicBool::new(false),
-            abandoned: AtomicBool::new(false),
-            held: None,
-        })
-    }
-
-    /// A connection from the calling thread's lane if one is free there (or may be opened), else
-    /// an idle one from another lane, else the first to free up in its own lane.
-    async fn take(&self) -> Result<Object, PoolError> {
-        let own = lanes::current(self.lanes.len());
-        let Some(pool) = self.lanes.get(own) else {
-            return Err(PoolError::Closed);
-        };
-        if self.lanes.len() == 1 {
-            return pool.get().await;
-        }
-        let at_once = Timeouts {
-            wait: Some(Duration::ZERO),
-            ..pool.timeouts()
-        };
-        match pool.timeout_get(&at_once).await {
-            Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => {}
-            taken => return taken,
-        }
-        for (lane, other) in self.lanes.iter().enumerate() {
-            // Only an idle connection: opening one here would put its driver on this thread.
-            if lane != own
-                && other.status().available > 0
-                && let Ok(object) = other.timeout_get(&at_once).await
-            {
-                return Ok(object);
+    async fn lease(&self, pick: Pick) -> Result<Conn, Error> {
+        self.claim_home();
+        if let Some(replica) = self.usable_replica() {
+            match replica.target.take(pick).await.map_err(|e| self.pool_error(e)) {
+                Ok((object, lane)) => return Ok(self.wrap(object, lane, Some(replica))),
+                // The replica is out of reach: the primary serves, and a check brings it back.
+                Err(Error::Unavailable(reason)) => replica.mark_down(&reason),
+                Err(other) => return Err(other),
             }
         }
-        pool.get().await
+        let (object, lane) = self.primary.take(pick).await.map_err(|e| self.pool_error(e))?;
+        Ok(self.wrap(object, lane, None))
     }
 
-    /// Closes the idle connections of every lane. An application calls this after start-up
-    /// checks made on a thread that will not serve requests, so that the connections they
-    /// opened (whose driver tasks run there) are not used by the workers.
-    pub fn close_idle(&self) {
-        for pool in self.lanes.iter() {
-            pool.retain(|_, _| false);
+    /// The next usable replica in turn, starting the checks that are due.
+    fn usable_replica(&self) -> Option<Arc<Replica>> {
+        if self.replicas.is_empty() {
+            return None;
+        }
+        for replica in self.replicas.iter() {
+            replica.check_if_due(self.limits);
+        }
+        let start = self.turn.fetch_add(1, Ordering::Relaxed);
+        let count = self.replicas.len();
+        (0..count)
+            .map(|k| &self.replicas[(start + k) % count])
+            .find(|replica| replica.usable())
+            .cloned()
+    }
+
+    fn pool_error(&self, error: PoolError) -> Error {
+        Error::from_pool(error, self.limits.wait)
+    }
+
+    fn wrap(&self, object: Object, lane: usize, replica: Option<Arc<Replica>>) -> Conn {
+        Conn {
+            main: Link::new(object),
+            fallback: tokio::sync::OnceCell::new(),
+            primary: replica.as_ref().map(|_| (Arc::clone(&self.primary), lane)),
+            replica,
+            limits: self.limits,
+            abandoned: AtomicBool::new(false),
+            held: None,
         }
     }
 
-    /// Checks that the server answers a trivial query.
+    /// Closes the idle connections of every lane of every database. An application calls this
+    /// after start-up checks made on a thread that will not serve requests, so that the
+    /// connections they opened (whose driver tasks run there) are not used by the workers.
+    pub fn close_idle(&self) {
+        for target in self.targets() {
+            for pool in &target.lanes {
+                pool.retain(|_, _| false);
+            }
+        }
+    }
+
+    fn targets(&self) -> impl Iterator<Item = &Target> {
+        std::iter::once(&*self.primary).chain(self.replicas.iter().map(|r| &r.target))
+    }
+
+    /// Checks that a database answers a trivial query, the way a read would reach it (a usable
+    /// replica, else the primary).
     ///
     /// # Errors
     ///
     /// As [`Database::conn`], or any error of the query.
     pub async fn ping(&self) -> Result<(), Error> {
         let conn = self.conn().await?;
-        conn.track(conn.client().simple_query("SELECT 1").await)?;
+        conn.main.track(conn.client().simple_query("SELECT 1").await)?;
         Ok(())
     }
 
-    /// The pool's current size, idle connections and waiters (all lanes together).
-    pub fn status(&self) -> PoolStatus {
-        self.lanes
+    /// Checks every replica now (each bounded by the check timeout), so that reads use them from
+    /// the start rather than after the first background check.
+    pub async fn check_replicas(&self) {
+        let checks = self
+            .replicas
             .iter()
-            .map(|pool| PoolStatus::from(pool.status()))
-            .fold(PoolStatus::default(), |sum, lane| PoolStatus {
-                max_size: sum.max_size + lane.max_size,
-                size: sum.size + lane.size,
-                idle: sum.idle + lane.idle,
-                waiting: sum.waiting + lane.waiting,
-            })
+            .map(|replica| Arc::clone(replica).check(self.limits));
+        futures::future::join_all(checks).await;
     }
 
-    /// The number of lanes (pools, one per worker thread).
+    /// What each database looks like now: the primary pinged (within `within`), each replica as
+    /// its last check left it (checked now if it never was). For readiness reports.
+    pub async fn states(&self, within: Duration) -> Vec<DatabaseState> {
+        let primary = async {
+            let ping = async {
+                let conn = self.primary_conn().await?;
+                conn.main.track(conn.client().simple_query("SELECT 1").await)?;
+                Ok::<(), Error>(())
+            };
+            match tokio::time::timeout(within, ping).await {
+                Ok(Ok(())) => DatabaseState::primary(Ok(())),
+                // Every connection busy serving: a loaded primary, not a broken one.
+                Ok(Err(Error::PoolTimeout(_))) => DatabaseState::primary(Ok(())),
+                Ok(Err(error)) => DatabaseState::primary(Err(error.to_string())),
+                Err(_) if self.primary.status().idle == 0 && self.primary.status().size > 0 => {
+                    DatabaseState::primary(Ok(()))
+                }
+                Err(_) => DatabaseState::primary(Err(format!("no answer within {within:?}"))),
+            }
+        };
+        let unchecked = self.replicas.iter().filter(|r| r.never_checked());
+        let checks = futures::future::join_all(
+            unchecked.map(|replica| Arc::clone(replica).check(self.limits)),
+        );
+        let (primary, _) = tokio::join!(primary, checks);
+        std::iter::once(primary)
+            .chain(self.replicas.iter().map(|replica| replica.state()))
+            .collect()
+    }
+
+    /// The pools' current size, idle connections and waiters (all lanes and databases
+    /// together); `max_size` is the most one database gets.
+    pub fn status(&self) -> PoolStatus {
+        let max_size = self.primary.status().max_size;
+        let sum = self
+            .targets()
+            .map(Target::status)
+            .fold(PoolStatus::default(), |sum, one| PoolStatus {
+                max_size,
+                size: sum.size + one.size,
+                idle: sum.idle + one.idle,
+                waiting: sum.waiting + one.waiting,
+            });
+        PoolStatus { max_size, ..sum }
+    }
+
+    /// The number of lanes (pools per database, one per worker thread).
     pub fn lanes(&self) -> usize {
-        self.lanes.len()
+        self.primary.lanes.len()
     }
 
-    /// Closes the pool: waiters and later callers get [`Error::Closed`], and idle connections are
-    /// closed now. Connections in use close when they are returned.
+    /// The number of replicas configured.
+    pub fn replicas(&self) -> usize {
+        self.replicas.len()
+    }
+
+    /// Closes the pools: waiters and later callers get [`Error::Closed`], and idle connections
+    /// are closed now. Connections in use close when they are returned.
     pub fn close(&self) {
-        for pool in self.lanes.iter() {
-            pool.close();
+        for target in self.targets() {
+            for pool in &target.lanes {
+                pool.close();
+            }
         }
     }
 
     /// Whether [`Database::close`] was called.
     pub fn is_closed(&self) -> bool {
-        self.lanes.iter().all(Pool::is_closed)
+        self.targets()
+            .all(|target| target.lanes.iter().all(Pool::is_closed))
+    }
+}
+
+/// One server session a [`Conn`] uses: the pooled connection, whether it is in the lease's
+/// transaction ([`Statements::Unnamed`]) and whether it failed.
+struct Link {
+    /// Always `Some` until released.
+    object: Option<Object>,
+    begun: AtomicBool,
+    broken: AtomicBool,
+}
+
+impl Link {
+    fn new(object: Object) -> Self {
+        Self {
+            object: Some(object),
+            begun: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    fn client(&self) -> &Object {
+        // Only `Conn`'s drop takes the object out.
+        self.object
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("Conn used after drop"))
+    }
+
+    /// Converts a driver result, marking the link broken when the connection failed.
+    fn track<T>(&self, result: Result<T, tokio_postgres::Error>) -> Result<T, Error> {
+        result.map_err(|e| {
+            let error = Error::from(e);
+            if matches!(error, Error::Unavailable(_)) {
+                self.broken.store(true, Ordering::Relaxed);
+            }
+            error
+        })
+    }
+
+    /// Whether the connection must be waited on before it goes back to the pool: statements of
+    /// it were abandoned, or its transaction must be committed.
+    fn must_settle(&self, abandoned: bool) -> bool {
+        !self.broken.load(Ordering::Relaxed) && (abandoned || self.begun.load(Ordering::Relaxed))
+    }
+
+    /// Gives the connection back now: to the pool, or (broken) detached from it, which closes it.
+    fn release(mut self) {
+        if let Some(object) = self.object.take()
+            && self.broken.load(Ordering::Relaxed)
+        {
+            drop(Object::take(object));
+        }
+    }
+
+    /// Waits for the connection's abandoned statements to finish, and ends its transaction, then
+    /// lets it go back to the pool; cancels them and closes the connection if that takes longer
+    /// than [`SETTLE_TIMEOUT`].
+    async fn settle(mut self) {
+        let Some(object) = self.object.take() else {
+            return;
+        };
+        if self.broken.load(Ordering::Relaxed) {
+            drop(Object::take(object));
+            return;
+        }
+        // An empty query (or the COMMIT) is answered only after everything queued before it.
+        let last = if self.begun.load(Ordering::Relaxed) {
+            "COMMIT"
+        } else {
+            ""
+        };
+        match tokio::time::timeout(SETTLE_TIMEOUT, object.simple_query(last)).await {
+            // Idle again: dropping the object returns it to the pool.
+            Ok(Ok(_)) => drop(object),
+            _ => {
+                let token = object.cancel_token();
+                let client = Object::take(object);
+                // Bounded: a server that does not answer must not keep this task alive.
+                let sent = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    tracing::debug!("could not send a cancel request for an abandoned statement");
+                }
+                drop(client);
+            }
+        }
     }
 }
 
@@ -308,6 +615,15 @@ impl Database {
 ///
 /// Methods take `&self`, so several reads polled at once share the connection: tokio-postgres
 /// pipelines them, sending each statement without waiting for the previous answer.
+///
+/// With [`Statements::Unnamed`], the first statement goes out pipelined behind `BEGIN READ ONLY;
+/// SET LOCAL statement_timeout = …`, and the lease's release sends `COMMIT` before the connection
+/// goes back to the pool: a transaction pooler keeps one server connection for the whole lease,
+/// and the timeout holds without a start-up option.
+///
+/// A connection to a replica whose statement fails because the replica went away (stopped,
+/// restarted, or its pooler cannot reach it) marks the replica down, and that statement and the
+/// lease's later ones run on a connection to the primary, taken once (reads can be repeated).
 ///
 /// A connection on which a statement failed because the connection itself failed is not returned
 /// to the pool but closed: the driver may not have noticed the dead socket yet, and the pool's
@@ -324,10 +640,14 @@ impl Database {
 /// request for its running statement and is closed; since it is never handed out again, the
 /// cancel cannot hit somebody else's statement.
 pub struct Conn {
-    /// Always `Some` until dropped.
-    client: Option<Object>,
+    main: Link,
+    /// The primary's connection, once a statement on the replica failed.
+    fallback: tokio::sync::OnceCell<Link>,
+    /// The replica `main` is connected to, if it is one.
+    replica: Option<Arc<Replica>>,
+    /// Where a fallback comes from: the primary, in the lane of `main`.
+    primary: Option<(Arc<Target>, usize)>,
     limits: Limits,
-    broken: AtomicBool,
     abandoned: AtomicBool,
     /// Released only when the connection is released (after settling, if it must settle).
     held: Option<Box<dyn Send + Sync>>,
@@ -335,51 +655,54 @@ pub struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        let Some(object) = self.client.take() else {
-            return;
+        let placeholder = Link {
+            object: None,
+            begun: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
         };
+        let links = [
+            Some(std::mem::replace(&mut self.main, placeholder)),
+            self.fallback.take(),
+        ];
         let held = self.held.take();
-        if self.broken.load(Ordering::Relaxed) {
-            // Detached from the pool: the slot frees up and the connection closes.
-            drop(Object::take(object));
-        } else if self.abandoned.load(Ordering::Relaxed) {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    runtime.spawn(settle(object, held));
+        let abandoned = self.abandoned.load(Ordering::Relaxed);
+        let settle = links.iter().flatten().any(|link| link.must_settle(abandoned));
+        let runtime = tokio::runtime::Handle::try_current();
+        match runtime {
+            Ok(runtime) if settle => {
+                runtime.spawn(async move {
+                    for link in links.into_iter().flatten() {
+                        if link.must_settle(abandoned) {
+                            link.settle().await;
+                        } else {
+                            link.release();
+                        }
+                    }
+                    drop(held);
+                });
+            }
+            _ => {
+                for link in links.into_iter().flatten() {
+                    if settle {
+                        // No runtime to wait on: the connection cannot be trusted back.
+                        link.broken.store(true, Ordering::Relaxed);
+                    }
+                    link.release();
                 }
-                Err(_) => drop(Object::take(object)),
             }
         }
     }
 }
 
-/// How long a connection with abandoned statements may take to become idle on its own before
-/// they are cancelled and the connection is closed.
+/// How long a connection with abandoned statements (or a transaction to commit) may take to
+/// become idle on its own before they are cancelled and the connection is closed.
 pub const SETTLE_TIMEOUT: Duration = Duration::from_millis(100);
-
-/// Waits for a connection's abandoned statements to finish, then lets it go back to the pool;
-/// cancels them and closes the connection if they take longer than [`SETTLE_TIMEOUT`].
-async fn settle(object: Object, held: Option<Box<dyn Send + Sync>>) {
-    match tokio::time::timeout(SETTLE_TIMEOUT, object.simple_query("")).await {
-        // Idle again: dropping the object returns it to the pool.
-        Ok(Ok(_)) => drop(object),
-        _ => {
-            let token = object.cancel_token();
-            let client = Object::take(object);
-            // Bounded: a server that does not answer must not keep this task alive.
-            let sent = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls)).await;
-            if !matches!(sent, Ok(Ok(()))) {
-                tracing::debug!("could not send a cancel request for an abandoned statement");
-            }
-            drop(client);
-        }
-    }
-    drop(held);
-}
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn").finish_non_exhaustive()
+        f.debug_struct("Conn")
+            .field("on_replica", &self.replica.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -390,7 +713,7 @@ impl Conn {
     ///
     /// Any [`Error`] of the query.
     pub async fn profile(&self, user_id: i64) -> Result<Option<Profile>, Error> {
-        let rows = self.statement(PROFILE, &[&user_id]).await?;
+        let rows = self.statement(&PROFILE, &[&user_id]).await?;
         rows.first().map(|row| profile_from(row, 0)).transpose()
     }
 
@@ -402,7 +725,7 @@ impl Conn {
     /// Any [`Error`] of the query.
     pub async fn orders(&self, user_id: i64) -> Result<Page<Order>, Error> {
         let limit = self.limits.orders;
-        let rows = self.statement(ORDERS, &[&user_id, &(limit + 1)]).await?;
+        let rows = self.statement(&ORDERS, &[&user_id, &(limit + 1)]).await?;
         Page::of(rows, limit, |row| order_from(row, 0))
     }
 
@@ -414,7 +737,7 @@ impl Conn {
     /// Any [`Error`] of the query.
     pub async fn reviews(&self, user_id: i64) -> Result<Page<Review>, Error> {
         let limit = self.limits.reviews;
-        let rows = self.statement(REVIEWS, &[&user_id, &(limit + 1)]).await?;
+        let rows = self.statement(&REVIEWS, &[&user_id, &(limit + 1)]).await?;
         Page::of(rows, limit, |row| review_from(row, 0))
     }
 
@@ -427,7 +750,7 @@ impl Conn {
     /// Any [`Error`] of the query.
     #[instrument(level = "debug", skip(self, user_ids), fields(ids = user_ids.len()))]
     pub async fn user_summaries(&self, user_ids: &[i64]) -> Result<Vec<UserSummary>, Error> {
-        let rows = self.statement(USER_SUMMARIES, &[&user_ids]).await?;
+        let rows = self.statement(&USER_SUMMARIES, &[&user_ids]).await?;
         rows.iter()
             .map(|row| {
                 Ok(UserSummary {
@@ -447,7 +770,7 @@ impl Conn {
     ///
     /// Any [`Error`] of the query.
     pub async fn profiles(&self, user_ids: &[i64]) -> Result<Vec<Profile>, Error> {
-        let rows = self.statement(PROFILES, &[&user_ids]).await?;
+        let rows = self.statement(&PROFILES, &[&user_ids]).await?;
         rows.iter().map(|row| profile_from(row, 0)).collect()
     }
 
@@ -460,7 +783,7 @@ impl Conn {
     pub async fn orders_of(&self, user_ids: &[i64]) -> Result<Vec<(i64, Page<Order>)>, Error> {
         let limit = self.limits.orders;
         let rows = self
-            .statement(ORDERS_OF, &[&user_ids, &(limit + 1)])
+            .statement(&ORDERS_OF, &[&user_ids, &(limit + 1)])
             .await?;
         // Column 0 is the user's id.
         pages(user_ids, &rows, limit, |row| order_from(row, 1))
@@ -475,18 +798,19 @@ impl Conn {
     pub async fn reviews_of(&self, user_ids: &[i64]) -> Result<Vec<(i64, Page<Review>)>, Error> {
         let limit = self.limits.reviews;
         let rows = self
-            .statement(REVIEWS_OF, &[&user_ids, &(limit + 1)])
+            .statement(&REVIEWS_OF, &[&user_ids, &(limit + 1)])
             .await?;
         pages(user_ids, &rows, limit, |row| review_from(row, 1))
     }
 
-    /// Starts a transaction on this connection (for tests and tools that write).
+    /// Starts a transaction on this connection (for tests and tools that write; with
+    /// [`Statements::Prepared`]).
     ///
     /// # Errors
     ///
     /// Any [`Error`] from `BEGIN`.
     pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
-        let result = self.client.as_mut().map(|c| c.transaction());
+        let result = self.main.object.as_mut().map(|c| c.transaction());
         match result {
             Some(begin) => Ok(begin.await?),
             None => Err(Error::Closed),
@@ -495,32 +819,98 @@ impl Conn {
 
     /// The underlying driver client, for statements this crate does not wrap.
     pub fn client(&self) -> &tokio_postgres::Client {
-        self.object()
+        self.main.client()
     }
 
     /// A token that asks the server to cancel whatever this connection is running.
     pub fn cancel_token(&self) -> tokio_postgres::CancelToken {
-        self.object().cancel_token()
+        self.main.client().cancel_token()
     }
 
-    /// Runs a cached prepared statement, watching it for abandonment and connection failure.
+    /// Whether this lease reads from a replica (and has not fallen back to the primary).
+    pub fn on_replica(&self) -> bool {
+        self.replica.is_some() && self.fallback.get().is_none()
+    }
+
+    /// Runs one statement, watching it for abandonment and connection failure; on a replica
+    /// that fails under it, runs it again on the primary.
     async fn statement(
         &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        sql: &Sql,
+        params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, Error> {
         let flight = self.in_flight();
         let result = async {
-            let statement = self.track(self.object().prepare_cached(sql).await)?;
-            self.track(self.object().query(&statement, params).await)
+            if let Some(link) = self.fallback.get() {
+                return self.run(link, sql, params).await;
+            }
+            match (self.run(&self.main, sql, params).await, &self.replica) {
+                (Err(Error::Unavailable(reason)), Some(replica)) => {
+                    replica.mark_down(&reason);
+                    let link = self.fallback.get_or_try_init(|| self.primary_link()).await?;
+                    self.run(link, sql, params).await
+                }
+                (result, _) => result,
+            }
         }
         .await;
         flight.finish(result)
     }
 
+    /// Sends one statement on `link` the configured way (see [`Statements`]).
+    async fn run(
+        &self,
+        link: &Link,
+        sql: &Sql,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        let client = link.client();
+        let result = match self.limits.statements {
+            Statements::Prepared => match client.prepare_cached(sql.text).await {
+                Ok(statement) => client.query(&statement, params).await,
+                Err(error) => Err(error),
+            },
+            Statements::Unnamed => {
+                let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+                    .iter()
+                    .zip(sql.types)
+                    .map(|(param, ty)| (*param, ty.clone()))
+                    .collect();
+                if link.begun.swap(true, Ordering::Relaxed) {
+                    client.query_typed(sql.text, &typed).await
+                } else {
+                    // Polled in this order, so BEGIN goes out first; a sibling statement polled
+                    // later queues behind both.
+                    let begin = format!(
+                        "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
+                        self.limits.statement_timeout.as_millis()
+                    );
+                    let (begun, rows) = tokio::join!(
+                        client.batch_execute(&begin),
+                        client.query_typed(sql.text, &typed)
+                    );
+                    begun.and(rows)
+                }
+            }
+        };
+        link.track(result)
+    }
+
+    /// A connection to the primary, in the lane of this lease.
+    async fn primary_link(&self) -> Result<Link, Error> {
+        let Some((primary, lane)) = &self.primary else {
+            return Err(Error::Closed);
+        };
+        let (object, _) = primary
+            .take(Pick::Lane(*lane))
+            .await
+            .map_err(|e| Error::from_pool(e, self.limits.wait))?;
+        Ok(Link::new(object))
+    }
+
     /// Marks the connection as not to be reused.
     pub fn discard(&self) {
-        self.broken.store(true, Ordering::Relaxed);
+        self.main.broken.store(true, Ordering::Relaxed);
     }
 
     /// Whether a statement on this connection was abandoned mid-flight.
@@ -541,29 +931,11 @@ impl Conn {
         self.abandoned.store(true, Ordering::Relaxed);
     }
 
-    fn object(&self) -> &Object {
-        // Only `Drop` takes the object out.
-        self.client
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("Conn used after drop"))
-    }
-
     /// Keeps `guard` alive until this connection is released, including the time it may spend
     /// settling after an abandoned statement (so a concurrency slot is not handed on before the
     /// connection it stands for is free).
     pub fn hold(&mut self, guard: impl Send + Sync + 'static) {
         self.held = Some(Box::new(guard));
-    }
-
-    /// Converts a driver result, marking the connection broken when the connection failed.
-    fn track<T>(&self, result: Result<T, tokio_postgres::Error>) -> Result<T, Error> {
-        result.map_err(|e| {
-            let error = Error::from(e);
-            if matches!(error, Error::Unavailable(_)) {
-                self.discard();
-            }
-            error
-        })
     }
 }
 

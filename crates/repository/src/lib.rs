@@ -18,10 +18,12 @@ mod error;
 mod lane;
 pub mod migrations;
 pub mod models;
+mod replica;
 
-pub use config::{DbConfig, Secret, mask_url};
+pub use config::{DbConfig, Secret, Statements, mask_url};
 pub use database::{Conn, Database, PoolStatus, SETTLE_TIMEOUT};
 pub use error::Error;
+pub use replica::{DatabaseState, Reach, Role};
 pub use models::{Order, OrderSummary, Page, Profile, Review, UserSummary};
 
 /// Opens one connection outside the pool, for tools (migrations, seeding, admin statements).

@@ -38,7 +38,7 @@ pub use client::{BreakerState, Recommendations};
 pub use config::{BatchConfig, ConfigError, DashboardConfig, QueryMode, ServiceConfig};
 pub use dashboard::{Dashboard, DashboardError};
 pub use kind::{ErrorKind, Limit};
-pub use repository::{Order, Profile, Review};
+pub use repository::{DatabaseState, Order, Profile, Reach, Review, Role};
 pub use source::{Source, SourceFailure, SourceStatus, SourceTiming};
 pub use user_id::{InvalidUserId, UserId};
 
@@ -185,6 +185,8 @@ impl Service {
         let give_up = Instant::now() + within;
         let mut backoff = Duration::from_millis(100);
         loop {
+            // Replicas checked first, so that the reads use them from the first request.
+            self.inner.db.check_replicas().await;
             match self.inner.db.ping().await {
                 Ok(()) => {
                     self.inner.db.close_idle();
@@ -200,21 +202,28 @@ impl Service {
         }
     }
 
-    /// Whether the service can serve: the database answers within `within`. Every connection
-    /// busy serving requests counts as ready: that is a loaded instance, not a broken one, and
-    /// taking it out of a load balancer would only push its load onto the others.
+    /// Whether the service can serve: a database that reads can use answers within `within`
+    /// (the primary, or a replica recent enough; see `repository`'s replica module). Every
+    /// connection busy serving requests counts as an answer: that is a loaded instance, not a
+    /// broken one, and taking it out of a load balancer would only push its load onto the
+    /// others. Returns what each database looks like, for the readiness report.
     ///
     /// # Errors
     ///
     /// [`NotReady`] saying why (for the log; the message may quote the server).
-    pub async fn readiness(&self, within: Duration) -> Result<(), NotReady> {
-        let db = &self.inner.db;
-        match tokio::time::timeout(within, db.ping()).await {
-            Ok(Ok(())) | Ok(Err(repository::Error::PoolTimeout(_))) => Ok(()),
-            Ok(Err(error)) => Err(NotReady(error.to_string())),
-            Err(_) if db.status().idle == 0 && db.status().size > 0 => Ok(()),
-            Err(_) => Err(NotReady(format!("no answer within {within:?}"))),
+    pub async fn readiness(&self, within: Duration) -> Result<Vec<DatabaseState>, NotReady> {
+        let states = self.inner.db.states(within).await;
+        if states.iter().any(|state| state.reach == Reach::Up) {
+            return Ok(states);
         }
+        let why: Vec<String> = states
+            .iter()
+            .map(|state| {
+                let error = state.error.as_deref().unwrap_or("not usable");
+                format!("{}: {error}", state.name)
+            })
+            .collect();
+        Err(NotReady(why.join("; ")))
     }
 
     /// A snapshot of the gauges.
