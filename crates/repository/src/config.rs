@@ -119,9 +119,8 @@ impl DbConfig {
     }
 
     fn pg_config_of(&self, url: &str, key: &str) -> Result<tokio_postgres::Config, Error> {
-        let mut pg = tokio_postgres::Config::from_str(url).map_err(|e| {
-            Error::Config(format!("{key} is not a valid PostgreSQL URL: {e}"))
-        })?;
+        let mut pg = tokio_postgres::Config::from_str(url)
+            .map_err(|e| Error::Config(format!("{key} is not a valid PostgreSQL URL: {e}")))?;
         if pg.get_password().is_none() {
             if let Some(password) = &self.password {
                 pg.password(password.expose());
@@ -149,7 +148,10 @@ impl DbConfig {
             ("database.recycle_timeout", self.recycle_timeout),
             ("database.statement_timeout", self.statement_timeout),
             ("database.replica_max_lag", self.replica_max_lag),
-            ("database.replica_check_interval", self.replica_check_interval),
+            (
+                "database.replica_check_interval",
+                self.replica_check_interval,
+            ),
         ] {
             if value.is_zero() {
                 return Err(Error::Config(format!("{key} must be greater than zero")));

@@ -366,21 +366,34 @@ impl Database {
     /// As [`Database::conn`].
     pub async fn primary_conn(&self) -> Result<Conn, Error> {
         self.claim_home();
-        let (object, lane) = self.primary.take(Pick::Any).await.map_err(|e| self.pool_error(e))?;
+        let (object, lane) = self
+            .primary
+            .take(Pick::Any)
+            .await
+            .map_err(|e| self.pool_error(e))?;
         Ok(self.wrap(object, lane, None))
     }
 
     async fn lease(&self, pick: Pick) -> Result<Conn, Error> {
         self.claim_home();
         if let Some(replica) = self.usable_replica() {
-            match replica.target.take(pick).await.map_err(|e| self.pool_error(e)) {
+            match replica
+                .target
+                .take(pick)
+                .await
+                .map_err(|e| self.pool_error(e))
+            {
                 Ok((object, lane)) => return Ok(self.wrap(object, lane, Some(replica))),
                 // The replica is out of reach: the primary serves, and a check brings it back.
                 Err(Error::Unavailable(reason)) => replica.mark_down(&reason),
                 Err(other) => return Err(other),
             }
         }
-        let (object, lane) = self.primary.take(pick).await.map_err(|e| self.pool_error(e))?;
+        let (object, lane) = self
+            .primary
+            .take(pick)
+            .await
+            .map_err(|e| self.pool_error(e))?;
         Ok(self.wrap(object, lane, None))
     }
 
@@ -439,7 +452,8 @@ impl Database {
     /// As [`Database::conn`], or any error of the query.
     pub async fn ping(&self) -> Result<(), Error> {
         let conn = self.conn().await?;
-        conn.main.track(conn.client().simple_query("SELECT 1").await)?;
+        conn.main
+            .track(conn.client().simple_query("SELECT 1").await)?;
         Ok(())
     }
 
@@ -459,7 +473,8 @@ impl Database {
         let primary = async {
             let ping = async {
                 let conn = self.primary_conn().await?;
-                conn.main.track(conn.client().simple_query("SELECT 1").await)?;
+                conn.main
+                    .track(conn.client().simple_query("SELECT 1").await)?;
                 Ok::<(), Error>(())
             };
             match tokio::time::timeout(within, ping).await {
@@ -666,7 +681,10 @@ impl Drop for Conn {
         ];
         let held = self.held.take();
         let abandoned = self.abandoned.load(Ordering::Relaxed);
-        let settle = links.iter().flatten().any(|link| link.must_settle(abandoned));
+        let settle = links
+            .iter()
+            .flatten()
+            .any(|link| link.must_settle(abandoned));
         let runtime = tokio::runtime::Handle::try_current();
         match runtime {
             Ok(runtime) if settle => {
@@ -847,7 +865,10 @@ impl Conn {
             match (self.run(&self.main, sql, params).await, &self.replica) {
                 (Err(Error::Unavailable(reason)), Some(replica)) => {
                     replica.mark_down(&reason);
-                    let link = self.fallback.get_or_try_init(|| self.primary_link()).await?;
+                    let link = self
+                        .fallback
+                        .get_or_try_init(|| self.primary_link())
+                        .await?;
                     self.run(link, sql, params).await
                 }
                 (result, _) => result,

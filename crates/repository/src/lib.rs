@@ -23,8 +23,8 @@ mod replica;
 pub use config::{DbConfig, Secret, Statements, mask_url};
 pub use database::{Conn, Database, PoolStatus, SETTLE_TIMEOUT};
 pub use error::Error;
-pub use replica::{DatabaseState, Reach, Role};
 pub use models::{Order, OrderSummary, Page, Profile, Review, UserSummary};
+pub use replica::{DatabaseState, Reach, Role};
 
 /// Opens one connection outside the pool, for tools (migrations, seeding, admin statements).
 /// The connection's driver task runs on the current tokio runtime until the client is dropped.

@@ -93,7 +93,11 @@ impl DatabaseState {
         Self {
             name: "primary".to_owned(),
             role: Role::Primary,
-            reach: if answer.is_ok() { Reach::Up } else { Reach::Down },
+            reach: if answer.is_ok() {
+                Reach::Up
+            } else {
+                Reach::Down
+            },
             lag_ms: None,
             error: answer.err(),
         }
@@ -179,11 +183,16 @@ impl Replica {
             Ok(Ok(lag)) if *lag > limits.max_lag => (LAGGING, None),
             Ok(Ok(_)) => (UP, None),
             Ok(Err(error)) => (DOWN, Some(error.clone())),
-            Err(_) => (DOWN, Some(format!("no answer within {:?}", limits.check_timeout))),
+            Err(_) => (
+                DOWN,
+                Some(format!("no answer within {:?}", limits.check_timeout)),
+            ),
         };
         if let Ok(Ok(lag)) = lag {
-            self.lag_ms
-                .store(u64::try_from(lag.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+            self.lag_ms.store(
+                u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
         }
         self.reach.store(reach, Ordering::Relaxed);
         if before != reach {
@@ -192,7 +201,9 @@ impl Replica {
                 LAGGING => {
                     tracing::warn!(replica = %self.name, lag_ms = self.lag_ms.load(Ordering::Relaxed), "read replica lagging; skipped")
                 }
-                _ => tracing::warn!(replica = %self.name, error = error.as_deref().unwrap_or(""), "read replica unavailable"),
+                _ => {
+                    tracing::warn!(replica = %self.name, error = error.as_deref().unwrap_or(""), "read replica unavailable")
+                }
             }
         }
         self.set_error(error);

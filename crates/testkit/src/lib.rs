@@ -89,6 +89,74 @@ impl TestDb {
         &self.name
     }
 
+    /// Settings for this database through PgBouncer in transaction pooling mode (`PGBOUNCER_URL`,
+    /// which `cargo xtask test` sets), with the unnamed statements a transaction pooler needs.
+    ///
+    /// # Panics
+    ///
+    /// When `PGBOUNCER_URL` is unset: the test fails.
+    pub fn pgbouncer_config(&self) -> DbConfig {
+        DbConfig {
+            statements: repository::Statements::Unnamed,
+            ..DbConfig::with_url(replace_database(&env_url("PGBOUNCER_URL"), &self.name))
+        }
+    }
+
+    /// The URL of this database on the streaming replica of the test cluster (`REPLICA_URL`), or
+    /// through the PgBouncer in front of that replica (`REPLICA_PGBOUNCER_URL`), once the
+    /// replica has replayed everything written to the primary so far (waits at most 30 s).
+    ///
+    /// # Panics
+    ///
+    /// When the variable is unset or the replica does not catch up in time: the test fails.
+    pub async fn replica_url(&self, through_pgbouncer: bool) -> String {
+        let var = if through_pgbouncer {
+            "REPLICA_PGBOUNCER_URL"
+        } else {
+            "REPLICA_URL"
+        };
+        let url = replace_database(&env_url(var), &self.name);
+        self.wait_for_replica().await;
+        url
+    }
+
+    /// Waits (at most 30 s) until the replica (`REPLICA_URL`) has replayed the primary's WAL up
+    /// to now: what was written to this database is then readable there.
+    ///
+    /// # Panics
+    ///
+    /// When it does not catch up in time.
+    pub async fn wait_for_replica(&self) {
+        let primary = repository::connect(&self.admin)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach the primary: {e}"));
+        let lsn: String = primary
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .and_then(|row| row.try_get(0))
+            .unwrap_or_else(|e| panic!("cannot read the primary's WAL position: {e}"));
+        let replica = DbConfig::with_url(replace_database(&env_url("REPLICA_URL"), "postgres"));
+        let give_up = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(client) = repository::connect(&replica).await
+                && let Ok(row) = client
+                    .query_one(
+                        "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                        &[&lsn],
+                    )
+                    .await
+                && row.try_get::<_, bool>(0).unwrap_or(false)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "the replica did not replay up to {lsn} within 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Settings for the cluster's maintenance database, to run admin statements
     /// (for example to terminate this database's connections).
     pub fn admin_config(&self) -> DbConfig {
@@ -197,6 +265,17 @@ pub fn template_url() -> String {
         _ => panic!(
             "DATABASE_URL is not set: database tests need a PostgreSQL server. \
              Run the tests with `cargo xtask test`, which starts a throwaway cluster."
+        ),
+    }
+}
+
+/// A URL from the environment that `cargo xtask test` sets.
+fn env_url(var: &str) -> String {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "{var} is not set: this test needs the PgBouncer and the replica that \
+             `cargo xtask test` starts next to its throwaway cluster."
         ),
     }
 }

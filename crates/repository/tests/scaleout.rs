@@ -1,0 +1,293 @@
+//! The repository through the components of a scaled-out deployment: PgBouncer in transaction
+//! pooling mode and a streaming replica, both real (`cargo xtask test` starts them next to the
+//! throwaway primary and sets `PGBOUNCER_URL`, `REPLICA_URL` and `REPLICA_PGBOUNCER_URL`).
+
+#![allow(clippy::unwrap_used)] // Fixture helpers outside #[test] fail loudly by design.
+
+use std::time::Duration;
+
+use repository::{Conn, Database, DbConfig, Error, Reach, Statements};
+use testkit::{TableLock, TestDb, insert_fixtures};
+
+/// Every read of users 1 to 4 (4 does not exist) on one lease, rendered for comparison.
+async fn everything(conn: &Conn) -> String {
+    let ids = [1_i64, 2, 3, 4];
+    let singles = futures::future::join_all(ids.iter().map(|&id| async move {
+        let (profile, orders, reviews) =
+            tokio::join!(conn.profile(id), conn.orders(id), conn.reviews(id));
+        format!("{profile:?} {orders:?} {reviews:?}")
+    }))
+    .await;
+    let batched = format!(
+        "{:?} {:?} {:?} {:?}",
+        conn.profiles(&ids).await,
+        conn.orders_of(&ids).await,
+        conn.reviews_of(&ids).await,
+        conn.user_summaries(&ids).await.map(|mut all| {
+            all.sort_by_key(|summary| summary.profile.id);
+            all
+        }),
+    );
+    format!("{singles:?} {batched}")
+}
+
+/// Sessions of this database on the primary that sit inside a transaction.
+async fn idle_in_transaction(db: &TestDb) -> i64 {
+    let admin = repository::connect(&db.admin_config()).await.unwrap();
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = $1 AND state LIKE 'idle in transaction%'",
+            &[&db.name()],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn unnamed_statements_through_pgbouncer_read_what_prepared_ones_read_directly() {
+    let db = TestDb::create().await;
+    insert_fixtures(&db).await;
+    let direct = Database::connect_lazy(&db.config()).unwrap();
+    let pooled = Database::connect_lazy(&db.pgbouncer_config()).unwrap();
+    let expected = everything(&direct.conn().await.unwrap()).await;
+    assert!(expected.contains("ada"), "{expected}");
+    assert_eq!(everything(&pooled.conn().await.unwrap()).await, expected);
+    // The same without a pooler in between: the mode does not depend on one.
+    let unnamed_direct = Database::connect_lazy(&DbConfig {
+        statements: Statements::Unnamed,
+        ..db.config()
+    })
+    .unwrap();
+    assert_eq!(
+        everything(&unnamed_direct.conn().await.unwrap()).await,
+        expected
+    );
+}
+
+#[tokio::test]
+async fn many_pipelined_leases_through_pgbouncer_each_get_their_own_rows() {
+    let db = TestDb::create().await;
+    insert_fixtures(&db).await;
+    // More leases at once than PgBouncer has server connections for this database: each lease's
+    // pipelined statements must stay on one server connection (one transaction), or answers
+    // would reach the wrong lease.
+    let pooled = Database::connect_lazy(&DbConfig {
+        max_size: 40,
+        // Opening 40 connections (SCRAM authentication each) takes a while in a debug build.
+        wait_timeout: Duration::from_secs(10),
+        ..db.pgbouncer_config()
+    })
+    .unwrap();
+    let reads = (0..200_i64).map(|i| {
+        let pooled = pooled.clone();
+        tokio::spawn(async move {
+            let id = i % 4 + 1;
+            let conn = pooled.conn().await.unwrap();
+            let (profile, orders, reviews) =
+                tokio::join!(conn.profile(id), conn.orders(id), conn.reviews(id));
+            (id, profile.unwrap(), orders.unwrap(), reviews.unwrap())
+        })
+    });
+    for read in futures::future::join_all(reads).await {
+        let (id, profile, orders, reviews) = read.unwrap();
+        assert_eq!(profile.as_ref().map(|p| p.id), (id <= 3).then_some(id));
+        let expected_orders = match id {
+            1 => 2,
+            3 => 1,
+            _ => 0,
+        };
+        assert_eq!(orders.items.len(), expected_orders, "user {id}");
+        assert_eq!(reviews.items.len(), usize::from(id == 1), "user {id}");
+    }
+    drop(pooled);
+    assert_eq!(idle_in_transaction(&db).await, 0);
+}
+
+#[tokio::test]
+async fn statement_timeout_holds_through_pgbouncer_and_the_lease_leaves_no_open_transaction() {
+    let db = TestDb::create().await;
+    insert_fixtures(&db).await;
+    let pooled = Database::connect_lazy(&DbConfig {
+        statement_timeout: Duration::from_millis(200),
+        ..db.pgbouncer_config()
+    })
+    .unwrap();
+    let lock = TableLock::take(&db, "users").await;
+    let conn = pooled.conn().await.unwrap();
+    assert!(matches!(conn.profile(1).await, Err(Error::Timeout)));
+    drop(conn);
+    lock.release().await;
+
+    // The failed transaction was ended when the lease was: the next lease reads normally (a
+    // server connection left in an aborted transaction would refuse every statement).
+    let conn = pooled.conn().await.unwrap();
+    assert_eq!(conn.profile(1).await.unwrap().unwrap().username, "ada");
+    drop(conn);
+    // The COMMIT is sent as the lease ends; give it its bounded moment.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(5);
+    while idle_in_transaction(&db).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "a session stayed in a transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The timeout came from SET LOCAL, not from a setting the role or database carries.
+    let direct = repository::connect(&db.config()).await.unwrap();
+    let row = direct
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "30s");
+}
+
+#[tokio::test]
+async fn reads_go_to_a_replica_that_answers_and_give_the_same_rows() {
+    let db = TestDb::create().await;
+    insert_fixtures(&db).await;
+    for through_pgbouncer in [false, true] {
+        let replica = db.replica_url(through_pgbouncer).await;
+        let base = if through_pgbouncer {
+            db.pgbouncer_config()
+        } else {
+            db.config()
+        };
+        let database = Database::connect_lazy(&DbConfig {
+            replica_urls: vec![replica],
+            ..base
+        })
+        .unwrap();
+        database.check_replicas().await;
+        let conn = database.conn().await.unwrap();
+        assert!(conn.on_replica());
+        let answer = conn
+            .client()
+            .simple_query("SELECT pg_is_in_recovery()::text")
+            .await
+            .unwrap();
+        let in_recovery = answer.iter().find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        });
+        assert_eq!(in_recovery.as_deref(), Some("true"));
+        let direct = Database::connect_lazy(&db.config()).unwrap();
+        assert_eq!(
+            everything(&conn).await,
+            everything(&direct.conn().await.unwrap()).await
+        );
+        let states = database.states(Duration::from_secs(2)).await;
+        let reaches: Vec<_> = states.iter().map(|s| (s.name.as_str(), s.reach)).collect();
+        assert_eq!(reaches, [("primary", Reach::Up), ("replica-1", Reach::Up)]);
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_does_not_answer_is_skipped_and_reads_fall_back_to_the_primary() {
+    let db = TestDb::create().await;
+    insert_fixtures(&db).await;
+    // Nothing listens on port 1.
+    let database = Database::connect_lazy(&DbConfig {
+        replica_urls: vec![format!("postgres://dashboard@127.0.0.1:1/{}", db.name())],
+        create_timeout: Duration::from_millis(500),
+        ..db.config()
+    })
+    .unwrap();
+    // Before its first check, a replica is not used.
+    let conn = database.conn().await.unwrap();
+    assert!(!conn.on_replica());
+    drop(conn);
+    database.check_replicas().await;
+    let conn = database.conn().await.unwrap();
+    assert!(!conn.on_replica());
+    assert_eq!(conn.profile(1).await.unwrap().unwrap().username, "ada");
+    let states = database.states(Duration::from_secs(2)).await;
+    assert_eq!(states[0].reach, Reach::Up);
+    assert_eq!(states[1].reach, Reach::Down);
+    assert!(states[1].error.is_some());
+}
+
+#[tokio::test]
+async fn a_replica_lost_in_the_middle_of_a_lease_is_read_again_from_the_primary() {
+    let db = TestDb::create().await;
+    insert_fixtures(&db).await;
+    let replica = db.replica_url(false).await;
+    let database = Database::connect_lazy(&DbConfig {
+        replica_urls: vec![replica.clone()],
+        ..db.config()
+    })
+    .unwrap();
+    database.check_replicas().await;
+    let conn = database.conn().await.unwrap();
+    assert!(conn.on_replica());
+    let pid: i32 = conn
+        .client()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The replica ends this session (as a replica restart would).
+    let admin = DbConfig::with_url(replica);
+    let killer = repository::connect(&admin).await.unwrap();
+    killer
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    // The next statement finds the session gone and runs on the primary instead.
+    assert_eq!(conn.profile(1).await.unwrap().unwrap().username, "ada");
+    assert!(!conn.on_replica());
+    assert_eq!(conn.orders(1).await.unwrap().items.len(), 2);
+    drop(conn);
+    // The replica is out of the reads until its next check.
+    assert!(!database.conn().await.unwrap().on_replica());
+    let states = database.states(Duration::from_secs(2)).await;
+    assert_eq!(states[1].reach, Reach::Down);
+    database.check_replicas().await;
+    assert!(database.conn().await.unwrap().on_replica());
+}
+
+#[tokio::test]
+async fn a_replica_further_behind_than_the_limit_is_skipped() {
+    let db = TestDb::create().await;
+    insert_fixtures(&db).await;
+    let replica = db.replica_url(false).await;
+    let database = Database::connect_lazy(&DbConfig {
+        replica_urls: vec![replica.clone()],
+        replica_max_lag: Duration::from_millis(1),
+        ..db.config()
+    })
+    .unwrap();
+    database.check_replicas().await;
+    assert!(database.conn().await.unwrap().on_replica());
+
+    // Replay paused on the replica while the primary writes: the replica receives WAL it has
+    // not applied, and its last applied transaction grows old.
+    let admin = repository::connect(&DbConfig::with_url(replica))
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    let resume = async {
+        admin
+            .batch_execute("SELECT pg_wal_replay_resume()")
+            .await
+            .unwrap();
+    };
+    let primary = repository::connect(&db.config()).await.unwrap();
+    primary
+        .batch_execute("INSERT INTO users (id, username, email) VALUES (9, 'late', 'l@x')")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    database.check_replicas().await;
+    let states = database.states(Duration::from_secs(2)).await;
+    let lagging = states[1].reach;
+    let used_replica = database.conn().await.unwrap().on_replica();
+    resume.await;
+    assert_eq!(lagging, Reach::Lagging, "{states:?}");
+    assert!(states[1].lag_ms.is_some_and(|lag| lag >= 1));
+    assert!(!used_replica);
+}
