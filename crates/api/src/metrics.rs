@@ -38,6 +38,11 @@ struct ErrorLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DatabaseLabels {
+    database: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -67,6 +72,8 @@ pub struct Metrics {
     recommendation_calls: Counter<u64, AtomicU64>,
     recommendation_errors: Family<KindLabels, Counter<u64, AtomicU64>>,
     coalesced_statements: Counter<u64, AtomicU64>,
+    db_leases: Family<DatabaseLabels, Counter<u64, AtomicU64>>,
+    db_fallbacks: Family<DatabaseLabels, Counter<u64, AtomicU64>>,
     coalesced_reads: Counter<u64, AtomicU64>,
     sync: std::sync::Mutex<()>,
     /// Handles resolved once for the hot labels, so a request observes without hashing labels
@@ -201,6 +208,18 @@ impl Metrics {
             "Source reads answered by shared statements in coalesced read mode",
             coalesced_reads.clone(),
         );
+        let db_leases = Family::<DatabaseLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "db_leases",
+            "Connection leases handed out, by database (primary, replica-N)",
+            db_leases.clone(),
+        );
+        let db_fallbacks = Family::<DatabaseLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "db_replica_fallbacks",
+            "Statements that failed on a replica (gone) and ran again on the primary",
+            db_fallbacks.clone(),
+        );
         let source_handles = Source::ALL.map(|source| {
             [
                 SourceStatus::Ok,
@@ -246,6 +265,8 @@ impl Metrics {
             recommendation_errors,
             coalesced_statements,
             coalesced_reads,
+            db_leases,
+            db_fallbacks,
             sync: std::sync::Mutex::new(()),
             source_handles,
             ok_gets,
@@ -318,6 +339,17 @@ impl Metrics {
             (&self.coalesced_reads, gauges.coalesced_reads),
         ] {
             counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        for count in &gauges.leases {
+            let labels = DatabaseLabels {
+                database: count.database.clone(),
+            };
+            let leases = self.db_leases.get_or_create(&labels);
+            leases.inc_by(count.leases.saturating_sub(leases.get()));
+            if count.database != "primary" {
+                let fallbacks = self.db_fallbacks.get_or_create(&labels);
+                fallbacks.inc_by(count.fallbacks.saturating_sub(fallbacks.get()));
+            }
         }
         let calls = self.recommendation_calls.get();
         self.recommendation_calls

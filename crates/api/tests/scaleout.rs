@@ -51,6 +51,23 @@ async fn dashboards_and_batches_are_the_same_through_pgbouncer_and_from_the_repl
     for app in [&through_pgbouncer, &from_replica] {
         assert_eq!(answers(app).await, expected);
     }
+    // The replica's reads show in /metrics; the primary served none of them.
+    let metrics = from_replica.get("/metrics").await.text().await.unwrap();
+    let count = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("db_leases_total{database=\"replica-1\"}") > 0,
+        "{metrics}"
+    );
+    assert_eq!(
+        count("db_leases_total{database=\"primary\"}"),
+        0,
+        "{metrics}"
+    );
     let (status, body) = readiness(&from_replica).await;
     assert_eq!(status, 200);
     let databases = body["databases"].as_array().unwrap();

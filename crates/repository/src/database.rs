@@ -11,7 +11,7 @@
 //! [`Statements`]: a named statement prepared once per connection and cached, or an unnamed one
 //! inside a read-only transaction per lease (for transaction poolers).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -142,10 +142,25 @@ impl From<Status> for PoolStatus {
     }
 }
 
+/// Where the reads went: see [`Database::lease_counts`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseCount {
+    /// `primary` or `replica-N`.
+    pub database: String,
+    /// Leases handed out from it.
+    pub leases: u64,
+    /// Statements that failed on it (a replica gone) and ran again on the primary.
+    pub fallbacks: u64,
+}
+
 /// One database server: its pool, split into lanes.
 pub(crate) struct Target {
     lanes: Vec<Pool>,
     homes: Vec<Arc<OnceLock<crate::lane::Home>>>,
+    /// Leases handed out from this database, and (a replica's) statements that had to run
+    /// again on the primary: what `/metrics` shows of where the reads go.
+    leases: AtomicU64,
+    fallbacks: AtomicU64,
 }
 
 impl Target {
@@ -175,7 +190,12 @@ impl Target {
                     .map_err(|e| Error::Config(format!("cannot build the database pool: {e}")))
             })
             .collect::<Result<Vec<Pool>, Error>>()?;
-        Ok(Self { lanes, homes })
+        Ok(Self {
+            lanes,
+            homes,
+            leases: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+        })
     }
 
     /// A connection from lane `lane`, or (with [`Pick::Any`]) from the calling thread's lane if
@@ -418,6 +438,8 @@ impl Database {
     }
 
     fn wrap(&self, object: Object, lane: usize, replica: Option<Arc<Replica>>) -> Conn {
+        let target = replica.as_ref().map_or(&*self.primary, |r| &r.target);
+        target.leases.fetch_add(1, Ordering::Relaxed);
         Conn {
             main: Link::new(object),
             fallback: tokio::sync::OnceCell::new(),
@@ -522,6 +544,19 @@ impl Database {
     /// The number of replicas configured.
     pub fn replicas(&self) -> usize {
         self.replicas.len()
+    }
+
+    /// For each database (`primary`, `replica-N`): the leases it handed out, and the statements
+    /// that failed on it and ran again on the primary, since start.
+    pub fn lease_counts(&self) -> Vec<LeaseCount> {
+        std::iter::once(("primary", &*self.primary))
+            .chain(self.replicas.iter().map(|r| (r.name(), &r.target)))
+            .map(|(name, target)| LeaseCount {
+                database: name.to_owned(),
+                leases: target.leases.load(Ordering::Relaxed),
+                fallbacks: target.fallbacks.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     /// Closes the pools: waiters and later callers get [`Error::Closed`], and idle connections
@@ -865,6 +900,7 @@ impl Conn {
             match (self.run(&self.main, sql, params).await, &self.replica) {
                 (Err(Error::Unavailable(reason)), Some(replica)) => {
                     replica.mark_down(&reason);
+                    replica.target.fallbacks.fetch_add(1, Ordering::Relaxed);
                     let link = self
                         .fallback
                         .get_or_try_init(|| self.primary_link())

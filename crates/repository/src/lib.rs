@@ -21,7 +21,7 @@ pub mod models;
 mod replica;
 
 pub use config::{DbConfig, Secret, Statements, mask_url};
-pub use database::{Conn, Database, PoolStatus, SETTLE_TIMEOUT};
+pub use database::{Conn, Database, LeaseCount, PoolStatus, SETTLE_TIMEOUT};
 pub use error::Error;
 pub use models::{Order, OrderSummary, Page, Profile, Review, UserSummary};
 pub use replica::{DatabaseState, Reach, Role};

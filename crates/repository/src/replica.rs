@@ -134,6 +134,10 @@ impl Replica {
         }
     }
 
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Whether reads may go here.
     pub(crate) fn usable(&self) -> bool {
         self.reach.load(Ordering::Relaxed) == UP

@@ -38,7 +38,7 @@ pub use client::{BreakerState, Recommendations};
 pub use config::{BatchConfig, ConfigError, DashboardConfig, QueryMode, ServiceConfig};
 pub use dashboard::{Dashboard, DashboardError};
 pub use kind::{ErrorKind, Limit};
-pub use repository::{DatabaseState, Order, Profile, Reach, Review, Role};
+pub use repository::{DatabaseState, LeaseCount, Order, Profile, Reach, Review, Role};
 pub use source::{Source, SourceFailure, SourceStatus, SourceTiming};
 pub use user_id::{InvalidUserId, UserId};
 
@@ -112,6 +112,8 @@ pub struct Gauges {
     pub coalesced_statements: u64,
     /// See `coalesced_statements`.
     pub coalesced_reads: u64,
+    /// Where the reads went: leases per database, and replica statements re-run on the primary.
+    pub leases: Vec<LeaseCount>,
 }
 
 /// Why the service is not ready to serve.
@@ -260,6 +262,7 @@ impl Service {
                 .counts
                 .reads
                 .load(std::sync::atomic::Ordering::Relaxed),
+            leases: self.inner.db.lease_counts(),
         }
     }
 
