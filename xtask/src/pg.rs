@@ -185,6 +185,83 @@ impl Cluster {
         Ok(())
     }
 
+    /// Makes a streaming hot standby of this running cluster in `state_dir`, listening on `port`:
+    /// a fresh `pg_basebackup -R` (any earlier copy there is stopped and replaced), with this
+    /// cluster's superuser, password and server settings. Start and stop it like any cluster.
+    ///
+    /// initdb's `pg_hba.conf` already lets replication connections in from 127.0.0.1 with the
+    /// password, and the superuser may replicate, so the primary needs no change.
+    ///
+    /// # Errors
+    ///
+    /// When this cluster does not run, or the directories or the base backup fail.
+    pub fn create_replica(&self, state_dir: &Path, port: u16) -> Result<Self> {
+        let replica = Self::new(state_dir, port, &self.user, self.settings.clone())?;
+        replica.stop()?;
+        let data = replica.data_dir();
+        if data.exists() {
+            std::fs::remove_dir_all(&data)
+                .with_context(|| format!("cannot remove {}", data.display()))?;
+        }
+        let password = std::fs::read_to_string(self.password_file())
+            .with_context(|| format!("cannot read {}", self.password_file().display()))?;
+        write_private(&replica.password_file(), password.trim())?;
+        let output = replica.run_with_env(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                &self.user,
+                "-D",
+                &data.to_string_lossy(),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+            &[("PGPASSWORD", password.trim()), ("PGCONNECT_TIMEOUT", "5")],
+        )?;
+        if !output.status.success() {
+            bail!(
+                "pg_basebackup from 127.0.0.1:{} failed: {}",
+                self.port,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(replica)
+    }
+
+    /// Waits until this replica has replayed everything `primary` had written when called.
+    ///
+    /// # Errors
+    ///
+    /// When either cannot be queried, or the replica is still behind after `timeout`.
+    pub async fn wait_for_replay(&self, primary: &Cluster, timeout: Duration) -> Result<()> {
+        let lsn = primary.psql("postgres", "SELECT pg_current_wal_lsn()")?;
+        let lsn = lsn.trim();
+        let caught_up = format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let answer = self.psql("postgres", &caught_up);
+            if matches!(&answer, Ok(t) if t.trim() == "t") {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the replica on 127.0.0.1:{} has not replayed up to {lsn} within {timeout:?} \
+                     ({answer:?})",
+                    self.port
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Whether the cluster exists and whether its server runs.
     ///
     /// # Errors
@@ -427,6 +504,11 @@ impl Cluster {
 
     /// Runs a server program, as the `postgres` user when this process is root.
     fn run(&self, program: &str, args: &[&str]) -> Result<Output> {
+        self.run_with_env(program, args, &[])
+    }
+
+    /// [`Cluster::run`] with extra environment variables (runuser passes them on).
+    fn run_with_env(&self, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
         let path = self.bin_dir.join(program);
         let mut command = match &self.run_as {
             None => Command::new(&path),
@@ -439,6 +521,7 @@ impl Cluster {
         // The server must not inherit our stdout: a test runner would wait for it to close.
         command
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(&self.server_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -448,7 +531,70 @@ impl Cluster {
     }
 }
 
-/// Finds the directory of `initdb`, `pg_ctl` and `postgres`.
+/// A directory for another server program beside the clusters (PgBouncer), and the user it runs
+/// as: like a cluster, the `postgres` system user when this process is root (PgBouncer refuses
+/// to run as root), in a directory that user owns and can reach.
+#[derive(Debug, Clone)]
+pub struct ServerHome {
+    /// The directory, owned by the server user.
+    pub dir: PathBuf,
+    run_as: Option<SystemUser>,
+}
+
+impl ServerHome {
+    /// Prepares the directory for `state_dir` (`state_dir` itself when the server user can reach
+    /// it, else one under the system temp dir, as for a cluster).
+    ///
+    /// # Errors
+    ///
+    /// When the directory cannot be prepared or, as root, the `postgres` user does not exist.
+    pub fn new(state_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("cannot create {}", state_dir.display()))?;
+        let state_dir = state_dir
+            .canonicalize()
+            .with_context(|| format!("cannot resolve {}", state_dir.display()))?;
+        let run_as = if running_as_root()? {
+            Some(postgres_user()?)
+        } else {
+            None
+        };
+        let dir = match &run_as {
+            None => state_dir,
+            Some(system_user) => reachable_server_dir(&state_dir, system_user)?,
+        };
+        Ok(Self { dir, run_as })
+    }
+
+    /// A command that runs `program` as the server user, directly (no runuser in between, so
+    /// its pid is the server's).
+    pub fn command(&self, program: &Path) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(program);
+        if let Some(system_user) = &self.run_as {
+            command.uid(system_user.uid).gid(system_user.gid);
+        }
+        command.current_dir(&self.dir);
+        command
+    }
+
+    /// Writes `contents` to `name` in the directory, readable by the server user only.
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be written or handed over.
+    pub fn write_private(&self, name: &str, contents: &str) -> Result<PathBuf> {
+        let path = self.dir.join(name);
+        write_private(&path, contents)?;
+        if let Some(system_user) = &self.run_as {
+            std::os::unix::fs::chown(&path, Some(system_user.uid), Some(system_user.gid))
+                .with_context(|| {
+                    format!("cannot hand {} to {}", path.display(), system_user.name)
+                })?;
+        }
+        Ok(path)
+    }
+}
+
 /// Runs one SQL command with psql against `url` (password included) and returns its output
 /// (unaligned, tuples only). psql is a client: it runs as the current user, root included.
 ///

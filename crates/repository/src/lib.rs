@@ -3,8 +3,11 @@
 //! The layer the seed article calls 仓库层 (section 四), built on deadpool-postgres and
 //! tokio-postgres:
 //!
-//! - [`Database`] owns the pool. Every wait on it is bounded (`wait`, `create` and `recycle`
-//!   timeouts from [`DbConfig`]), and every connection carries a server-side `statement_timeout`.
+//! - [`Database`] owns the pools: the primary's and each read replica's. Every wait on them is
+//!   bounded (`wait`, `create` and `recycle` timeouts from [`DbConfig`]), and every statement runs
+//!   under a server-side `statement_timeout`. Reads go to a replica that answers and is recent
+//!   enough, else to the primary (`replica`), and can go through a transaction pooler such as
+//!   PgBouncer ([`Statements::Unnamed`]).
 //! - The reads the dashboard and the batch summaries need ([`Conn::profile`], [`Conn::orders`],
 //!   [`Conn::reviews`], [`Conn::user_summaries`]) run prepared statements
 //!   cached per connection and return typed rows ([`models`]); money is an exact decimal.
