@@ -46,6 +46,8 @@ async fn dashboards_and_batches_are_the_same_through_pgbouncer_and_from_the_repl
     let from_replica = spawn_app_with(|settings| {
         settings.database = pooled.db.pgbouncer_config();
         settings.database.replica_urls = vec![replica];
+        // A loaded test machine must not make the replica look gone.
+        settings.database.replica_timeout = Duration::from_secs(5);
     })
     .await;
     for app in [&through_pgbouncer, &from_replica] {
@@ -92,6 +94,7 @@ async fn readiness_needs_one_database_that_reads_can_use() {
         let mut config = app.db.config();
         config.url = format!("postgres://dashboard@127.0.0.1:1/{}", app.db.name());
         config.replica_urls = vec![replica];
+        config.replica_timeout = Duration::from_secs(5);
         config.create_timeout = Duration::from_millis(500);
         spawn_app_with(move |settings| settings.database = config).await
     };

@@ -52,10 +52,15 @@ pub struct DbConfig {
     /// A replica further behind its primary than this is skipped until it catches up.
     #[serde(with = "humantime_serde")]
     pub replica_max_lag: Duration,
-    /// How often each replica's reachability and lag are checked (in the background of the
-    /// requests that read from it).
+    /// A read on a replica with no answer within this runs on the primary instead (a replica
+    /// gone behind a pooler makes reads wait rather than fail); each replica check is bounded
+    /// by it too.
     #[serde(with = "humantime_serde")]
-    pub replica_check_interval: Duration,
+    pub replica_timeout: Duration,
+    /// How often each database's reachability (and a replica's lag) is checked, in the
+    /// background of the requests that read.
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
     /// `application_name` shown in `pg_stat_activity`.
     pub application_name: String,
     /// At most this many orders are returned for one user, newest first.
@@ -78,7 +83,8 @@ impl Default for DbConfig {
             statements: Statements::Prepared,
             replica_urls: Vec::new(),
             replica_max_lag: Duration::from_secs(5),
-            replica_check_interval: Duration::from_secs(1),
+            replica_timeout: Duration::from_millis(500),
+            health_check_interval: Duration::from_secs(1),
             application_name: "dashboard".to_owned(),
             orders_limit: 100,
             reviews_limit: 100,
@@ -148,10 +154,8 @@ impl DbConfig {
             ("database.recycle_timeout", self.recycle_timeout),
             ("database.statement_timeout", self.statement_timeout),
             ("database.replica_max_lag", self.replica_max_lag),
-            (
-                "database.replica_check_interval",
-                self.replica_check_interval,
-            ),
+            ("database.replica_timeout", self.replica_timeout),
+            ("database.health_check_interval", self.health_check_interval),
         ] {
             if value.is_zero() {
                 return Err(Error::Config(format!("{key} must be greater than zero")));

@@ -23,8 +23,8 @@ use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 use tracing::instrument;
 
+use crate::health::{DatabaseState, Node, Role};
 use crate::models::{Order, OrderSummary, Page, Profile, Review, UserSummary};
-use crate::replica::{DatabaseState, Replica};
 use crate::{DbConfig, Error, Statements};
 
 /// One statement: its text and its parameters' types (which an unnamed statement sends along).
@@ -86,8 +86,8 @@ const USER_SUMMARIES: Sql = Sql {
 /// `max_size` connections per database.
 #[derive(Clone)]
 pub struct Database {
-    primary: Arc<Target>,
-    replicas: Arc<[Arc<Replica>]>,
+    primary: Arc<Node>,
+    replicas: Arc<[Arc<Node>]>,
     /// Which replica the next lease tries first (round robin).
     turn: Arc<AtomicUsize>,
     limits: Limits,
@@ -103,14 +103,17 @@ pub(crate) struct Limits {
     statement_timeout: Duration,
     pub(crate) max_lag: Duration,
     pub(crate) check_interval: Duration,
-    /// How long one replica check may take (opening a connection included).
-    pub(crate) check_timeout: Duration,
+    /// How long a replica statement may go unanswered before it runs on the primary, and a
+    /// replica check may take.
+    pub(crate) replica_timeout: Duration,
+    /// How long the primary's check may take (opening a connection included).
+    pub(crate) primary_check_timeout: Duration,
 }
 
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Database")
-            .field("lanes", &self.primary.lanes.len())
+            .field("lanes", &self.primary.target.lanes.len())
             .field("replicas", &self.replicas.len())
             .field("status", &self.status())
             .field("limits", &self.limits)
@@ -302,14 +305,16 @@ impl Database {
     /// [`Error::Config`] when the settings are unusable.
     pub fn connect_lazy_in_lanes(config: &DbConfig, lanes: usize) -> Result<Self, Error> {
         let count = lanes.clamp(1, config.max_size.max(1));
-        let primary = Arc::new(Target::build(&config.pg_config()?, config, count)?);
+        let primary = Target::build(&config.pg_config()?, config, count)?;
+        let primary = Arc::new(Node::new("primary".to_owned(), Role::Primary, primary));
         let replicas = config
             .replica_pg_configs()?
             .iter()
             .enumerate()
             .map(|(i, pg)| {
                 let target = Target::build(pg, config, count)?;
-                Ok(Arc::new(Replica::new(format!("replica-{}", i + 1), target)))
+                let name = format!("replica-{}", i + 1);
+                Ok(Arc::new(Node::new(name, Role::Replica, target)))
             })
             .collect::<Result<Arc<[_]>, Error>>()?;
         Ok(Self {
@@ -323,8 +328,9 @@ impl Database {
                 statements: config.statements,
                 statement_timeout: config.statement_timeout,
                 max_lag: config.replica_max_lag,
-                check_interval: config.replica_check_interval,
-                check_timeout: config.create_timeout + config.recycle_timeout,
+                check_interval: config.health_check_interval,
+                replica_timeout: config.replica_timeout,
+                primary_check_timeout: config.create_timeout,
             },
         })
     }
@@ -351,8 +357,7 @@ impl Database {
         let Some(worker) = lanes::bound() else {
             return;
         };
-        self.primary.claim_home(worker);
-        for replica in self.replicas.iter() {
+        for replica in std::iter::once(&self.primary).chain(self.replicas.iter()) {
             replica.target.claim_home(worker);
         }
     }
@@ -388,6 +393,7 @@ impl Database {
         self.claim_home();
         let (object, lane) = self
             .primary
+            .target
             .take(Pick::Any)
             .await
             .map_err(|e| self.pool_error(e))?;
@@ -405,20 +411,31 @@ impl Database {
             {
                 Ok((object, lane)) => return Ok(self.wrap(object, lane, Some(replica))),
                 // The replica is out of reach: the primary serves, and a check brings it back.
-                Err(Error::Unavailable(reason)) => replica.mark_down(&reason),
+                Err(Error::Unavailable(reason)) => replica.failed(&reason),
                 Err(other) => return Err(other),
             }
         }
-        let (object, lane) = self
-            .primary
-            .take(pick)
-            .await
-            .map_err(|e| self.pool_error(e))?;
+        self.primary.check_if_due(self.limits);
+        if self.primary.is_down() {
+            // Known down and no replica to read from: fail now rather than wait on it.
+            let why = self.primary.error().unwrap_or_default();
+            return Err(Error::Unavailable(format!(
+                "no database answers (primary: {why})"
+            )));
+        }
+        let taken = self.primary.target.take(pick).await;
+        let (object, lane) = taken.map_err(|e| {
+            let error = self.pool_error(e);
+            if let Error::Unavailable(reason) = &error {
+                self.primary.failed(reason);
+            }
+            error
+        })?;
         Ok(self.wrap(object, lane, None))
     }
 
     /// The next usable replica in turn, starting the checks that are due.
-    fn usable_replica(&self) -> Option<Arc<Replica>> {
+    fn usable_replica(&self) -> Option<Arc<Node>> {
         if self.replicas.is_empty() {
             return None;
         }
@@ -437,13 +454,14 @@ impl Database {
         Error::from_pool(error, self.limits.wait)
     }
 
-    fn wrap(&self, object: Object, lane: usize, replica: Option<Arc<Replica>>) -> Conn {
-        let target = replica.as_ref().map_or(&*self.primary, |r| &r.target);
+    fn wrap(&self, object: Object, lane: usize, replica: Option<Arc<Node>>) -> Conn {
+        let target = &replica.as_ref().unwrap_or(&self.primary).target;
         target.leases.fetch_add(1, Ordering::Relaxed);
         Conn {
             main: Link::new(object),
             fallback: tokio::sync::OnceCell::new(),
-            primary: replica.as_ref().map(|_| (Arc::clone(&self.primary), lane)),
+            primary: Arc::clone(&self.primary),
+            lane,
             replica,
             limits: self.limits,
             abandoned: AtomicBool::new(false),
@@ -463,7 +481,9 @@ impl Database {
     }
 
     fn targets(&self) -> impl Iterator<Item = &Target> {
-        std::iter::once(&*self.primary).chain(self.replicas.iter().map(|r| &r.target))
+        std::iter::once(&self.primary)
+            .chain(self.replicas.iter())
+            .map(|node| &node.target)
     }
 
     /// Checks that a database answers a trivial query, the way a read would reach it (a usable
@@ -489,41 +509,22 @@ impl Database {
         futures::future::join_all(checks).await;
     }
 
-    /// What each database looks like now: the primary pinged (within `within`), each replica as
-    /// its last check left it (checked now if it never was). For readiness reports.
+    /// What each database looks like now, for a readiness report: each checked now (a check
+    /// already running is not repeated), as far as `within` allows; what a check did not finish
+    /// in time says is the last one's finding.
     pub async fn states(&self, within: Duration) -> Vec<DatabaseState> {
-        let primary = async {
-            let ping = async {
-                let conn = self.primary_conn().await?;
-                conn.main
-                    .track(conn.client().simple_query("SELECT 1").await)?;
-                Ok::<(), Error>(())
-            };
-            match tokio::time::timeout(within, ping).await {
-                Ok(Ok(())) => DatabaseState::primary(Ok(())),
-                // Every connection busy serving: a loaded primary, not a broken one.
-                Ok(Err(Error::PoolTimeout(_))) => DatabaseState::primary(Ok(())),
-                Ok(Err(error)) => DatabaseState::primary(Err(error.to_string())),
-                Err(_) if self.primary.status().idle == 0 && self.primary.status().size > 0 => {
-                    DatabaseState::primary(Ok(()))
-                }
-                Err(_) => DatabaseState::primary(Err(format!("no answer within {within:?}"))),
-            }
-        };
-        let unchecked = self.replicas.iter().filter(|r| r.never_checked());
-        let checks = futures::future::join_all(
-            unchecked.map(|replica| Arc::clone(replica).check(self.limits)),
-        );
-        let (primary, _) = tokio::join!(primary, checks);
-        std::iter::once(primary)
-            .chain(self.replicas.iter().map(|replica| replica.state()))
-            .collect()
+        let nodes: Vec<&Arc<Node>> = std::iter::once(&self.primary)
+            .chain(self.replicas.iter())
+            .collect();
+        let checks = nodes.iter().map(|node| Arc::clone(node).check(self.limits));
+        let _ = tokio::time::timeout(within, futures::future::join_all(checks)).await;
+        nodes.iter().map(|node| node.state()).collect()
     }
 
     /// The pools' current size, idle connections and waiters (all lanes and databases
     /// together); `max_size` is the most one database gets.
     pub fn status(&self) -> PoolStatus {
-        let max_size = self.primary.status().max_size;
+        let max_size = self.primary.target.status().max_size;
         let sum = self
             .targets()
             .map(Target::status)
@@ -538,7 +539,7 @@ impl Database {
 
     /// The number of lanes (pools per database, one per worker thread).
     pub fn lanes(&self) -> usize {
-        self.primary.lanes.len()
+        self.primary.target.lanes.len()
     }
 
     /// The number of replicas configured.
@@ -549,12 +550,12 @@ impl Database {
     /// For each database (`primary`, `replica-N`): the leases it handed out, and the statements
     /// that failed on it and ran again on the primary, since start.
     pub fn lease_counts(&self) -> Vec<LeaseCount> {
-        std::iter::once(("primary", &*self.primary))
-            .chain(self.replicas.iter().map(|r| (r.name(), &r.target)))
-            .map(|(name, target)| LeaseCount {
-                database: name.to_owned(),
-                leases: target.leases.load(Ordering::Relaxed),
-                fallbacks: target.fallbacks.load(Ordering::Relaxed),
+        std::iter::once(&self.primary)
+            .chain(self.replicas.iter())
+            .map(|node| LeaseCount {
+                database: node.name().to_owned(),
+                leases: node.target.leases.load(Ordering::Relaxed),
+                fallbacks: node.target.fallbacks.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -694,9 +695,11 @@ pub struct Conn {
     /// The primary's connection, once a statement on the replica failed.
     fallback: tokio::sync::OnceCell<Link>,
     /// The replica `main` is connected to, if it is one.
-    replica: Option<Arc<Replica>>,
-    /// Where a fallback comes from: the primary, in the lane of `main`.
-    primary: Option<(Arc<Target>, usize)>,
+    replica: Option<Arc<Node>>,
+    /// The primary (where a fallback comes from, in the lane of `main`, and which is told when a
+    /// read on it fails).
+    primary: Arc<Node>,
+    lane: usize,
     limits: Limits,
     abandoned: AtomicBool,
     /// Released only when the connection is released (after settling, if it must settle).
@@ -897,18 +900,25 @@ impl Conn {
             if let Some(link) = self.fallback.get() {
                 return self.run(link, sql, params).await;
             }
-            match (self.run(&self.main, sql, params).await, &self.replica) {
-                (Err(Error::Unavailable(reason)), Some(replica)) => {
-                    replica.mark_down(&reason);
-                    replica.target.fallbacks.fetch_add(1, Ordering::Relaxed);
-                    let link = self
-                        .fallback
-                        .get_or_try_init(|| self.primary_link())
-                        .await?;
-                    self.run(link, sql, params).await
-                }
-                (result, _) => result,
+            let Some(replica) = &self.replica else {
+                return self.run(&self.main, sql, params).await;
+            };
+            let bound = self.limits.replica_timeout;
+            match tokio::time::timeout(bound, self.run(&self.main, sql, params)).await {
+                Ok(Err(Error::Unavailable(reason))) => replica.failed(&reason),
+                // Not answered (a replica gone behind a pooler makes statements wait): the
+                // session is not used again, its statement abandoned, and the read goes to the
+                // primary. The replica stays in the reads: a slow replica is not a gone one;
+                // its check (bounded the same way) decides.
+                Err(_) => self.main.broken.store(true, Ordering::Relaxed),
+                Ok(result) => return result,
             }
+            replica.target.fallbacks.fetch_add(1, Ordering::Relaxed);
+            let link = self
+                .fallback
+                .get_or_try_init(|| self.primary_link())
+                .await?;
+            self.run(link, sql, params).await
         }
         .await;
         flight.finish(result)
@@ -950,18 +960,25 @@ impl Conn {
                 }
             }
         };
-        link.track(result)
+        let result = link.track(result);
+        if let Err(Error::Unavailable(reason)) = &result
+            && (self.replica.is_none() || !std::ptr::eq(link, &self.main))
+        {
+            self.primary.failed(reason);
+        }
+        result
     }
 
     /// A connection to the primary, in the lane of this lease.
     async fn primary_link(&self) -> Result<Link, Error> {
-        let Some((primary, lane)) = &self.primary else {
-            return Err(Error::Closed);
-        };
-        let (object, _) = primary
-            .take(Pick::Lane(*lane))
-            .await
-            .map_err(|e| Error::from_pool(e, self.limits.wait))?;
+        let taken = self.primary.target.take(Pick::Lane(self.lane)).await;
+        let (object, _) = taken.map_err(|e| {
+            let error = Error::from_pool(e, self.limits.wait);
+            if let Error::Unavailable(reason) = &error {
+                self.primary.failed(reason);
+            }
+            error
+        })?;
         Ok(Link::new(object))
     }
 

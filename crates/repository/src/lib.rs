@@ -6,7 +6,7 @@
 //! - [`Database`] owns the pools: the primary's and each read replica's. Every wait on them is
 //!   bounded (`wait`, `create` and `recycle` timeouts from [`DbConfig`]), and every statement runs
 //!   under a server-side `statement_timeout`. Reads go to a replica that answers and is recent
-//!   enough, else to the primary (`replica`), and can go through a transaction pooler such as
+//!   enough, else to the primary (`health`), and can go through a transaction pooler such as
 //!   PgBouncer ([`Statements::Unnamed`]).
 //! - The reads the dashboard and the batch summaries need ([`Conn::profile`], [`Conn::orders`],
 //!   [`Conn::reviews`], [`Conn::user_summaries`]) run prepared statements
@@ -18,16 +18,16 @@
 mod config;
 mod database;
 mod error;
+mod health;
 mod lane;
 pub mod migrations;
 pub mod models;
-mod replica;
 
 pub use config::{DbConfig, Secret, Statements, mask_url};
 pub use database::{Conn, Database, LeaseCount, PoolStatus, SETTLE_TIMEOUT};
 pub use error::Error;
+pub use health::{DatabaseState, Reach, Role};
 pub use models::{Order, OrderSummary, Page, Profile, Review, UserSummary};
-pub use replica::{DatabaseState, Reach, Role};
 
 /// Opens one connection outside the pool, for tools (migrations, seeding, admin statements).
 /// The connection's driver task runs on the current tokio runtime until the client is dropped.

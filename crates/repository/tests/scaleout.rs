@@ -77,6 +77,7 @@ async fn many_pipelined_leases_through_pgbouncer_each_get_their_own_rows() {
         max_size: 40,
         // Opening 40 connections (SCRAM authentication each) takes a while in a debug build.
         wait_timeout: Duration::from_secs(10),
+        create_timeout: Duration::from_secs(10),
         ..db.pgbouncer_config()
     })
     .unwrap();
@@ -156,6 +157,8 @@ async fn reads_go_to_a_replica_that_answers_and_give_the_same_rows() {
         };
         let database = Database::connect_lazy(&DbConfig {
             replica_urls: vec![replica],
+            // A loaded test machine must not make the replica look gone.
+            replica_timeout: Duration::from_secs(5),
             ..base
         })
         .unwrap();
@@ -215,6 +218,7 @@ async fn a_replica_lost_in_the_middle_of_a_lease_is_read_again_from_the_primary(
     let replica = db.replica_url(false).await;
     let database = Database::connect_lazy(&DbConfig {
         replica_urls: vec![replica.clone()],
+        replica_timeout: Duration::from_secs(5),
         ..db.config()
     })
     .unwrap();
@@ -241,8 +245,6 @@ async fn a_replica_lost_in_the_middle_of_a_lease_is_read_again_from_the_primary(
     drop(conn);
     // The replica is out of the reads until its next check.
     assert!(!database.conn().await.unwrap().on_replica());
-    let states = database.states(Duration::from_secs(2)).await;
-    assert_eq!(states[1].reach, Reach::Down);
     database.check_replicas().await;
     assert!(database.conn().await.unwrap().on_replica());
 }
@@ -255,6 +257,7 @@ async fn a_replica_further_behind_than_the_limit_is_skipped() {
     let database = Database::connect_lazy(&DbConfig {
         replica_urls: vec![replica.clone()],
         replica_max_lag: Duration::from_millis(1),
+        replica_timeout: Duration::from_secs(5),
         ..db.config()
     })
     .unwrap();
@@ -290,4 +293,65 @@ async fn a_replica_further_behind_than_the_limit_is_skipped() {
     assert_eq!(lagging, Reach::Lagging, "{states:?}");
     assert!(states[1].lag_ms.is_some_and(|lag| lag >= 1));
     assert!(!used_replica);
+}
+
+#[tokio::test]
+async fn a_replica_read_that_gets_no_answer_in_time_is_read_from_the_primary() {
+    let db = TestDb::create().await;
+    insert_fixtures(&db).await;
+    // Standing in for a replica that makes reads wait (a replica gone behind PgBouncer does):
+    // another database with the same rows, not in recovery (so "up to date"), its table locked.
+    let slow = TestDb::create().await;
+    insert_fixtures(&slow).await;
+    let database = Database::connect_lazy(&DbConfig {
+        replica_urls: vec![slow.url().to_owned()],
+        replica_timeout: Duration::from_millis(200),
+        ..db.config()
+    })
+    .unwrap();
+    database.check_replicas().await;
+    let lock = TableLock::take(&slow, "users").await;
+    let conn = database.conn().await.unwrap();
+    assert!(conn.on_replica());
+    let (profile, orders) = tokio::join!(conn.profile(1), conn.orders(1));
+    assert_eq!(profile.unwrap().unwrap().username, "ada");
+    assert_eq!(orders.unwrap().items.len(), 2);
+    assert!(!conn.on_replica());
+    drop(conn);
+    // A slow replica is not a gone one: it stays in the reads.
+    let states = database.states(Duration::from_secs(2)).await;
+    assert_eq!(states[1].reach, Reach::Up);
+    let counts = database.lease_counts();
+    assert!(counts[1].fallbacks >= 1, "{counts:?}");
+    lock.release().await;
+}
+
+#[tokio::test]
+async fn once_no_database_answers_reads_fail_at_once_until_one_does() {
+    // A server that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let database = Database::connect_lazy(&DbConfig {
+        create_timeout: Duration::from_millis(300),
+        ..DbConfig::with_url(format!("postgres://dashboard@{address}/x"))
+    })
+    .unwrap();
+    // The first read waits for its connection, bounded.
+    assert!(matches!(database.conn().await, Err(Error::Unavailable(_))));
+    // A check finds the primary down; from then on a read does not wait at all.
+    let states = database.states(Duration::from_secs(2)).await;
+    assert_eq!(states[0].reach, Reach::Down);
+    match database.conn().await {
+        Err(Error::Unavailable(reason)) => {
+            assert!(reason.contains("no database answers"), "{reason}");
+        }
+        other => panic!("expected a fast Unavailable, got {other:?}"),
+    }
+    held.abort();
 }

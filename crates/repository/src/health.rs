@@ -1,8 +1,8 @@
-//! Which read replica a read may use.
+//! Which database a read may use.
 //!
-//! Each replica is checked in the background of the requests that read (at most every
-//! `replica_check_interval`, one check at a time per replica, bounded by the connect and recycle
-//! timeouts): it must answer, and be at most `replica_max_lag` behind its primary. The lag is
+//! Each database is checked in the background of the requests that read (at most every
+//! `health_check_interval`, one check at a time per database, each bounded): it must answer,
+//! and a replica must be at most `replica_max_lag` behind its primary. The lag is
 //! `now() - pg_last_xact_replay_timestamp()`, except when the replica has replayed everything it
 //! received, which counts as no lag at all (on a quiet primary the last replayed transaction is
 //! old, yet nothing is missing). A replica cut off from its primary (the primary down) therefore
@@ -11,7 +11,14 @@
 //!
 //! A replica starts unchecked, which reads treat as unusable: until its first check answers,
 //! reads go to the primary. A statement that finds a replica gone marks it down at once (see
-//! [`crate::Conn`]); the next check brings it back.
+//! [`crate::Conn`]); the next check brings it back. A replica's check is bounded by
+//! `replica_timeout`, as its reads are.
+//!
+//! The primary is read from unless its check found it down (bounded by `create_timeout`: a
+//! loaded primary is slow, not gone). Then, with no usable replica either, a read fails at once
+//! with [`crate::Error::Unavailable`] instead of waiting on a server that does not answer (a
+//! pooler such as PgBouncer 1.18 makes a connected client wait for a server that is down), until
+//! a check finds it back.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -88,48 +95,40 @@ pub struct DatabaseState {
     pub error: Option<String>,
 }
 
-impl DatabaseState {
-    pub(crate) fn primary(answer: Result<(), String>) -> Self {
-        Self {
-            name: "primary".to_owned(),
-            role: Role::Primary,
-            reach: if answer.is_ok() {
-                Reach::Up
-            } else {
-                Reach::Down
-            },
-            lag_ms: None,
-            error: answer.err(),
-        }
-    }
-}
+/// What a check that found every connection busy says (not an error of the database).
+const BUSY: &str = "busy";
 
 const UNCHECKED: u8 = 0;
 const UP: u8 = 1;
 const LAGGING: u8 = 2;
 const DOWN: u8 = 3;
 
-/// One read replica: its pools and what its checks found.
-pub(crate) struct Replica {
+/// One database (the primary or a replica): its pools and what its checks found.
+pub(crate) struct Node {
     name: String,
+    role: Role,
     pub(crate) target: Target,
     reach: AtomicU8,
     lag_ms: AtomicU64,
     /// When the next check is due (`None`: now).
     due: Mutex<Option<Instant>>,
     checking: AtomicBool,
+    /// The primary only: a read on it failed, so it is checked until it answers.
+    suspect: AtomicBool,
     error: Mutex<Option<String>>,
 }
 
-impl Replica {
-    pub(crate) fn new(name: String, target: Target) -> Self {
+impl Node {
+    pub(crate) fn new(name: String, role: Role, target: Target) -> Self {
         Self {
             name,
+            role,
             target,
             reach: AtomicU8::new(UNCHECKED),
             lag_ms: AtomicU64::new(0),
             due: Mutex::new(None),
             checking: AtomicBool::new(false),
+            suspect: AtomicBool::new(false),
             error: Mutex::new(None),
         }
     }
@@ -138,19 +137,25 @@ impl Replica {
         &self.name
     }
 
-    /// Whether reads may go here.
+    /// Whether reads may go to this replica.
     pub(crate) fn usable(&self) -> bool {
         self.reach.load(Ordering::Relaxed) == UP
     }
 
-    pub(crate) fn never_checked(&self) -> bool {
-        self.reach.load(Ordering::Relaxed) == UNCHECKED
+    /// Whether the last check found this database not answering.
+    pub(crate) fn is_down(&self) -> bool {
+        self.reach.load(Ordering::Relaxed) == DOWN
     }
 
-    /// Takes the replica out of the reads until its next check answers.
-    pub(crate) fn mark_down(&self, reason: &str) {
+    /// Why it is down, if it is.
+    pub(crate) fn error(&self) -> Option<String> {
+        self.error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Takes the database out of the reads until its next check answers.
+    fn mark_down(&self, reason: &str) {
         if self.reach.swap(DOWN, Ordering::Relaxed) != DOWN {
-            tracing::warn!(replica = %self.name, %reason, "read replica unavailable; reading from the primary");
+            tracing::warn!(database = %self.name, %reason, "database unavailable");
         }
         self.set_error(Some(reason.to_owned()));
     }
@@ -161,14 +166,30 @@ impl Replica {
         }
     }
 
-    /// Starts a check in the background when one is due and none is running.
+    /// A read on this database failed because it is out of reach: a replica leaves the reads
+    /// at once; the primary (which has no stand-in) is checked from now on, and only a check
+    /// that finds it down makes reads fail fast.
+    pub(crate) fn failed(&self, reason: &str) {
+        match self.role {
+            Role::Replica => self.mark_down(reason),
+            Role::Primary => self.suspect.store(true, Ordering::Relaxed),
+        }
+    }
+
+    /// Starts a check in the background when this database is watched (a replica always; the
+    /// primary after a read on it failed, until a check finds it answering), the check is due,
+    /// and none is running. An idle or healthy primary costs no check at all.
     pub(crate) fn check_if_due(self: &std::sync::Arc<Self>, limits: Limits) {
+        let watched = self.role == Role::Replica || self.suspect.load(Ordering::Relaxed);
+        if !watched || self.checking.load(Ordering::Relaxed) {
+            return;
+        }
         let now = Instant::now();
         let due = self
             .due
             .lock()
             .is_ok_and(|due| due.is_none_or(|at| at <= now));
-        if !due || self.checking.load(Ordering::Relaxed) {
+        if !due {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -176,54 +197,72 @@ impl Replica {
         }
     }
 
-    /// Checks the replica now, unless a check is already running, and schedules the next.
+    /// Checks the database now unless a check is already running, and schedules the next.
     pub(crate) async fn check(self: std::sync::Arc<Self>, limits: Limits) {
         if self.checking.swap(true, Ordering::Relaxed) {
             return;
         }
-        let lag = tokio::time::timeout(limits.check_timeout, self.lag()).await;
-        let before = self.reach.load(Ordering::Relaxed);
-        let (reach, error) = match &lag {
-            Ok(Ok(lag)) if *lag > limits.max_lag => (LAGGING, None),
-            Ok(Ok(_)) => (UP, None),
-            Ok(Err(error)) => (DOWN, Some(error.clone())),
-            Err(_) => (
-                DOWN,
-                Some(format!("no answer within {:?}", limits.check_timeout)),
-            ),
-        };
-        if let Ok(Ok(lag)) = lag {
-            self.lag_ms.store(
-                u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
-                Ordering::Relaxed,
-            );
-        }
-        self.reach.store(reach, Ordering::Relaxed);
-        if before != reach {
-            match reach {
-                UP => tracing::info!(replica = %self.name, "read replica usable"),
-                LAGGING => {
-                    tracing::warn!(replica = %self.name, lag_ms = self.lag_ms.load(Ordering::Relaxed), "read replica lagging; skipped")
-                }
-                _ => {
-                    tracing::warn!(replica = %self.name, error = error.as_deref().unwrap_or(""), "read replica unavailable")
-                }
-            }
-        }
-        self.set_error(error);
+        self.probe(limits).await;
         if let Ok(mut due) = self.due.lock() {
             *due = Some(Instant::now() + limits.check_interval);
         }
         self.checking.store(false, Ordering::Relaxed);
     }
 
+    /// Asks the database whether it answers (and a replica how far behind it is), bounded, and
+    /// records what it found.
+    pub(crate) async fn probe(&self, limits: Limits) {
+        let bound = match self.role {
+            Role::Primary => limits.primary_check_timeout,
+            Role::Replica => limits.replica_timeout,
+        };
+        let lag = tokio::time::timeout(bound, self.lag()).await;
+        let before = match (self.reach.load(Ordering::Relaxed), self.role) {
+            (UNCHECKED, Role::Primary) => UP,
+            (before, _) => before,
+        };
+        let (reach, error) = match &lag {
+            Ok(Ok(lag)) if *lag > limits.max_lag => (LAGGING, None),
+            Ok(Ok(_)) => (UP, None),
+            // Every connection busy: a loaded database, not a gone one.
+            Ok(Err(error)) if error == BUSY => (before, None),
+            Ok(Err(error)) => (DOWN, Some(error.clone())),
+            Err(_) => (DOWN, Some(format!("no answer within {bound:?}"))),
+        };
+        if let Ok(Ok(lag)) = lag {
+            let millis = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
+            self.lag_ms.store(millis, Ordering::Relaxed);
+        }
+        if reach == UP {
+            self.suspect.store(false, Ordering::Relaxed);
+        }
+        let was = self.reach.swap(reach, Ordering::Relaxed);
+        if was != reach {
+            let name = &self.name;
+            match reach {
+                UP => tracing::info!(database = %name, "database answers"),
+                LAGGING => {
+                    let lag_ms = self.lag_ms.load(Ordering::Relaxed);
+                    tracing::warn!(database = %name, lag_ms, "read replica lagging; skipped");
+                }
+                _ => {
+                    let error = error.as_deref().unwrap_or("");
+                    tracing::warn!(database = %name, error, "database unavailable");
+                }
+            }
+        }
+        self.set_error(error);
+    }
+
     /// The replica's replay lag (zero for a server that is not in recovery).
     async fn lag(&self) -> Result<Duration, String> {
-        let object = self
-            .target
-            .take_for_check()
-            .await
-            .map_err(|e| crate::Error::from_pool(e, Duration::ZERO).to_string())?;
+        let object =
+            self.target.take_for_check().await.map_err(|e| {
+                match crate::Error::from_pool(e, Duration::ZERO) {
+                    crate::Error::PoolTimeout(_) => BUSY.to_owned(),
+                    other => other.to_string(),
+                }
+            })?;
         let messages = object.simple_query(LAG_SQL).await.map_err(|e| {
             let error = crate::Error::from(e);
             if matches!(error, crate::Error::Unavailable(_)) {
@@ -242,7 +281,7 @@ impl Replica {
         Ok(Duration::from_millis(u64::try_from(millis).unwrap_or(0)))
     }
 
-    /// The replica's state for a readiness report.
+    /// The database's state for a readiness report.
     pub(crate) fn state(&self) -> DatabaseState {
         let reach = match self.reach.load(Ordering::Relaxed) {
             UP => Reach::Up,
@@ -252,9 +291,9 @@ impl Replica {
         };
         DatabaseState {
             name: self.name.clone(),
-            role: Role::Replica,
+            role: self.role,
             reach,
-            lag_ms: matches!(reach, Reach::Up | Reach::Lagging)
+            lag_ms: (self.role == Role::Replica && matches!(reach, Reach::Up | Reach::Lagging))
                 .then(|| self.lag_ms.load(Ordering::Relaxed)),
             error: self.error.lock().ok().and_then(|e| e.clone()),
         }
