@@ -6,6 +6,12 @@
 //! database of its own. The cluster is stopped and deleted afterwards, whether the tests passed,
 //! failed, or were interrupted with Ctrl-C.
 //!
+//! Next to that primary it starts a streaming replica of it (`pg_basebackup -R`) and a PgBouncer
+//! (transaction pooling, any database name) in front of each, for the tests of the scale-out
+//! paths: `PGBOUNCER_URL` (PgBouncer → primary), `REPLICA_URL` (the replica itself) and
+//! `REPLICA_PGBOUNCER_URL` (PgBouncer → replica), all naming the template database with the
+//! password in the URL, like `DATABASE_URL`. They go away with the primary.
+//!
 //! Each run has a cluster of its own (`target/pg/test-<pid>`, held by a lock file), so two runs
 //! in one checkout do not remove each other's cluster; clusters whose run died are cleaned up by
 //! the next run.
@@ -17,7 +23,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use tokio::process::Command;
 
-use xtask::pg::Cluster;
+use xtask::pg::{Cluster, ServerHome};
+use xtask::pgbouncer::PgBouncer;
 use xtask::stack::{ProcessGroup, free_port};
 
 /// Arguments of `cargo xtask test`.
@@ -38,12 +45,78 @@ const TEST_PREFIX: &str = "test-";
 /// Stops and deletes the test cluster when dropped, so an error or a panic cannot leave it running.
 struct ClusterGuard {
     cluster: Cluster,
+    /// The replica and the PgBouncers, removed before the primary.
+    scaleout: Option<Scaleout>,
     /// Held for the whole run: while it is locked, no other run removes this cluster.
     _lock: std::fs::File,
 }
 
+/// The replica of the test cluster and a PgBouncer in front of each database.
+struct Scaleout {
+    replica: Cluster,
+    pgbouncer: PgBouncer,
+    replica_pgbouncer: PgBouncer,
+}
+
+/// Where a run's replica and PgBouncers live, inside its cluster's directory.
+const REPLICA_DIR: &str = "replica";
+const PGBOUNCER_DIRS: [&str; 2] = ["pgbouncer", "pgbouncer-replica"];
+
+impl Scaleout {
+    /// Copies `primary` into a replica, starts it and puts a PgBouncer in front of each.
+    async fn start(primary: &Cluster, dir: &Path) -> Result<Self> {
+        let replica = primary.create_replica(&dir.join(REPLICA_DIR), free_port()?)?;
+        let started = async {
+            replica.start().await?;
+            let pgbouncer =
+                PgBouncer::start(&dir.join(PGBOUNCER_DIRS[0]), free_port()?, primary).await?;
+            let replica_pgbouncer =
+                PgBouncer::start(&dir.join(PGBOUNCER_DIRS[1]), free_port()?, &replica).await?;
+            anyhow::Ok((pgbouncer, replica_pgbouncer))
+        };
+        match started.await {
+            Ok((pgbouncer, replica_pgbouncer)) => Ok(Self {
+                replica,
+                pgbouncer,
+                replica_pgbouncer,
+            }),
+            Err(e) => {
+                // A PgBouncer that started is killed as it drops; the replica goes here.
+                let _ = replica.remove_all();
+                Err(e)
+            }
+        }
+    }
+
+    /// The variables the tests read, each naming `database`.
+    fn env(&self, database: &str) -> Result<Vec<(&'static str, String)>> {
+        Ok(vec![
+            ("PGBOUNCER_URL", self.pgbouncer.url(database)),
+            ("REPLICA_URL", self.replica.url(database)?),
+            (
+                "REPLICA_PGBOUNCER_URL",
+                self.replica_pgbouncer.url(database),
+            ),
+        ])
+    }
+}
+
+impl Drop for Scaleout {
+    fn drop(&mut self) {
+        // The PgBouncers are killed when their fields drop; their directories go with the
+        // primary's unless the postgres user needed some elsewhere.
+        for dir in [self.pgbouncer.dir(), self.replica_pgbouncer.dir()] {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        if let Err(e) = self.replica.remove_all() {
+            eprintln!("warning: could not remove the test replica: {e:#}");
+        }
+    }
+}
+
 impl Drop for ClusterGuard {
     fn drop(&mut self) {
+        drop(self.scaleout.take());
         if let Err(e) = self.cluster.remove_all() {
             eprintln!("warning: could not remove the test cluster: {e:#}");
         }
@@ -51,7 +124,7 @@ impl Drop for ClusterGuard {
 }
 
 /// Removes the clusters of runs that are gone (their lock file is no longer held).
-fn remove_stale_clusters() -> Result<()> {
+async fn remove_stale_clusters() -> Result<()> {
     let Ok(entries) = std::fs::read_dir(TEST_CLUSTERS) else {
         return Ok(());
     };
@@ -67,6 +140,15 @@ fn remove_stale_clusters() -> Result<()> {
         {
             continue; // A live run holds it.
         }
+        // A run killed outright leaves its PgBouncers and replica running too.
+        for dir in PGBOUNCER_DIRS {
+            let home = ServerHome::new(&entry.path().join(dir))?;
+            xtask::topology::stop_stale(&home.dir.join("pgbouncer.pid"), "pgbouncer").await;
+            let _ = std::fs::remove_dir_all(&home.dir);
+        }
+        Cluster::new(&entry.path().join(REPLICA_DIR), 0, "dashboard", Vec::new())?
+            .remove_all()
+            .with_context(|| format!("cannot remove the stale test replica of {name}"))?;
         let cluster = Cluster::new(&entry.path(), 0, "dashboard", Vec::new())?;
         cluster
             .remove_all()
@@ -77,7 +159,7 @@ fn remove_stale_clusters() -> Result<()> {
 
 /// Runs `cargo xtask test`.
 pub async fn run(args: TestArgs) -> Result<()> {
-    remove_stale_clusters()?;
+    remove_stale_clusters().await?;
     let dir = PathBuf::from(TEST_CLUSTERS).join(format!("{TEST_PREFIX}{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let lock = std::fs::File::create(dir.join("lock")).context("cannot create the lock file")?;
@@ -85,13 +167,26 @@ pub async fn run(args: TestArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot lock {}: {e}", dir.display()))?;
     let port = free_port()?;
     let cluster = Cluster::throwaway(&dir, port)?;
-    let guard = ClusterGuard {
+    let mut guard = ClusterGuard {
         cluster,
+        scaleout: None,
         _lock: lock,
     };
     eprintln!("test cluster: starting on 127.0.0.1:{port}");
     guard.cluster.start().await?;
     guard.cluster.create_database(TEMPLATE, None)?;
+    let started = std::time::Instant::now();
+    let scaleout = Scaleout::start(&guard.cluster, &dir).await?;
+    let mut test_env = vec![("DATABASE_URL", guard.cluster.url(TEMPLATE)?)];
+    test_env.extend(scaleout.env(TEMPLATE)?);
+    eprintln!(
+        "test cluster: replica on 127.0.0.1:{}, PgBouncers on :{} and :{} ({:.1} s)",
+        scaleout.replica.port,
+        scaleout.pgbouncer.port,
+        scaleout.replica_pgbouncer.port,
+        started.elapsed().as_secs_f64()
+    );
+    guard.scaleout = Some(scaleout);
     let template = guard.cluster.url(TEMPLATE)?;
 
     let nextest = Command::new("cargo")
@@ -170,14 +265,14 @@ pub async fn run(args: TestArgs) -> Result<()> {
         build.truncate(filter); // cargo test takes --no-run before its `--`.
         build.push("--no-run".into());
     }
-    let built = run_cargo(&build, &[], &template).await?;
+    let built = run_cargo(&build, &[], &test_env).await?;
     if !built.success() {
         drop(guard);
         bail!("`cargo {}` failed ({built})", build.join(" "));
     }
     migrate_template(&template, !narrowed).await?;
     for (run, env) in runs {
-        let status = run_cargo(&run, &env, &template).await?;
+        let status = run_cargo(&run, &env, &test_env).await?;
         if !status.success() {
             drop(guard);
             bail!("`cargo {}` failed ({status})", run.join(" "));
@@ -186,6 +281,11 @@ pub async fn run(args: TestArgs) -> Result<()> {
     if args.args.is_empty() {
         // The OpenAPI document against the real server (the debug build the tests just made).
         let checked = crate::schemathesis::run(&guard.cluster, TEMPLATE).await;
+        // The container image (that same build), migrating and serving on this cluster.
+        let checked = match checked {
+            Ok(()) => crate::image::test(&guard.cluster).await,
+            failed => failed,
+        };
         drop(guard);
         return checked;
     }
@@ -269,18 +369,19 @@ fn filter_for_doctests(args: &[String]) -> Vec<String> {
     }
 }
 
-/// Runs cargo with the test environment; Ctrl-C stops it and still lets the caller clean up.
+/// Runs cargo with the test environment (`test_env`: the databases' URLs) and `env`; Ctrl-C
+/// stops it and still lets the caller clean up.
 async fn run_cargo(
     args: &[String],
     env: &[(&str, &str)],
-    database_url: &str,
+    test_env: &[(&str, String)],
 ) -> Result<ExitStatus> {
     let config_dir = std::env::current_dir()?.join("config");
     // In a process group of its own, so that stopping it stops nextest and every test binary
     // too, not just cargo.
     let mut child = Command::new("cargo")
         .args(args)
-        .env("DATABASE_URL", database_url)
+        .envs(test_env.iter().map(|(key, value)| (key, value)))
         .env("APP_CONFIG_DIR", config_dir)
         .envs(env.iter().copied())
         .process_group(0)
