@@ -437,8 +437,10 @@ fn bind_worker(next: &std::sync::atomic::AtomicUsize, service: &service::Service
     }
 }
 
-/// Waits for SIGTERM or SIGINT and says which.
-async fn shutdown_signal() -> &'static str {
+/// Waits for SIGTERM or SIGINT and says which. The handlers are installed at the first poll, so
+/// a process that awaits this beside its start-up (the wait for the database) stops on SIGTERM
+/// then too: as the first process of a container it has no default handling of it.
+pub async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut terminate), Ok(mut interrupt)) = (
         signal(SignalKind::terminate()),

@@ -45,9 +45,16 @@ async fn main() -> anyhow::Result<()> {
                 .check_production(app_env.as_deref())
                 .map_err(anyhow::Error::msg)?;
             api::telemetry::init(&settings.telemetry).context("cannot set up logging")?;
-            let application = Application::build(settings)
-                .await
-                .context("cannot start the dashboard API")?;
+            // Start-up may wait for the database (startup.db_wait); a SIGTERM meanwhile stops it.
+            let application = tokio::select! {
+                built = Application::build(settings) => {
+                    built.context("cannot start the dashboard API")?
+                }
+                signal = api::shutdown_signal() => {
+                    tracing::info!(signal, "stopped while starting");
+                    return Ok(());
+                }
+            };
             application.run().await.context("the server failed")?;
         }
         Command::Migrate(args) => migrate::run(&settings, &args).await?,

@@ -801,3 +801,54 @@ async fn secrets_never_reach_responses_or_metrics() {
         assert!(!text.contains(&real), "{path} leaks the password");
     }
 }
+
+#[test]
+fn sigterm_while_waiting_for_the_database_at_start_up_stops_the_process() {
+    // A database address that accepts nothing; the start-up wait would last five minutes.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = unused.local_addr().unwrap().port();
+    drop(unused);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_api"))
+        .env(
+            "APP__DATABASE__URL",
+            format!("postgres://x@127.0.0.1:{port}/x"),
+        )
+        .env("APP__STARTUP__DB_WAIT", "300s")
+        .env("APP__SERVER__PORT", "0")
+        .env(
+            "APP_CONFIG_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../config"),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Let it reach the wait (it logs each failed attempt), bounded.
+    let stdout = child.stdout.take().unwrap();
+    let (waiting, reached) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            if line.is_ok_and(|line| line.contains("not answering")) {
+                let _ = waiting.send(());
+            }
+        }
+    });
+    reached
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the API never reported waiting for its database");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // Bounded: a process that ignored SIGTERM would still be waiting for its database.
+    let give_up = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < give_up, "SIGTERM ignored");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
