@@ -409,7 +409,7 @@ fn load_jwks(path: &Path, settings: &AuthSettings) -> Result<Vec<Key>, AuthSetup
 /// Requests per client, per instance.
 pub struct RateLimit {
     limiter: DefaultKeyedRateLimiter<String>,
-    trusted_proxies: Vec<IpAddr>,
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl std::fmt::Debug for RateLimit {
@@ -454,7 +454,8 @@ impl RateLimit {
     /// in `X-Forwarded-For` that is not one of the trusted proxies.
     pub fn client_address(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<IpAddr> {
         let peer = peer?;
-        if !self.trusted_proxies.contains(&peer) {
+        let trusted = |address: &IpAddr| self.trusted_proxies.iter().any(|n| n.contains(address));
+        if !trusted(&peer) {
             return Some(peer);
         }
         let forwarded: Vec<IpAddr> = headers
@@ -467,7 +468,7 @@ impl RateLimit {
             forwarded
                 .into_iter()
                 .rev()
-                .find(|hop| !self.trusted_proxies.contains(hop))
+                .find(|hop| !trusted(hop))
                 .unwrap_or(peer),
         )
     }
@@ -519,20 +520,27 @@ mod tests {
         let limit = RateLimit::new(&RateLimitSettings {
             per_second: 1,
             burst: 1,
-            trusted_proxies: vec!["10.0.0.2".parse().unwrap()],
+            // One address, and a range (the pods of an ingress controller, say).
+            trusted_proxies: vec![
+                "10.0.0.2/32".parse().unwrap(),
+                "10.1.0.0/16".parse().unwrap(),
+            ],
         })
         .unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(
             header::HeaderName::from_static("x-forwarded-for"),
-            HeaderValue::from_static("6.6.6.6, 203.0.113.9, 10.0.0.2"),
+            HeaderValue::from_static("6.6.6.6, 203.0.113.9, 10.1.7.7, 10.0.0.2"),
         );
         let proxy = Some("10.0.0.2".parse().unwrap());
+        let pod = Some("10.1.3.4".parse().unwrap());
         let stranger = Some("198.51.100.1".parse().unwrap());
-        assert_eq!(
-            limit.client_address(proxy, &headers),
-            Some("203.0.113.9".parse().unwrap())
-        );
+        for peer in [proxy, pod] {
+            assert_eq!(
+                limit.client_address(peer, &headers),
+                Some("203.0.113.9".parse().unwrap())
+            );
+        }
         assert_eq!(limit.client_address(stranger, &headers), stranger);
         assert_eq!(limit.client_address(proxy, &HeaderMap::new()), proxy);
     }

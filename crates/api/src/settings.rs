@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 use service::ServiceConfig;
 use service::settings::{ClientConfig, DbConfig};
@@ -130,8 +131,38 @@ pub struct RateLimitSettings {
     /// Requests a client may send at once above the sustained rate.
     pub burst: u32,
     /// Proxies (load balancers) whose `X-Forwarded-For` is believed; from anyone else it is
-    /// ignored and the peer address is the client.
-    pub trusted_proxies: Vec<IpAddr>,
+    /// ignored and the peer address is the client. Addresses or ranges (`10.0.0.0/8`, for the
+    /// pods of an ingress controller); in a file a list, in the environment one string of them
+    /// separated by spaces.
+    #[serde(deserialize_with = "networks")]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// Reads a list of addresses or ranges: a list, or one string of them separated by whitespace
+/// (an environment variable cannot hold a list). An address alone is a range of one.
+fn networks<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let texts = match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(text) => text.split_whitespace().map(str::to_owned).collect(),
+        OneOrMany::Many(list) => list,
+    };
+    texts
+        .iter()
+        .map(|text| {
+            text.parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "rate_limit.trusted_proxies: {text:?} is not an address or a range"
+                    ))
+                })
+        })
+        .collect()
 }
 
 impl Default for RateLimitSettings {
@@ -439,6 +470,42 @@ mod tests {
         )
         .unwrap();
         assert!(settings.recommendations.hedge.enabled);
+    }
+
+    #[test]
+    fn lists_come_from_the_environment_as_strings_separated_by_spaces() {
+        let settings = Settings::load_from(
+            &config_dir(),
+            &env(&[
+                ("APP__RATE_LIMIT__TRUSTED_PROXIES", "127.0.0.1 10.1.0.0/16"),
+                (
+                    "APP__DATABASE__REPLICA_URLS",
+                    "postgres://u@r1/d postgres://u@r2/d",
+                ),
+            ]),
+        )
+        .unwrap();
+        let proxies: Vec<String> = settings
+            .rate_limit
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(proxies, ["127.0.0.1/32", "10.1.0.0/16"]);
+        assert_eq!(
+            settings.database.replica_urls,
+            ["postgres://u@r1/d", "postgres://u@r2/d"]
+        );
+        let err = Settings::load_from(
+            &config_dir(),
+            &env(&[("APP__RATE_LIMIT__TRUSTED_PROXIES", "10.0.0.1 nope")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("\"nope\" is not an address or a range"),
+            "{err}"
+        );
     }
 
     #[test]
