@@ -5,7 +5,8 @@
 //! streaming replica, a PgBouncer in front of each, N API instances reading through them, and
 //! nginx serving HTTPS in front of the instances. It prints the URLs and runs until Ctrl-C or
 //! SIGTERM, then stops everything it started, in reverse order; a failed start stops what had
-//! started too. `cargo xtask cluster chaos` (the fault runs) is still to come.
+//! started too. `cargo xtask cluster chaos` runs the fault scenarios against it: the `lab`
+//! binary's `cluster-chaos`, built in release.
 
 use std::time::Instant;
 
@@ -25,8 +26,11 @@ pub struct ClusterArgs {
 enum ClusterCommand {
     /// Start the topology in the foreground and print its URLs; Ctrl-C stops it all.
     Up(UpArgs),
-    /// Fault runs against the topology with a PASS/FAIL report (not written yet).
-    Chaos,
+    /// Faults under load (an instance killed, a rolling restart, the replica, PgBouncer and the
+    /// databases stopped) with a PASS/FAIL report; exits non-zero on any FAIL. `--help` lists
+    /// the scenarios.
+    #[command(disable_help_flag = true)]
+    Chaos(crate::Forward),
 }
 
 /// Arguments of `cargo xtask cluster up`.
@@ -56,7 +60,7 @@ struct UpArgs {
 pub async fn run(args: ClusterArgs) -> Result<()> {
     match args.command {
         ClusterCommand::Up(args) => up(args).await,
-        ClusterCommand::Chaos => bail!("`cargo xtask cluster chaos` is not written yet"),
+        ClusterCommand::Chaos(f) => Err(crate::cargo_run("lab", Some("cluster-chaos"), &f)),
     }
 }
 

@@ -26,6 +26,10 @@ use crate::topology::{Foreground, find_program, stop_stale, tail};
 const START_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a stop waits after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long nginx leaves out an instance after a failed attempt (`max_fails=1`), per worker: a
+/// rolling restart waits this long after an instance is ready before stopping the next, or every
+/// instance may be left out at once (nginx's 502 "no live upstreams").
+pub const FAIL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What nginx serves and where it sends it.
 #[derive(Debug, Clone)]
@@ -49,7 +53,12 @@ impl NginxConfig {
         let servers: String = self
             .upstreams
             .iter()
-            .map(|port| format!("        server 127.0.0.1:{port} max_fails=1 fail_timeout=2s;\n"))
+            .map(|port| {
+                let fail_timeout = FAIL_TIMEOUT.as_secs();
+                format!(
+                    "        server 127.0.0.1:{port} max_fails=1 fail_timeout={fail_timeout}s;\n"
+                )
+            })
             .collect();
         format!(
             "# Written by cargo xtask at each start.\n\

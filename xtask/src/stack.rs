@@ -336,6 +336,11 @@ impl Upstream {
         bail!("the stand-in recommendation service did not listen on {address} within 10 s")
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Asks it to stop (SIGTERM) and waits up to 5 s, then kills it.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id().and_then(|id| i32::try_from(id).ok()) {

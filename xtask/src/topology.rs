@@ -332,6 +332,24 @@ impl Topology {
         self.instances.get(i)?.as_ref()?.pid()
     }
 
+    /// nginx's master process id (its workers are its children), while it runs.
+    pub fn nginx_pid(&self) -> Option<u32> {
+        self.nginx.as_ref()?.pid()
+    }
+
+    /// The stand-in recommendation service's process id, while it runs.
+    pub fn upstream_pid(&self) -> Option<u32> {
+        self.upstream.as_ref()?.pid()
+    }
+
+    /// The PgBouncers' process ids (the primary's, then the replica's), while they run.
+    pub fn pgbouncer_pids(&self) -> Vec<u32> {
+        std::iter::once(&self.pgbouncer)
+            .chain(&self.replica_pgbouncer)
+            .filter_map(PgBouncer::pid)
+            .collect()
+    }
+
     /// Kills instance `i` with SIGKILL (no draining) and reaps it.
     ///
     /// # Errors
@@ -534,9 +552,11 @@ fn instance_settings(
             "APP__RECOMMENDATIONS__BASE_URL".to_owned(),
             upstream.to_owned(),
         ),
-        // A list cannot be given in the environment; the file (below) holds it.
-        ("APP_CONFIG_DIR".to_owned(), config_dir(&options.dir)?),
-        ("APP_ENV".to_owned(), "cluster".to_owned()),
+        // nginx, whose X-Forwarded-For the rate limiter believes.
+        (
+            "APP__RATE_LIMIT__TRUSTED_PROXIES".to_owned(),
+            "127.0.0.1".to_owned(),
+        ),
     ];
     if options.via_pgbouncer {
         settings.push(("APP__DATABASE__STATEMENTS".to_owned(), "unnamed".to_owned()));
@@ -546,28 +566,6 @@ fn instance_settings(
     }
     settings.extend(options.api_settings.iter().cloned());
     Ok(settings)
-}
-
-/// A settings directory for the instances: the project's `config/default.toml`, and
-/// `cluster.toml` (read with `APP_ENV=cluster`) with what the environment cannot carry: nginx on
-/// 127.0.0.1 as the trusted proxy whose `X-Forwarded-For` the rate limiter believes.
-fn config_dir(dir: &Path) -> Result<String> {
-    let config = dir.join("config");
-    std::fs::create_dir_all(&config)
-        .with_context(|| format!("cannot create {}", config.display()))?;
-    std::fs::copy("config/default.toml", config.join("default.toml"))
-        .context("cannot copy config/default.toml")?;
-    std::fs::write(
-        config.join("cluster.toml"),
-        "# Written by cargo xtask cluster at each start.\n\
-         [rate_limit]\n\
-         trusted_proxies = [\"127.0.0.1\"]\n",
-    )
-    .context("cannot write cluster.toml")?;
-    let config = config
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", config.display()))?;
-    Ok(config.to_string_lossy().into_owned())
 }
 
 /// A cluster this topology started: stopped when dropped.

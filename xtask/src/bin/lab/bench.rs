@@ -49,6 +49,10 @@ pub enum BenchCommand {
     /// Dashboards/s with no authentication, HS256 and ES256 tokens, and a token minted per
     /// request, under the same load.
     Auth(crate::perf::PerfArgs),
+    /// The scale-out topology: each hop's cost (prepared vs unnamed statements, PgBouncer,
+    /// nginx in HTTP and HTTPS) and 1, 2, 3 instances behind nginx, with the CPU split by
+    /// process group, under wrk, in alternating rounds.
+    Scaleout(crate::scaleout::ScaleoutArgs),
     /// Every benchmark above, then the README's Performance table.
     Report(crate::perf::ReportArgs),
 }
@@ -114,6 +118,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Peer(args) => crate::perf::run_peer(args).await,
         BenchCommand::SeedDiff(args) => crate::seed_diff::run(args).await,
         BenchCommand::Overhead(args) => crate::overhead::run(args.perf, args.callgrind).await,
+        BenchCommand::Scaleout(args) => crate::scaleout::run(args).await,
         BenchCommand::Report(args) => crate::perf::run_report(args).await,
     }
 }

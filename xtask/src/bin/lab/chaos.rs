@@ -23,8 +23,8 @@ mod abandoned;
 pub(crate) mod client;
 mod db_restart;
 mod pool;
-mod report;
-mod rig;
+pub(crate) mod report;
+pub(crate) mod rig;
 mod shutdown;
 mod slow_clients;
 mod upstream_faults;
@@ -270,7 +270,7 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
 }
 
 /// Resolves on Ctrl-C or SIGTERM, saying which.
-async fn stop_signal() -> &'static str {
+pub(crate) async fn stop_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut terminate) => tokio::select! {

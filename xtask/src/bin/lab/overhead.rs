@@ -23,7 +23,7 @@ use xtask::stack;
 /// A Lua script for wrk: ids drawn uniformly from 1 to `USERS`.
 /// Each of wrk's threads gets its own seed: with one seed, both threads would ask for the same
 /// ids at the same moments, which flatters coalescing.
-const UNIFORM: &str = r#"local users = tonumber(os.getenv("USERS"))
+pub(crate) const UNIFORM: &str = r#"local users = tonumber(os.getenv("USERS"))
 local threads = 0
 function setup(thread) threads = threads + 1; thread:set("tid", threads) end
 function init(args) math.randomseed(tonumber(os.getenv("SEED") or "7") * 1000 + tid) end
@@ -404,24 +404,41 @@ fn peak_rss_mib(pid: u32) -> Result<f64> {
     Ok(kib / 1024.0)
 }
 
-/// One wrk run: which script, over how many users, with how many connections, for how long.
-struct Load {
-    script: &'static str,
-    users: u64,
-    connections: usize,
-    seconds: u64,
+/// One wrk run: which script (in `target/bench`), over how many users, with how many
+/// connections, for how long.
+pub(crate) struct Load {
+    pub(crate) script: &'static str,
+    pub(crate) users: u64,
+    pub(crate) connections: usize,
+    pub(crate) seconds: u64,
 }
 
 /// What one wrk run reports.
-struct Wrk {
-    requests: u64,
-    seconds: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+pub(crate) struct Wrk {
+    pub(crate) requests: u64,
+    pub(crate) seconds: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    /// Answers that were not 2xx or 3xx, and socket errors (timeouts included).
+    pub(crate) errors: u64,
 }
 
 impl Load {
+    /// Runs wrk against `http://address`; an answer that is not 2xx is an error.
     async fn wrk(&self, address: &str) -> Result<Wrk> {
+        let wrk = self.wrk_url(&format!("http://{address}")).await?;
+        if wrk.errors > 0 {
+            bail!("wrk saw {} non-2xx answers or socket errors", wrk.errors);
+        }
+        Ok(wrk)
+    }
+
+    /// Runs wrk against `url` (`http://…` or `https://…`, whose certificate wrk does not check).
+    ///
+    /// # Errors
+    ///
+    /// When wrk cannot run or fails.
+    pub(crate) async fn wrk_url(&self, url: &str) -> Result<Wrk> {
         let threads = self.connections.clamp(1, 2);
         let output = Command::new("wrk")
             .args([
@@ -437,7 +454,7 @@ impl Load {
                     .display()
                     .to_string(),
             ])
-            .arg(format!("http://{address}"))
+            .arg(url)
             .env("USERS", self.users.to_string())
             .output()
             .await
@@ -449,9 +466,19 @@ impl Load {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        if text.contains("Non-2xx") {
-            bail!("wrk saw non-2xx answers: {text}");
-        }
+        // "Non-2xx or 3xx responses: N" and "Socket errors: connect N, read N, write N, timeout N".
+        let errors = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+            .chain(
+                text.lines()
+                    .filter_map(|l| l.trim().strip_prefix("Socket errors:")),
+            )
+            .flat_map(|rest| {
+                rest.split(',')
+                    .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+            })
+            .sum();
         let requests = text
             .lines()
             .find(|l| l.contains("requests in"))
@@ -469,6 +496,7 @@ impl Load {
             seconds: self.seconds as f64,
             p50_ms: percentile("50%"),
             p99_ms: percentile("99%"),
+            errors,
         })
     }
 }

@@ -73,6 +73,8 @@ pub struct Answer {
     pub body: Vec<u8>,
     /// Whether the server said it closes the connection after this answer.
     pub close: bool,
+    /// The `Retry-After` header's seconds, when there is one.
+    pub retry_after: Option<u32>,
 }
 
 impl Answer {
@@ -221,21 +223,35 @@ impl Conn {
 /// read.
 fn parse(buf: &[u8]) -> Result<Option<(Answer, usize)>, Failure> {
     let parsed = codec::parse_response(buf, false, MAX_BODY).map_err(|_| Failure::Protocol)?;
-    Ok(parsed.map(|(head, body, used)| (answer(&head, body), used)))
+    Ok(parsed.map(|(head, body, used)| (answer(&head, &buf[..head.len], body), used)))
 }
 
 /// The answer in `buf` when the connection has ended, for bodies framed by the close.
 fn parse_at_eof(buf: &[u8]) -> Option<(Answer, usize)> {
     let (head, body, used) = codec::parse_response(buf, true, MAX_BODY).ok()??;
-    Some((answer(&head, body), used))
+    Some((answer(&head, &buf[..head.len], body), used))
 }
 
-fn answer(head: &codec::Head, body: Vec<u8>) -> Answer {
+fn answer(head: &codec::Head, head_bytes: &[u8], body: Vec<u8>) -> Answer {
     Answer {
         status: head.status,
         body,
         close: !head.keep_alive,
+        retry_after: header(head_bytes, "retry-after").and_then(|v| v.parse().ok()),
     }
+}
+
+/// The value of the header `name` (lower case) in an answer's head, trimmed.
+fn header(head: &[u8], name: &str) -> Option<String> {
+    String::from_utf8_lossy(head)
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_owned())
+        })
 }
 
 /// A `GET` request for `path`.
@@ -329,6 +345,8 @@ pub enum Outcome {
         code: Option<String>,
         /// The JSON error message of an error answer.
         message: Option<String>,
+        /// Its `Retry-After` seconds, if any.
+        retry_after: Option<u32>,
     },
     /// No connection could be made; nothing was sent.
     NotConnected(Failure),
@@ -379,6 +397,7 @@ pub fn outcome_of(answer: &Answer) -> Outcome {
         message: error
             .then(|| json_string_after(&answer.text(), "\"message\":\""))
             .flatten(),
+        retry_after: answer.retry_after,
     }
 }
 
@@ -530,6 +549,7 @@ mod tests {
         let (answer, used) = parse(input).unwrap().unwrap();
         // The bytes after the body belong to the next answer.
         assert_eq!((answer.status, used), (503, input.len() - "extra".len()));
+        assert_eq!(answer.retry_after, Some(1));
         assert_eq!(answer.body, b"{}");
         assert!(!answer.close);
 
@@ -552,6 +572,7 @@ mod tests {
             status: 503,
             body: br#"{"status":"error","error":{"code":"unavailable","message":"x"}}"#.to_vec(),
             close: false,
+            retry_after: Some(1),
         };
         assert_eq!(answer.error_code().as_deref(), Some("unavailable"));
         assert_eq!(
@@ -561,12 +582,14 @@ mod tests {
                 clean: false,
                 code: Some("unavailable".to_owned()),
                 message: Some("x".to_owned()),
+                retry_after: Some(1),
             }
         );
         let ok = Answer {
             status: 200,
             body: br#"{"status":"success","data":{"errors":[]}}"#.to_vec(),
             close: false,
+            retry_after: None,
         };
         assert!(outcome_of(&ok).is_clean());
     }

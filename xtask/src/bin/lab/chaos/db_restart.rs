@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result};
 
 use super::Ctx;
 use super::client::{Load, Outcome};
-use super::report::{self, ScenarioReport, describe_latency, latencies, ms, percentiles};
+use super::report::{self, ScenarioReport, describe_latency, latencies, ms, percentiles, sample};
 
 /// The bound on recovery after the restart.
 const RECOVERY_BOUND: Duration = Duration::from_secs(2);
@@ -235,17 +235,4 @@ async fn backend_pids(ctx: &Ctx, application_name: &str) -> Result<Vec<i32>> {
         .await
         .context("cannot read pg_stat_activity")?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
-}
-
-/// The first few of a list, with a count of the rest.
-pub fn sample(items: &[String]) -> String {
-    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
-    for item in items {
-        *counts.entry(item.as_str()).or_default() += 1;
-    }
-    counts
-        .iter()
-        .map(|(item, n)| format!("{item} ×{n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result};
 
 use super::Ctx;
 use super::client::{Load, Outcome};
-use super::db_restart::sample;
+use super::report::sample;
 use super::report::{self, ScenarioReport, describe_latency, latencies, ms, percentiles};
 
 /// Scheduling slack on a shared 2-core machine with 400 connections open.

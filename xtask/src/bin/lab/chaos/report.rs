@@ -187,6 +187,19 @@ pub fn recovery(records: &[Record], from: Duration) -> (Duration, usize) {
     (recovered_at.saturating_sub(from), clean_after)
 }
 
+/// Each distinct item of a list with how often it occurs (`503 ×4, 200 ×1`).
+pub fn sample(items: &[String]) -> String {
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for item in items {
+        *counts.entry(item.as_str()).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(item, n)| format!("{item} ×{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The final table of every scenario's verdict.
 pub fn summary(reports: &[ScenarioReport], total: Duration) -> String {
     let mut out = String::new();

@@ -297,17 +297,7 @@ impl Api {
     ///
     /// When the API does not answer it.
     pub async fn metrics(&self) -> Result<Metrics> {
-        let answer = client::fetch(
-            self.addr,
-            &client::get("/metrics", false),
-            Duration::from_secs(2),
-        )
-        .await
-        .map_err(|lost| anyhow::anyhow!("/metrics failed: {}", lost.failure.as_str()))?;
-        if answer.status != 200 {
-            bail!("/metrics answered {}", answer.status);
-        }
-        Ok(Metrics::parse(&answer.text()))
+        metrics_at(self.addr).await
     }
 
     /// Polls `/metrics` until `settled` holds or `within` passes; returns the last reading and
@@ -384,6 +374,25 @@ impl Api {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// The `/metrics` of the API listening at `addr`, read within 2 s.
+///
+/// # Errors
+///
+/// When it does not answer 200 in time.
+pub async fn metrics_at(addr: SocketAddr) -> Result<Metrics> {
+    let answer = client::fetch(
+        addr,
+        &client::get("/metrics", false),
+        Duration::from_secs(2),
+    )
+    .await
+    .map_err(|lost| anyhow::anyhow!("{addr}/metrics failed: {}", lost.failure.as_str()))?;
+    if answer.status != 200 {
+        bail!("{addr}/metrics answered {}", answer.status);
+    }
+    Ok(Metrics::parse(&answer.text()))
 }
 
 /// A parsed `/metrics` page: every sample by its full name with labels.

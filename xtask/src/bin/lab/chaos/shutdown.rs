@@ -13,7 +13,7 @@ use anyhow::Result;
 
 use super::Ctx;
 use super::client::{Load, Outcome};
-use super::db_restart::sample;
+use super::report::sample;
 use super::report::{ScenarioReport, ms};
 
 /// The line the API logs once the server has stopped and the pool is closed.

@@ -15,7 +15,7 @@ use upstream::{Fault, Reply, StatusCode};
 
 use super::Ctx;
 use super::client::{self, Answer, json_string_after};
-use super::db_restart::sample;
+use super::report::sample;
 use super::report::{ScenarioReport, ms};
 use super::rig::Api;
 
