@@ -151,8 +151,8 @@ impl Application {
 
         let server_settings = &settings.server;
         let address = SocketAddr::new(server_settings.host, server_settings.port);
-        let listener =
-            TcpListener::bind(address).map_err(|source| StartupError::Bind { address, source })?;
+        let listener = listen(address, server_settings.backlog)
+            .map_err(|source| StartupError::Bind { address, source })?;
         let address = listener
             .local_addr()
             .map_err(|source| StartupError::Bind { address, source })?;
@@ -437,6 +437,23 @@ fn bind_worker(next: &std::sync::atomic::AtomicUsize, service: &service::Service
     }
 }
 
+/// A listening socket with `backlog` pending connections at most. (`TcpListener::bind` listens
+/// with 128, and actix's own backlog setting only applies to the sockets it binds itself: a burst
+/// of connections beyond 128 was refused or timed out behind nginx.)
+fn listen(address: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    // As std does on Unix: a restarted server can bind while old connections linger.
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
+}
+
 /// Waits for SIGTERM or SIGINT and says which. The handlers are installed at the first poll, so
 /// a process that awaits this beside its start-up (the wait for the database) stops on SIGTERM
 /// then too: as the first process of a container it has no default handling of it.
@@ -452,5 +469,22 @@ pub async fn shutdown_signal() -> &'static str {
     tokio::select! {
         _ = terminate.recv() => "SIGTERM",
         _ = interrupt.recv() => "SIGINT",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_listening_socket_has_the_configured_backlog() {
+        let listener = super::listen("127.0.0.1:0".parse().unwrap(), 777).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // `ss` shows a listening socket's backlog as its Send-Q.
+        let out = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{port}")])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let send_q: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(send_q.get(2), Some(&"777"), "{text}");
     }
 }

@@ -83,7 +83,7 @@ impl Default for DbConfig {
             statements: Statements::Prepared,
             replica_urls: Vec::new(),
             replica_max_lag: Duration::from_secs(5),
-            replica_timeout: Duration::from_millis(500),
+            replica_timeout: Duration::from_millis(250),
             health_check_interval: Duration::from_secs(1),
             application_name: "dashboard".to_owned(),
             orders_limit: 100,

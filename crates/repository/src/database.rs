@@ -236,22 +236,6 @@ impl Target {
         pool.get().await.map(|object| (object, own))
     }
 
-    /// A connection from any lane, for a check: one that is idle, or may be opened, at once.
-    pub(crate) async fn take_for_check(&self) -> Result<Object, PoolError> {
-        let mut last = PoolError::Closed;
-        for pool in &self.lanes {
-            let at_once = Timeouts {
-                wait: Some(Duration::ZERO),
-                ..pool.timeouts()
-            };
-            match pool.timeout_get(&at_once).await {
-                Ok(object) => return Ok(object),
-                Err(error) => last = error,
-            }
-        }
-        Err(last)
-    }
-
     fn claim_home(&self, worker: usize) {
         let Some(home) = self.homes.get(worker % self.homes.len().max(1)) else {
             return;
@@ -305,8 +289,9 @@ impl Database {
     /// [`Error::Config`] when the settings are unusable.
     pub fn connect_lazy_in_lanes(config: &DbConfig, lanes: usize) -> Result<Self, Error> {
         let count = lanes.clamp(1, config.max_size.max(1));
-        let primary = Target::build(&config.pg_config()?, config, count)?;
-        let primary = Arc::new(Node::new("primary".to_owned(), Role::Primary, primary));
+        let pg = config.pg_config()?;
+        let primary = Target::build(&pg, config, count)?;
+        let primary = Arc::new(Node::new("primary".to_owned(), Role::Primary, primary, pg));
         let replicas = config
             .replica_pg_configs()?
             .iter()
@@ -314,7 +299,7 @@ impl Database {
             .map(|(i, pg)| {
                 let target = Target::build(pg, config, count)?;
                 let name = format!("replica-{}", i + 1);
-                Ok(Arc::new(Node::new(name, Role::Replica, target)))
+                Ok(Arc::new(Node::new(name, Role::Replica, target, pg.clone())))
             })
             .collect::<Result<Arc<[_]>, Error>>()?;
         Ok(Self {
@@ -509,16 +494,13 @@ impl Database {
         futures::future::join_all(checks).await;
     }
 
-    /// What each database looks like now, for a readiness report: each checked now (a check
-    /// already running is not repeated), as far as `within` allows; what a check did not finish
-    /// in time says is the last one's finding.
+    /// What each database looks like now, for a readiness report: each asked now, on the
+    /// checks' own session, within `within` (see the `health` module).
     pub async fn states(&self, within: Duration) -> Vec<DatabaseState> {
-        let nodes: Vec<&Arc<Node>> = std::iter::once(&self.primary)
+        let reports = std::iter::once(&self.primary)
             .chain(self.replicas.iter())
-            .collect();
-        let checks = nodes.iter().map(|node| Arc::clone(node).check(self.limits));
-        let _ = tokio::time::timeout(within, futures::future::join_all(checks)).await;
-        nodes.iter().map(|node| node.state()).collect()
+            .map(|node| node.report(self.limits, within));
+        futures::future::join_all(reports).await
     }
 
     /// The pools' current size, idle connections and waiters (all lanes and databases
@@ -631,7 +613,7 @@ impl Link {
     /// Waits for the connection's abandoned statements to finish, and ends its transaction, then
     /// lets it go back to the pool; cancels them and closes the connection if that takes longer
     /// than [`SETTLE_TIMEOUT`].
-    async fn settle(mut self) {
+    async fn settle(mut self, cancel: bool) {
         let Some(object) = self.object.take() else {
             return;
         };
@@ -651,10 +633,15 @@ impl Link {
             _ => {
                 let token = object.cancel_token();
                 let client = Object::take(object);
-                // Bounded: a server that does not answer must not keep this task alive.
-                let sent = tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls)).await;
-                if !matches!(sent, Ok(Ok(()))) {
-                    tracing::debug!("could not send a cancel request for an abandoned statement");
+                if cancel {
+                    // Bounded: a server that does not answer must not keep this task alive.
+                    let sent =
+                        tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls)).await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        tracing::debug!(
+                            "could not send a cancel request for an abandoned statement"
+                        );
+                    }
                 }
                 drop(client);
             }
@@ -688,8 +675,9 @@ impl Link {
 /// [`SETTLE_TIMEOUT`]: an empty query, answered only after everything queued before it, tells when
 /// the abandoned statements are done. A connection that settles in time goes back to the pool
 /// (the common case: a user not found cancels two quick reads). One that does not gets a cancel
-/// request for its running statement and is closed; since it is never handed out again, the
-/// cancel cannot hit somebody else's statement.
+/// request for its running statement (with [`Statements::Prepared`]; through a pooler the session
+/// closing ends it) and is closed; since it is never handed out again, the cancel cannot hit
+/// somebody else's statement.
 pub struct Conn {
     main: Link,
     /// The primary's connection, once a statement on the replica failed.
@@ -719,6 +707,12 @@ impl Drop for Conn {
         ];
         let held = self.held.take();
         let abandoned = self.abandoned.load(Ordering::Relaxed);
+        // Through a transaction pooler (unnamed statements) an abandoned statement is not
+        // cancelled but its session closed, which ends it there, and SET LOCAL statement_timeout
+        // bounds it on the server: PgBouncer 1.18.0 crashes on a cancel request from a client
+        // that closes its cancel socket at once, as tokio-postgres does (pgbouncer#801, fixed in
+        // 1.19.1; seen here under `cargo xtask cluster chaos`).
+        let cancel = self.limits.statements == Statements::Prepared;
         let settle = links
             .iter()
             .flatten()
@@ -729,7 +723,7 @@ impl Drop for Conn {
                 runtime.spawn(async move {
                     for link in links.into_iter().flatten() {
                         if link.must_settle(abandoned) {
-                            link.settle().await;
+                            link.settle(cancel).await;
                         } else {
                             link.release();
                         }

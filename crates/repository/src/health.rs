@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use tokio_postgres::NoTls;
+
 use crate::database::{Limits, Target};
 
 /// The lag of a replica in milliseconds (0 when it has replayed all it received), or -1 for a
@@ -95,9 +97,6 @@ pub struct DatabaseState {
     pub error: Option<String>,
 }
 
-/// What a check that found every connection busy says (not an error of the database).
-const BUSY: &str = "busy";
-
 const UNCHECKED: u8 = 0;
 const UP: u8 = 1;
 const LAGGING: u8 = 2;
@@ -116,10 +115,27 @@ pub(crate) struct Node {
     /// The primary only: a read on it failed, so it is checked until it answers.
     suspect: AtomicBool,
     error: Mutex<Option<String>>,
+    /// Where checks connect: a session of their own, apart from the pool, so that a pool whose
+    /// connections are all busy (or all stuck behind a pooler) neither delays nor fools them.
+    pg: tokio_postgres::Config,
+    session: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+/// Why a check found no answer.
+enum Failure {
+    /// Nothing within the bound.
+    TimedOut(Duration),
+    /// The connection or the query failed (the message may quote the server).
+    Error(String),
 }
 
 impl Node {
-    pub(crate) fn new(name: String, role: Role, target: Target) -> Self {
+    pub(crate) fn new(
+        name: String,
+        role: Role,
+        target: Target,
+        pg: tokio_postgres::Config,
+    ) -> Self {
         Self {
             name,
             role,
@@ -130,6 +146,8 @@ impl Node {
             checking: AtomicBool::new(false),
             suspect: AtomicBool::new(false),
             error: Mutex::new(None),
+            pg,
+            session: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -197,42 +215,65 @@ impl Node {
         }
     }
 
-    /// Checks the database now unless a check is already running, and schedules the next.
+    /// Checks the database now unless a check is already running, records what it found, and
+    /// schedules the next.
     pub(crate) async fn check(self: std::sync::Arc<Self>, limits: Limits) {
         if self.checking.swap(true, Ordering::Relaxed) {
             return;
         }
-        self.probe(limits).await;
+        // Cleared however this ends, a dropped future included.
+        struct Running<'a>(&'a AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
+        let _running = Running(&self.checking);
+        let found = self.ask(self.bound(limits)).await;
+        self.record(limits, found);
         if let Ok(mut due) = self.due.lock() {
             *due = Some(Instant::now() + limits.check_interval);
         }
-        self.checking.store(false, Ordering::Relaxed);
     }
 
-    /// Asks the database whether it answers (and a replica how far behind it is), bounded, and
-    /// records what it found.
-    pub(crate) async fn probe(&self, limits: Limits) {
-        let bound = match self.role {
+    /// For a readiness report: asks now, within `within` at most. What it finds is recorded,
+    /// except no answer within `within` (shorter than a check's own bound, so not proof enough
+    /// to make reads fail fast): that is only reported.
+    pub(crate) async fn report(&self, limits: Limits, within: Duration) -> DatabaseState {
+        match self.ask(self.bound(limits).min(within)).await {
+            Err(Failure::TimedOut(bound)) => DatabaseState {
+                reach: Reach::Down,
+                lag_ms: None,
+                error: Some(format!("no answer within {bound:?}")),
+                ..self.state()
+            },
+            found => {
+                self.record(limits, found);
+                self.state()
+            }
+        }
+    }
+
+    /// How long a check may take: a replica's as long as its reads may go unanswered; the
+    /// primary's as long as opening a connection may take (a loaded primary is slow, not gone).
+    fn bound(&self, limits: Limits) -> Duration {
+        match self.role {
             Role::Primary => limits.primary_check_timeout,
             Role::Replica => limits.replica_timeout,
-        };
-        let lag = tokio::time::timeout(bound, self.lag()).await;
-        let before = match (self.reach.load(Ordering::Relaxed), self.role) {
-            (UNCHECKED, Role::Primary) => UP,
-            (before, _) => before,
-        };
-        let (reach, error) = match &lag {
-            Ok(Ok(lag)) if *lag > limits.max_lag => (LAGGING, None),
-            Ok(Ok(_)) => (UP, None),
-            // Every connection busy: a loaded database, not a gone one.
-            Ok(Err(error)) if error == BUSY => (before, None),
-            Ok(Err(error)) => (DOWN, Some(error.clone())),
-            Err(_) => (DOWN, Some(format!("no answer within {bound:?}"))),
-        };
-        if let Ok(Ok(lag)) = lag {
-            let millis = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
-            self.lag_ms.store(millis, Ordering::Relaxed);
         }
+    }
+
+    /// Records what a check found.
+    fn record(&self, limits: Limits, found: Result<Duration, Failure>) {
+        let (reach, error) = match found {
+            Ok(lag) => {
+                let millis = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
+                self.lag_ms.store(millis, Ordering::Relaxed);
+                (if lag > limits.max_lag { LAGGING } else { UP }, None)
+            }
+            Err(Failure::Error(error)) => (DOWN, Some(error)),
+            Err(Failure::TimedOut(bound)) => (DOWN, Some(format!("no answer within {bound:?}"))),
+        };
         if reach == UP {
             self.suspect.store(false, Ordering::Relaxed);
         }
@@ -254,31 +295,39 @@ impl Node {
         self.set_error(error);
     }
 
-    /// The replica's replay lag (zero for a server that is not in recovery).
-    async fn lag(&self) -> Result<Duration, String> {
-        let object =
-            self.target.take_for_check().await.map_err(|e| {
-                match crate::Error::from_pool(e, Duration::ZERO) {
-                    crate::Error::PoolTimeout(_) => BUSY.to_owned(),
-                    other => other.to_string(),
+    /// Asks the database, on the checks' own session, how far behind it is (zero for a server
+    /// that is not in recovery), within `bound`.
+    async fn ask(&self, bound: Duration) -> Result<Duration, Failure> {
+        let asked = async {
+            let mut slot = self.session.lock().await;
+            // Taken out while in use: a check cut short drops it (closing it) rather than leave
+            // a half-answered query for the next check.
+            let client = match slot.take() {
+                Some(client) if !client.is_closed() => client,
+                _ => {
+                    let (client, connection) = self.pg.connect(NoTls).await.map_err(one_line)?;
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    client
                 }
-            })?;
-        let messages = object.simple_query(LAG_SQL).await.map_err(|e| {
-            let error = crate::Error::from(e);
-            if matches!(error, crate::Error::Unavailable(_)) {
-                drop(deadpool_postgres::Object::take(object));
-            }
-            error.to_string()
-        })?;
-        let millis: i64 = messages
-            .iter()
-            .find_map(|message| match message {
-                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
-                _ => None,
-            })
-            .and_then(|text| text.parse().ok())
-            .ok_or_else(|| "the lag query returned no number".to_owned())?;
-        Ok(Duration::from_millis(u64::try_from(millis).unwrap_or(0)))
+            };
+            let messages = client.simple_query(LAG_SQL).await.map_err(one_line)?;
+            *slot = Some(client);
+            let millis: i64 = messages
+                .iter()
+                .find_map(|message| match message {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                    _ => None,
+                })
+                .and_then(|text| text.parse().ok())
+                .ok_or_else(|| "the lag query returned no number".to_owned())?;
+            Ok(Duration::from_millis(u64::try_from(millis).unwrap_or(0)))
+        };
+        match tokio::time::timeout(bound, asked).await {
+            Ok(answer) => answer.map_err(Failure::Error),
+            Err(_) => Err(Failure::TimedOut(bound)),
+        }
     }
 
     /// The database's state for a readiness report.
@@ -298,4 +347,9 @@ impl Node {
             error: self.error.lock().ok().and_then(|e| e.clone()),
         }
     }
+}
+
+/// A driver error as one line, through the repository's error type (no SQL text).
+fn one_line(error: tokio_postgres::Error) -> String {
+    crate::Error::from(error).to_string()
 }
