@@ -46,16 +46,21 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)?;
             api::telemetry::init(&settings.telemetry).context("cannot set up logging")?;
             // Start-up may wait for the database (startup.db_wait); a SIGTERM meanwhile stops it.
+            // One signal listener from here on, so none arriving in between is lost.
+            let mut stop = Box::pin(api::shutdown_signal());
             let application = tokio::select! {
                 built = Application::build(settings) => {
                     built.context("cannot start the dashboard API")?
                 }
-                signal = api::shutdown_signal() => {
+                signal = &mut stop => {
                     tracing::info!(signal, "stopped while starting");
                     return Ok(());
                 }
             };
-            application.run().await.context("the server failed")?;
+            application
+                .run_until(stop)
+                .await
+                .context("the server failed")?;
         }
         Command::Migrate(args) => migrate::run(&settings, &args).await?,
         Command::Token(args) => println!("{}", token::mint(&settings.auth, &args)?),

@@ -217,7 +217,7 @@ impl Metrics {
         let db_fallbacks = Family::<DatabaseLabels, Counter<u64, AtomicU64>>::default();
         registry.register(
             "db_replica_fallbacks",
-            "Statements that failed on a replica (gone) and ran again on the primary",
+            "Statements that failed on a replica (gone, or no answer within replica_timeout) and went to the primary",
             db_fallbacks.clone(),
         );
         let source_handles = Source::ALL.map(|source| {

@@ -176,11 +176,15 @@ async fn a_database_that_stops_answering_gives_503_with_retry_after() {
         ))
         .await
         .unwrap();
-    // A readiness check finds the database back at once (reads would find it within
-    // database.health_check_interval: the failures made the primary watched, and a check that
-    // found it down makes reads fail fast until one finds it back).
+    // The readiness check above found the database down, so reads fail fast; the failures made
+    // the primary watched, and a background check finds it back within
+    // database.health_check_interval (1 s), with no readiness request needed (bounded wait).
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    while app.get("/api/users/1/dashboard").await.status() != 200 {
+        assert!(std::time::Instant::now() < give_up, "reads never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(app.get("/readyz").await.status(), 200);
-    assert_eq!(app.get("/api/users/1/dashboard").await.status(), 200);
 }
 
 #[tokio::test]

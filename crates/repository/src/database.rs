@@ -1,7 +1,7 @@
 //! The connection pools and the reads the dashboard needs.
 //!
 //! [`Database`] owns a deadpool-postgres pool for the primary and one for each read replica
-//! ([`crate::replica`] says which replica a read may use). Every method here reads, so every
+//! ([`crate::health`] says which database a read may use). Every method here reads, so every
 //! lease goes to a usable replica when there is one and to the primary otherwise; a statement
 //! whose replica fails under it runs again on the primary (see [`Conn`]).
 //!
@@ -106,8 +106,10 @@ pub(crate) struct Limits {
     /// How long a replica statement may go unanswered before it runs on the primary, and a
     /// replica check may take.
     pub(crate) replica_timeout: Duration,
-    /// How long the primary's check may take (opening a connection included).
+    /// How long the primary's check may take.
     pub(crate) primary_check_timeout: Duration,
+    /// How long a check may take to open its session (`create_timeout`).
+    pub(crate) connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for Database {
@@ -152,7 +154,8 @@ pub struct LeaseCount {
     pub database: String,
     /// Leases handed out from it.
     pub leases: u64,
-    /// Statements that failed on it (a replica gone) and ran again on the primary.
+    /// Statements that failed on it (a replica gone, or silent past `replica_timeout`) and went
+    /// to the primary.
     pub fallbacks: u64,
 }
 
@@ -316,6 +319,7 @@ impl Database {
                 check_interval: config.health_check_interval,
                 replica_timeout: config.replica_timeout,
                 primary_check_timeout: config.create_timeout,
+                connect_timeout: config.create_timeout,
             },
         })
     }
@@ -348,7 +352,7 @@ impl Database {
     }
 
     /// Takes a connection for reading, waiting at most the configured `wait_timeout`: from a
-    /// usable replica if there is one (see [`crate::replica`]), else from the primary.
+    /// usable replica if there is one (see [`crate::health`]), else from the primary.
     ///
     /// # Errors
     ///
@@ -955,10 +959,12 @@ impl Conn {
             }
         };
         let result = link.track(result);
-        if let Err(Error::Unavailable(reason)) = &result
-            && (self.replica.is_none() || !std::ptr::eq(link, &self.main))
-        {
-            self.primary.failed(reason);
+        if self.replica.is_none() || !std::ptr::eq(link, &self.main) {
+            match &result {
+                Err(Error::Unavailable(reason)) => self.primary.failed(reason),
+                Ok(_) => self.primary.answered(),
+                Err(_) => {}
+            }
         }
         result
     }

@@ -27,6 +27,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
 
 use crate::database::{Limits, Target};
 
@@ -229,7 +230,7 @@ impl Node {
             }
         }
         let _running = Running(&self.checking);
-        let found = self.ask(self.bound(limits)).await;
+        let found = self.ask(limits, self.bound(limits)).await;
         self.record(limits, found);
         if let Ok(mut due) = self.due.lock() {
             *due = Some(Instant::now() + limits.check_interval);
@@ -240,13 +241,17 @@ impl Node {
     /// except no answer within `within` (shorter than a check's own bound, so not proof enough
     /// to make reads fail fast): that is only reported.
     pub(crate) async fn report(&self, limits: Limits, within: Duration) -> DatabaseState {
-        match self.ask(self.bound(limits).min(within)).await {
-            Err(Failure::TimedOut(bound)) => DatabaseState {
-                reach: Reach::Down,
-                lag_ms: None,
-                error: Some(format!("no answer within {bound:?}")),
-                ..self.state()
-            },
+        match self.ask(limits, self.bound(limits).min(within)).await {
+            Err(Failure::TimedOut(bound)) => {
+                // Not proof enough to fail reads fast, but worth a check of its own.
+                self.suspect.store(true, Ordering::Relaxed);
+                DatabaseState {
+                    reach: Reach::Down,
+                    lag_ms: None,
+                    error: Some(format!("no answer within {bound:?}")),
+                    ..self.state()
+                }
+            }
             found => {
                 self.record(limits, found);
                 self.state()
@@ -254,8 +259,9 @@ impl Node {
         }
     }
 
-    /// How long a check may take: a replica's as long as its reads may go unanswered; the
-    /// primary's as long as opening a connection may take (a loaded primary is slow, not gone).
+    /// How long a check's question may take: a replica's as long as its reads may go
+    /// unanswered; the primary's as long as opening a connection may take (a loaded primary is
+    /// slow, not gone).
     fn bound(&self, limits: Limits) -> Duration {
         match self.role {
             Role::Primary => limits.primary_check_timeout,
@@ -274,9 +280,9 @@ impl Node {
             Err(Failure::Error(error)) => (DOWN, Some(error)),
             Err(Failure::TimedOut(bound)) => (DOWN, Some(format!("no answer within {bound:?}"))),
         };
-        if reach == UP {
-            self.suspect.store(false, Ordering::Relaxed);
-        }
+        // Watched until a check finds it answering (a primary found down by a readiness report
+        // included: nothing else would look at it again while reads fail fast).
+        self.suspect.store(reach != UP, Ordering::Relaxed);
         let was = self.reach.swap(reach, Ordering::Relaxed);
         if was != reach {
             let name = &self.name;
@@ -296,37 +302,56 @@ impl Node {
     }
 
     /// Asks the database, on the checks' own session, how far behind it is (zero for a server
-    /// that is not in recovery), within `bound`.
-    async fn ask(&self, bound: Duration) -> Result<Duration, Failure> {
-        let asked = async {
-            let mut slot = self.session.lock().await;
-            // Taken out while in use: a check cut short drops it (closing it) rather than leave
-            // a half-answered query for the next check.
-            let client = match slot.take() {
-                Some(client) if !client.is_closed() => client,
-                _ => {
-                    let (client, connection) = self.pg.connect(NoTls).await.map_err(one_line)?;
-                    tokio::spawn(async move {
-                        let _ = connection.await;
-                    });
-                    client
+    /// that is not in recovery): opening the session within the connect bound
+    /// (`create_timeout`), the question within `bound`. A server that refuses the session because
+    /// it has no connection slot left (53300) answers: it is full, not gone.
+    async fn ask(&self, limits: Limits, bound: Duration) -> Result<Duration, Failure> {
+        let mut slot = self.session.lock().await;
+        // Taken out while in use: a check cut short drops it (closing it) rather than leave a
+        // half-answered query for the next check.
+        let client = match slot.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => {
+                let connect = tokio::time::timeout(limits.connect_timeout, self.pg.connect(NoTls));
+                match connect.await {
+                    Err(_) => return Err(Failure::TimedOut(limits.connect_timeout)),
+                    Ok(Err(e)) if e.code() == Some(&SqlState::TOO_MANY_CONNECTIONS) => {
+                        return Ok(Duration::ZERO);
+                    }
+                    Ok(Err(e)) => return Err(Failure::Error(one_line(e))),
+                    Ok(Ok((client, connection))) => {
+                        tokio::spawn(async move {
+                            let _ = connection.await;
+                        });
+                        client
+                    }
                 }
-            };
-            let messages = client.simple_query(LAG_SQL).await.map_err(one_line)?;
-            *slot = Some(client);
-            let millis: i64 = messages
-                .iter()
-                .find_map(|message| match message {
-                    tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
-                    _ => None,
-                })
-                .and_then(|text| text.parse().ok())
-                .ok_or_else(|| "the lag query returned no number".to_owned())?;
-            Ok(Duration::from_millis(u64::try_from(millis).unwrap_or(0)))
+            }
         };
-        match tokio::time::timeout(bound, asked).await {
-            Ok(answer) => answer.map_err(Failure::Error),
-            Err(_) => Err(Failure::TimedOut(bound)),
+        let messages = match tokio::time::timeout(bound, client.simple_query(LAG_SQL)).await {
+            Err(_) => return Err(Failure::TimedOut(bound)),
+            Ok(Err(e)) => return Err(Failure::Error(one_line(e))),
+            Ok(Ok(messages)) => messages,
+        };
+        *slot = Some(client);
+        let millis: i64 = messages
+            .iter()
+            .find_map(|message| match message {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                _ => None,
+            })
+            .and_then(|text| text.parse().ok())
+            .ok_or_else(|| Failure::Error("the lag query returned no number".to_owned()))?;
+        Ok(Duration::from_millis(u64::try_from(millis).unwrap_or(0)))
+    }
+
+    /// A statement on this database just succeeded: whatever a check said, it answers.
+    pub(crate) fn answered(&self) {
+        if self.reach.load(Ordering::Relaxed) == DOWN && self.role == Role::Primary {
+            self.reach.store(UP, Ordering::Relaxed);
+            self.suspect.store(false, Ordering::Relaxed);
+            self.set_error(None);
+            tracing::info!(database = %self.name, "database answers");
         }
     }
 

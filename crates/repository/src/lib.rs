@@ -9,7 +9,7 @@
 //!   enough, else to the primary (`health`), and can go through a transaction pooler such as
 //!   PgBouncer ([`Statements::Unnamed`]).
 //! - The reads the dashboard and the batch summaries need ([`Conn::profile`], [`Conn::orders`],
-//!   [`Conn::reviews`], [`Conn::user_summaries`]) run prepared statements
+//!   [`Conn::reviews`], [`Conn::user_summaries`]) run statements (prepared once per connection and cached, or unnamed through a pooler)
 //!   cached per connection and return typed rows ([`models`]); money is an exact decimal.
 //! - Errors are a typed [`Error`] a caller can match on: pool timeout, unavailable server,
 //!   statement timeout, other query errors with their SQLSTATE. No database error panics.

@@ -189,7 +189,13 @@ impl Service {
         loop {
             // Replicas checked first, so that the reads use them from the first request.
             self.inner.db.check_replicas().await;
-            match self.inner.db.ping().await {
+            let ping = tokio::time::timeout_at(give_up.into(), self.inner.db.ping()).await;
+            let ping = ping.unwrap_or_else(|_| {
+                Err(repository::Error::Unavailable(format!(
+                    "no answer within {within:?}"
+                )))
+            });
+            match ping {
                 Ok(()) => {
                     self.inner.db.close_idle();
                     return Ok(());
@@ -205,10 +211,10 @@ impl Service {
     }
 
     /// Whether the service can serve: a database that reads can use answers within `within`
-    /// (the primary, or a replica recent enough; see `repository`'s replica module). Every
-    /// connection busy serving requests counts as an answer: that is a loaded instance, not a
-    /// broken one, and taking it out of a load balancer would only push its load onto the
-    /// others. Returns what each database looks like, for the readiness report.
+    /// (the primary, or a replica recent enough), asked on a session of its own, apart from the
+    /// pool, so that an instance whose connections are all busy serving is still ready (taking
+    /// a loaded instance out of a load balancer would only push its load onto the others).
+    /// Returns what each database looks like, for the readiness report.
     ///
     /// # Errors
     ///
