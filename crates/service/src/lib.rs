@@ -189,7 +189,7 @@ impl Service {
         loop {
             // Replicas checked first, so that the reads use them from the first request.
             self.inner.db.check_replicas().await;
-            let ping = tokio::time::timeout_at(give_up.into(), self.inner.db.ping()).await;
+            let ping = tokio::time::timeout_at(give_up, self.inner.db.ping()).await;
             let ping = ping.unwrap_or_else(|_| {
                 Err(repository::Error::Unavailable(format!(
                     "no answer within {within:?}"
