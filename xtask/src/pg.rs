@@ -69,20 +69,7 @@ impl Cluster {
     /// When the PostgreSQL binaries are missing or the directories cannot be prepared.
     pub fn new(state_dir: &Path, port: u16, user: &str, settings: Vec<String>) -> Result<Self> {
         let bin_dir = find_bin_dir()?;
-        std::fs::create_dir_all(state_dir)
-            .with_context(|| format!("cannot create {}", state_dir.display()))?;
-        let state_dir = state_dir
-            .canonicalize()
-            .with_context(|| format!("cannot resolve {}", state_dir.display()))?;
-        let run_as = if running_as_root()? {
-            Some(postgres_user()?)
-        } else {
-            None
-        };
-        let server_dir = match &run_as {
-            None => state_dir.clone(),
-            Some(system_user) => reachable_server_dir(&state_dir, system_user)?,
-        };
+        let (state_dir, server_dir, run_as) = server_dirs(state_dir)?;
         Ok(Self {
             state_dir,
             server_dir,
@@ -531,6 +518,27 @@ impl Cluster {
     }
 }
 
+/// Creates and resolves `state_dir`, and picks the user a server runs as (the `postgres` system
+/// user when this process is root) and the directory it works in (`state_dir`, or one that user
+/// can reach): `(state_dir, server_dir, run_as)`.
+fn server_dirs(state_dir: &Path) -> Result<(PathBuf, PathBuf, Option<SystemUser>)> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let state_dir = state_dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", state_dir.display()))?;
+    let run_as = if running_as_root()? {
+        Some(postgres_user()?)
+    } else {
+        None
+    };
+    let server_dir = match &run_as {
+        None => state_dir.clone(),
+        Some(system_user) => reachable_server_dir(&state_dir, system_user)?,
+    };
+    Ok((state_dir, server_dir, run_as))
+}
+
 /// A directory for another server program beside the clusters (PgBouncer), and the user it runs
 /// as: like a cluster, the `postgres` system user when this process is root (PgBouncer refuses
 /// to run as root), in a directory that user owns and can reach.
@@ -549,20 +557,7 @@ impl ServerHome {
     ///
     /// When the directory cannot be prepared or, as root, the `postgres` user does not exist.
     pub fn new(state_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(state_dir)
-            .with_context(|| format!("cannot create {}", state_dir.display()))?;
-        let state_dir = state_dir
-            .canonicalize()
-            .with_context(|| format!("cannot resolve {}", state_dir.display()))?;
-        let run_as = if running_as_root()? {
-            Some(postgres_user()?)
-        } else {
-            None
-        };
-        let dir = match &run_as {
-            None => state_dir,
-            Some(system_user) => reachable_server_dir(&state_dir, system_user)?,
-        };
+        let (_, dir, run_as) = server_dirs(state_dir)?;
         Ok(Self { dir, run_as })
     }
 

@@ -373,22 +373,6 @@ impl Database {
         self.lease(Pick::Lane(lane)).await
     }
 
-    /// Takes a connection from the primary only (for tools and checks that must see it).
-    ///
-    /// # Errors
-    ///
-    /// As [`Database::conn`].
-    pub async fn primary_conn(&self) -> Result<Conn, Error> {
-        self.claim_home();
-        let (object, lane) = self
-            .primary
-            .target
-            .take(Pick::Any)
-            .await
-            .map_err(|e| self.pool_error(e))?;
-        Ok(self.wrap(object, lane, None))
-    }
-
     async fn lease(&self, pick: Pick) -> Result<Conn, Error> {
         self.claim_home();
         if let Some(replica) = self.usable_replica() {
@@ -526,11 +510,6 @@ impl Database {
     /// The number of lanes (pools per database, one per worker thread).
     pub fn lanes(&self) -> usize {
         self.primary.target.lanes.len()
-    }
-
-    /// The number of replicas configured.
-    pub fn replicas(&self) -> usize {
-        self.replicas.len()
     }
 
     /// For each database (`primary`, `replica-N`): the leases it handed out, and the statements

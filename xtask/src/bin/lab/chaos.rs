@@ -242,31 +242,11 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
         reports = work => reports?,
         signal = stop_signal() => bail!("{signal}: stopped; what this run started has been removed"),
     };
-    let summary = report::summary(&reports, started.elapsed());
-    println!("{summary}");
-    let text: String = reports
-        .iter()
-        .map(ScenarioReport::render)
-        .chain(std::iter::once(summary))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let path = std::path::Path::new(rig::LOG_DIR).join("report.txt");
-    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
-    println!("report written to {}", path.display());
-    let failed: Vec<&str> = reports
-        .iter()
-        .filter(|r| !r.passed())
-        .map(|r| r.name.as_str())
-        .collect();
-    if !failed.is_empty() {
-        bail!(
-            "{} of {} scenarios failed: {}",
-            failed.len(),
-            reports.len(),
-            failed.join(", ")
-        );
-    }
-    Ok(())
+    report::finish(
+        &reports,
+        started.elapsed(),
+        &std::path::Path::new(rig::LOG_DIR).join("report.txt"),
+    )
 }
 
 /// Resolves on Ctrl-C or SIGTERM, saying which.

@@ -19,7 +19,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
 use tokio::time::{Instant, sleep};
 use xtask::pg::Cluster;
@@ -150,26 +150,11 @@ pub async fn run(args: ClusterChaosArgs) -> Result<()> {
         reports = work => reports?,
         signal = crate::chaos::stop_signal() => bail!("{signal}: stopped; what this run started has been stopped"),
     };
-    let summary = report::summary(&reports, started.elapsed());
-    println!("{summary}");
-    let text: Vec<String> = reports.iter().map(ScenarioReport::render).collect();
-    let path = std::path::Path::new(LOG_DIR).join("cluster-report.txt");
-    std::fs::write(&path, text.join("\n") + "\n" + &summary)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    println!("report written to {}", path.display());
-    let failed: Vec<&str> = reports
-        .iter()
-        .filter(|r| !r.passed())
-        .map(|r| r.name.as_str())
-        .collect();
-    ensure!(
-        failed.is_empty(),
-        "{} of {} scenarios failed: {}",
-        failed.len(),
-        reports.len(),
-        failed.join(", ")
-    );
-    Ok(())
+    report::finish(
+        &reports,
+        started.elapsed(),
+        &std::path::Path::new(LOG_DIR).join("cluster-report.txt"),
+    )
 }
 
 /// Starts a topology, runs the scenario on it, checks what is left behind, stops it.

@@ -240,6 +240,43 @@ pub fn summary(reports: &[ScenarioReport], total: Duration) -> String {
     out
 }
 
+/// Ends a chaos run: prints the summary, writes every report and the summary to `path`, and
+/// fails naming the scenarios that failed.
+///
+/// # Errors
+///
+/// When the file cannot be written or a scenario failed.
+pub(crate) fn finish(
+    reports: &[ScenarioReport],
+    took: Duration,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let summary = summary(reports, took);
+    println!("{summary}");
+    let text: String = reports
+        .iter()
+        .map(ScenarioReport::render)
+        .chain(std::iter::once(summary))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("report written to {}", path.display());
+    let failed: Vec<&str> = reports
+        .iter()
+        .filter(|r| !r.passed())
+        .map(|r| r.name.as_str())
+        .collect();
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} of {} scenarios failed: {}",
+        failed.len(),
+        reports.len(),
+        failed.join(", ")
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
