@@ -19,6 +19,7 @@ use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Status, Timeouts,
     Transaction,
 };
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 use tracing::instrument;
@@ -549,6 +550,11 @@ struct Link {
     object: Option<Object>,
     begun: AtomicBool,
     broken: AtomicBool,
+    /// How many times the lease's transaction was rolled back and begun again after a statement
+    /// failed in it ([`Statements::Unnamed`]); see [`Link::restart`].
+    restarts: AtomicU64,
+    /// Held while one statement restarts the transaction, so its siblings do not restart it too.
+    restarting: tokio::sync::Mutex<()>,
 }
 
 impl Link {
@@ -557,7 +563,29 @@ impl Link {
             object: Some(object),
             begun: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            restarts: AtomicU64::new(0),
+            restarting: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Ends the lease's aborted transaction and begins a new one with `begin`, unless a sibling
+    /// statement already did so since `seen` was read (before the caller's statement was sent).
+    ///
+    /// A statement that fails (a statement timeout, say) aborts the transaction, and everything
+    /// pipelined behind it is refused with 25P02 until it ends. Each refused statement comes
+    /// here; the first one restarts the transaction and the others find it restarted. The
+    /// ROLLBACK and BEGIN go in one message, so a transaction pooler keeps the server
+    /// connection (it sees the session idle only at the message's end, and then it is in the
+    /// new transaction).
+    async fn restart(&self, seen: u64, begin: &str) -> Result<(), tokio_postgres::Error> {
+        let _turn = self.restarting.lock().await;
+        if self.restarts.load(Ordering::Acquire) == seen {
+            self.client()
+                .batch_execute(&format!("ROLLBACK; {begin}"))
+                .await?;
+            self.restarts.fetch_add(1, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn client(&self) -> &Object {
@@ -640,7 +668,9 @@ impl Link {
 /// With [`Statements::Unnamed`], the first statement goes out pipelined behind `BEGIN READ ONLY;
 /// SET LOCAL statement_timeout = …`, and the lease's release sends `COMMIT` before the connection
 /// goes back to the pool: a transaction pooler keeps one server connection for the whole lease,
-/// and the timeout holds without a start-up option.
+/// and the timeout holds without a start-up option. A statement that fails aborts that
+/// transaction; the siblings refused for it (25P02) are sent again in a new one, so each read
+/// fails or succeeds on its own, as with [`Statements::Prepared`].
 ///
 /// A connection to a replica whose statement fails because the replica went away (stopped,
 /// restarted, or its pooler cannot reach it) marks the replica down, and that statement and the
@@ -683,6 +713,8 @@ impl Drop for Conn {
             object: None,
             begun: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            restarts: AtomicU64::new(0),
+            restarting: tokio::sync::Mutex::new(()),
         };
         let links = [
             Some(std::mem::replace(&mut self.main, placeholder)),
@@ -920,20 +952,36 @@ impl Conn {
                     .zip(sql.types)
                     .map(|(param, ty)| (*param, ty.clone()))
                     .collect();
-                if link.begun.swap(true, Ordering::Relaxed) {
-                    client.query_typed(sql.text, &typed).await
-                } else {
-                    // Polled in this order, so BEGIN goes out first; a sibling statement polled
-                    // later queues behind both.
-                    let begin = format!(
-                        "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
-                        self.limits.statement_timeout.as_millis()
-                    );
-                    let (begun, rows) = tokio::join!(
-                        client.batch_execute(&begin),
-                        client.query_typed(sql.text, &typed)
-                    );
-                    begun.and(rows)
+                let mut refused = 0;
+                loop {
+                    let seen = link.restarts.load(Ordering::Acquire);
+                    let result = if link.begun.swap(true, Ordering::Relaxed) {
+                        client.query_typed(sql.text, &typed).await
+                    } else {
+                        // Polled in this order, so BEGIN goes out first; a sibling statement
+                        // polled later queues behind both.
+                        let begin = self.begin();
+                        let (begun, rows) = tokio::join!(
+                            client.batch_execute(&begin),
+                            client.query_typed(sql.text, &typed)
+                        );
+                        begun.and(rows)
+                    };
+                    // Refused because a sibling's failure aborted the transaction: in a new one,
+                    // again. Bounded: a statement refused again after a restart it did not do
+                    // itself (a second sibling failed) may restart once more, no further.
+                    match result {
+                        Err(e)
+                            if refused < ABORTED_RETRIES
+                                && e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) =>
+                        {
+                            refused += 1;
+                            if let Err(e) = link.restart(seen, &self.begin()).await {
+                                break Err(e);
+                            }
+                        }
+                        other => break other,
+                    }
                 }
             }
         };
@@ -946,6 +994,14 @@ impl Conn {
             }
         }
         result
+    }
+
+    /// What starts a lease's transaction with [`Statements::Unnamed`].
+    fn begin(&self) -> String {
+        format!(
+            "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
+            self.limits.statement_timeout.as_millis()
+        )
     }
 
     /// A connection to the primary, in the lane of this lease.
@@ -991,6 +1047,10 @@ impl Conn {
         self.held = Some(Box::new(guard));
     }
 }
+
+/// How many times a statement refused because a sibling's failure aborted the lease's
+/// transaction ([`Statements::Unnamed`]) is sent again, each time in a new transaction.
+const ABORTED_RETRIES: usize = 2;
 
 /// How long sending a cancel request for an abandoned statement may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(2);

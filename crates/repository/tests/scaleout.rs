@@ -145,6 +145,60 @@ async fn statement_timeout_holds_through_pgbouncer_and_the_lease_leaves_no_open_
 }
 
 #[tokio::test]
+async fn a_failed_statement_does_not_fail_its_siblings_on_the_same_lease() {
+    // With `unnamed`, a lease is one transaction: a statement that fails aborts it, and every
+    // sibling pipelined behind it would be refused (25P02) although nothing is wrong with it.
+    // Each read must fail or succeed on its own, as it does with `prepared` (autocommit).
+    let db = TestDb::create().await;
+    insert_fixtures(&db).await;
+    for config in [
+        db.pgbouncer_config(),
+        DbConfig {
+            statements: Statements::Unnamed,
+            ..db.config()
+        },
+    ] {
+        let pooled = Database::connect_lazy(&DbConfig {
+            statement_timeout: Duration::from_millis(200),
+            ..config
+        })
+        .unwrap();
+        let lock = TableLock::take(&db, "orders").await;
+        let conn = pooled.conn().await.unwrap();
+        // Polled in this order: the orders read goes out first and the others queue behind it.
+        let (orders, reviews, profile, more_orders) = tokio::join!(
+            conn.orders(1),
+            conn.reviews(1),
+            conn.profile(1),
+            conn.orders(3)
+        );
+        lock.release().await;
+        assert!(matches!(orders, Err(Error::Timeout)), "{orders:?}");
+        assert_eq!(reviews.unwrap().items.len(), 1);
+        assert_eq!(profile.unwrap().unwrap().username, "ada");
+        // Queued behind the failure too, and reading the table that is free again by now (or
+        // failing with its own timeout, never with the sibling's).
+        assert!(
+            matches!(&more_orders, Ok(page) if page.items.len() == 1)
+                || matches!(more_orders, Err(Error::Timeout)),
+            "{more_orders:?}"
+        );
+        // The lease goes on: a later statement on it reads normally.
+        assert_eq!(conn.orders(1).await.unwrap().items.len(), 2);
+        drop(conn);
+        drop(pooled);
+    }
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(5);
+    while idle_in_transaction(&db).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "a session stayed in a transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn reads_go_to_a_replica_that_answers_and_give_the_same_rows() {
     let db = TestDb::create().await;
     insert_fixtures(&db).await;
