@@ -1,5 +1,7 @@
 //! Logs: `tracing` with a filter from the settings (or `RUST_LOG`), as text or JSON lines.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
@@ -33,7 +35,10 @@ pub fn init(settings: &TelemetrySettings) -> Result<(), TelemetryError> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_span_events(FmtSpan::NONE)
-        .with_target(true);
+        .with_target(true)
+        // Colour only for a person at a terminal (and not with NO_COLOR set): a log collector
+        // reading a pipe would store the escape codes.
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     let _ = match settings.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -832,14 +832,18 @@ fn sigterm_while_waiting_for_the_database_at_start_up_stops_the_process() {
     let (waiting, reached) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
-            if line.is_ok_and(|line| line.contains("not answering")) {
-                let _ = waiting.send(());
+            if let Ok(line) = line
+                && line.contains("not answering")
+            {
+                let _ = waiting.send(line);
             }
         }
     });
-    reached
+    let line = reached
         .recv_timeout(Duration::from_secs(60))
         .expect("the API never reported waiting for its database");
+    // Not a terminal: plain text, no colour codes for a log collector to store.
+    assert!(!line.contains('\x1b'), "{line:?}");
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
