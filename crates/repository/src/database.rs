@@ -295,7 +295,13 @@ impl Database {
         let count = lanes.clamp(1, config.max_size.max(1));
         let pg = config.pg_config()?;
         let primary = Target::build(&pg, config, count)?;
-        let primary = Arc::new(Node::new("primary".to_owned(), Role::Primary, primary, pg));
+        let primary = Arc::new(Node::new(
+            "primary".to_owned(),
+            Role::Primary,
+            primary,
+            pg,
+            None,
+        ));
         let replicas = config
             .replica_pg_configs()?
             .iter()
@@ -303,7 +309,14 @@ impl Database {
             .map(|(i, pg)| {
                 let target = Target::build(pg, config, count)?;
                 let name = format!("replica-{}", i + 1);
-                Ok(Arc::new(Node::new(name, Role::Replica, target, pg.clone())))
+                let primary = Some(Arc::clone(&primary));
+                Ok(Arc::new(Node::new(
+                    name,
+                    Role::Replica,
+                    target,
+                    pg.clone(),
+                    primary,
+                )))
             })
             .collect::<Result<Arc<[_]>, Error>>()?;
         Ok(Self {

@@ -3,11 +3,16 @@
 //! Each database is checked in the background of the requests that read (at most every
 //! `health_check_interval`, one check at a time per database, each bounded): it must answer,
 //! and a replica must be at most `replica_max_lag` behind its primary. The lag is
-//! `now() - pg_last_xact_replay_timestamp()`, except when the replica has replayed everything it
-//! received, which counts as no lag at all (on a quiet primary the last replayed transaction is
-//! old, yet nothing is missing). A replica cut off from its primary (the primary down) therefore
-//! keeps serving what it has, which is the point of reading from it then. A server that is not
-//! in recovery (a promoted replica) is up to date by definition.
+//! `now() - pg_last_xact_replay_timestamp()`, except when the replica streams from its primary
+//! and has replayed everything it received, which counts as no lag at all (on a quiet primary
+//! the last replayed transaction is old, yet nothing is missing). A server that is not in
+//! recovery (a promoted replica) is up to date by definition.
+//!
+//! A replica that does not stream (no WAL receiver: its primary is gone, or replication broke)
+//! cannot know what it misses, so its lag is the age of its last replayed transaction. When that
+//! is over the limit, the check asks the primary: if the primary answers, the replica is
+//! lagging and skipped (its rows may be any age); if the primary is down too, the replica keeps
+//! serving what it has, which is the point of reading from it then.
 //!
 //! A replica starts unchecked, which reads treat as unusable: until its first check answers,
 //! reads go to the primary. A statement that finds a replica gone marks it down at once (see
@@ -31,13 +36,16 @@ use tokio_postgres::error::SqlState;
 
 use crate::database::{Limits, Target};
 
-/// The lag of a replica in milliseconds (0 when it has replayed all it received), or -1 for a
-/// server that is not a replica.
+/// The lag of a replica in milliseconds (0 when it streams and has replayed all it received),
+/// or -1 for a server that is not a replica; and whether a WAL receiver runs (the view shows its
+/// row, if not its details, to roles without `pg_read_all_stats`).
 const LAG_SQL: &str = "SELECT CASE \
       WHEN NOT pg_is_in_recovery() THEN -1 \
-      WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
+      WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() \
+        AND EXISTS (SELECT FROM pg_stat_wal_receiver) THEN 0 \
       ELSE coalesce((extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, 0) \
-    END";
+    END, \
+    NOT pg_is_in_recovery() OR EXISTS (SELECT FROM pg_stat_wal_receiver)";
 
 /// How a database looked at its last check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +128,17 @@ pub(crate) struct Node {
     /// connections are all busy (or all stuck behind a pooler) neither delays nor fools them.
     pg: tokio_postgres::Config,
     session: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// A replica's primary, asked when the replica stopped streaming and fell behind.
+    primary: Option<std::sync::Arc<Node>>,
+}
+
+/// What a check found on a database that answered.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    /// How far behind it is (zero for a primary).
+    lag: Duration,
+    /// Whether it receives WAL from its primary (always, for a primary).
+    streaming: bool,
 }
 
 /// Why a check found no answer.
@@ -136,6 +155,7 @@ impl Node {
         role: Role,
         target: Target,
         pg: tokio_postgres::Config,
+        primary: Option<std::sync::Arc<Node>>,
     ) -> Self {
         Self {
             name,
@@ -149,6 +169,7 @@ impl Node {
             error: Mutex::new(None),
             pg,
             session: tokio::sync::Mutex::new(None),
+            primary,
         }
     }
 
@@ -231,7 +252,8 @@ impl Node {
         }
         let _running = Running(&self.checking);
         let found = self.ask(limits, self.bound(limits)).await;
-        self.record(limits, found);
+        let orphan = self.orphan(limits, &found, None).await;
+        self.record(limits, found, orphan);
         if let Ok(mut due) = self.due.lock() {
             *due = Some(Instant::now() + limits.check_interval);
         }
@@ -253,7 +275,8 @@ impl Node {
                 }
             }
             found => {
-                self.record(limits, found);
+                let orphan = self.orphan(limits, &found, Some(within)).await;
+                self.record(limits, found, orphan);
                 self.state()
             }
         }
@@ -269,13 +292,48 @@ impl Node {
         }
     }
 
-    /// Records what a check found.
-    fn record(&self, limits: Limits, found: Result<Duration, Failure>) {
+    /// Whether `found` is a replica that does not stream, further behind than the limit, whose
+    /// primary is down as well: it then keeps serving (see the module's documentation). The
+    /// primary is asked now (within `within` at most, for a readiness report; what it answers
+    /// is recorded); a report's shorter wait that ends without an answer goes by the primary's
+    /// last check instead.
+    async fn orphan(
+        &self,
+        limits: Limits,
+        found: &Result<Answer, Failure>,
+        within: Option<Duration>,
+    ) -> bool {
+        let Some(primary) = &self.primary else {
+            return false;
+        };
+        if !matches!(found, Ok(answer) if !answer.streaming && answer.lag > limits.max_lag) {
+            return false;
+        }
+        let bound = primary.bound(limits);
+        let bound = within.map_or(bound, |within| within.min(bound));
+        match primary.ask(limits, bound).await {
+            Err(Failure::TimedOut(_)) if within.is_some() => primary.is_down(),
+            asked => {
+                let down = asked.is_err();
+                primary.record(limits, asked, false);
+                down
+            }
+        }
+    }
+
+    /// Records what a check found; `orphan`: a replica that may serve however far behind it is
+    /// (see [`Node::orphan`]).
+    fn record(&self, limits: Limits, found: Result<Answer, Failure>, orphan: bool) {
         let (reach, error) = match found {
-            Ok(lag) => {
+            Ok(Answer { lag, .. }) => {
                 let millis = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
                 self.lag_ms.store(millis, Ordering::Relaxed);
-                (if lag > limits.max_lag { LAGGING } else { UP }, None)
+                let reach = if lag > limits.max_lag && !orphan {
+                    LAGGING
+                } else {
+                    UP
+                };
+                (reach, None)
             }
             Err(Failure::Error(error)) => (DOWN, Some(error)),
             Err(Failure::TimedOut(bound)) => (DOWN, Some(format!("no answer within {bound:?}"))),
@@ -287,6 +345,14 @@ impl Node {
         if was != reach {
             let name = &self.name;
             match reach {
+                UP if orphan => {
+                    let lag_ms = self.lag_ms.load(Ordering::Relaxed);
+                    tracing::warn!(
+                        database = %name,
+                        lag_ms,
+                        "read replica cut off from a primary that is down; serving what it has"
+                    );
+                }
                 UP => tracing::info!(database = %name, "database answers"),
                 LAGGING => {
                     let lag_ms = self.lag_ms.load(Ordering::Relaxed);
@@ -305,7 +371,7 @@ impl Node {
     /// that is not in recovery): opening the session within the connect bound
     /// (`create_timeout`), the question within `bound`. A server that refuses the session because
     /// it has no connection slot left (53300) answers: it is full, not gone.
-    async fn ask(&self, limits: Limits, bound: Duration) -> Result<Duration, Failure> {
+    async fn ask(&self, limits: Limits, bound: Duration) -> Result<Answer, Failure> {
         let mut slot = self.session.lock().await;
         // Taken out while in use: a check cut short drops it (closing it) rather than leave a
         // half-answered query for the next check.
@@ -316,7 +382,10 @@ impl Node {
                 match connect.await {
                     Err(_) => return Err(Failure::TimedOut(limits.connect_timeout)),
                     Ok(Err(e)) if e.code() == Some(&SqlState::TOO_MANY_CONNECTIONS) => {
-                        return Ok(Duration::ZERO);
+                        return Ok(Answer {
+                            lag: Duration::ZERO,
+                            streaming: true,
+                        });
                     }
                     Ok(Err(e)) => return Err(Failure::Error(one_line(e))),
                     Ok(Ok((client, connection))) => {
@@ -334,15 +403,23 @@ impl Node {
             Ok(Ok(messages)) => messages,
         };
         *slot = Some(client);
-        let millis: i64 = messages
-            .iter()
-            .find_map(|message| match message {
-                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
-                _ => None,
-            })
-            .and_then(|text| text.parse().ok())
-            .ok_or_else(|| Failure::Error("the lag query returned no number".to_owned()))?;
-        Ok(Duration::from_millis(u64::try_from(millis).unwrap_or(0)))
+        let row = messages.iter().find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        });
+        let millis = row
+            .and_then(|row| row.get(0))
+            .and_then(|text| text.parse::<i64>().ok());
+        let streaming = row.and_then(|row| row.get(1));
+        match (millis, streaming) {
+            (Some(millis), Some(streaming)) => Ok(Answer {
+                lag: Duration::from_millis(u64::try_from(millis).unwrap_or(0)),
+                streaming: streaming == "t",
+            }),
+            _ => Err(Failure::Error(
+                "the lag query returned no lag and state".to_owned(),
+            )),
+        }
     }
 
     /// A statement on this database just succeeded: whatever a check said, it answers.

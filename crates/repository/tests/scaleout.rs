@@ -367,6 +367,117 @@ async fn a_replica_further_behind_than_the_limit_is_skipped() {
 }
 
 #[tokio::test]
+async fn a_replica_that_stopped_streaming_is_skipped_while_its_primary_answers_and_serves_when_it_does_not()
+ {
+    // A replica cut off from its primary has replayed all it received, yet may miss any amount:
+    // with the primary answering, it must not serve once its last replayed transaction is older
+    // than the limit.
+    let db = TestDb::create().await;
+    insert_fixtures(&db).await;
+    let replica = db.replica_url(false).await;
+    let database = Database::connect_lazy(&DbConfig {
+        replica_urls: vec![replica.clone()],
+        replica_max_lag: Duration::from_millis(100),
+        replica_timeout: Duration::from_secs(5),
+        ..db.config()
+    })
+    .unwrap();
+    let admin = repository::connect(&DbConfig::with_url(replica.clone()))
+        .await
+        .unwrap();
+    let receiving = async || -> bool {
+        admin
+            .query_one("SELECT EXISTS (SELECT FROM pg_stat_wal_receiver)", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    // Streaming now (bounded: another test may have cut it off a moment ago).
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !receiving().await {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the replica never streamed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Replication broken (as by a wrong password or a lost network path): without its
+    // `primary_conninfo` the replica stops its WAL receiver and keeps what it has. Restored at
+    // once after, before any assertion: the replica is every test's.
+    let conninfo: String = admin
+        .query_one("SHOW primary_conninfo", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let set_conninfo = async |value: &str| {
+        let statement: String = admin
+            .query_one(
+                "SELECT format('ALTER SYSTEM SET primary_conninfo = %L', $1::text)",
+                &[&value],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        admin.batch_execute(&statement).await.unwrap();
+        admin
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
+    };
+    set_conninfo("").await;
+    let mut seen = Vec::new();
+    let mut skipped = false;
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < give_up {
+        database.check_replicas().await;
+        let state = database.states(Duration::from_secs(2)).await[1].clone();
+        seen.push(state.reach);
+        if state.reach == Reach::Lagging {
+            skipped = !database.conn().await.unwrap().on_replica();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The same replica for an application whose primary is gone as well: what it has is the
+    // best there is, so it serves.
+    let orphaned = Database::connect_lazy(&DbConfig {
+        url: format!("postgres://dashboard@127.0.0.1:1/{}", db.name()),
+        replica_urls: vec![replica.clone()],
+        replica_max_lag: Duration::from_millis(100),
+        replica_timeout: Duration::from_secs(5),
+        ..db.config()
+    })
+    .unwrap();
+    orphaned.check_replicas().await;
+    let orphan_states = orphaned.states(Duration::from_secs(2)).await;
+    let orphan_reads = orphaned.conn().await.map(|conn| conn.on_replica());
+    set_conninfo(&conninfo).await;
+    assert_eq!(
+        orphan_states
+            .iter()
+            .map(|state| state.reach)
+            .collect::<Vec<_>>(),
+        [Reach::Down, Reach::Up],
+        "{orphan_states:?}"
+    );
+    assert!(matches!(orphan_reads, Ok(true)), "{orphan_reads:?}");
+    assert!(skipped, "never skipped while cut off: {seen:?}");
+    // Streaming again, it serves again (bounded).
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        database.check_replicas().await;
+        if database.conn().await.unwrap().on_replica() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the replica never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
 async fn a_replica_read_that_gets_no_answer_in_time_is_read_from_the_primary() {
     let db = TestDb::create().await;
     insert_fixtures(&db).await;

@@ -177,6 +177,16 @@ impl Drop for TestDb {
                 .ok()?;
             runtime.block_on(async move {
                 let client = repository::connect(&admin).await.ok()?;
+                // Bounded: PostgreSQL 15's DROP DATABASE waits until every backend has taken a
+                // signal (a ProcSignalBarrier), which one still authenticating does not take. A
+                // connection of this test that was half-way through its handshake when the test
+                // ended (a background health check's, say) stays there while this blocks the
+                // test's runtime, and the drop would wait for its statement timeout (30 s,
+                // seen in `cargo xtask test`), holding up every other test's drop with it.
+                client
+                    .batch_execute("SET statement_timeout = '2s'")
+                    .await
+                    .ok()?;
                 client
                     .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
                     .await
@@ -184,7 +194,8 @@ impl Drop for TestDb {
             })
         })
         .join();
-        // A database that could not be dropped only costs disk on a throwaway cluster.
+        // A database that could not be dropped only costs disk on a throwaway cluster, removed
+        // with it at the end of the run.
         let _ = dropped;
     }
 }
