@@ -3,7 +3,10 @@
 //! Builds the API and the stand-in in release mode, then starts [`xtask::topology::Topology`]:
 //! a PostgreSQL primary (its own cluster under `target/cluster/`, seeded once) and optionally a
 //! streaming replica, a PgBouncer in front of each, N API instances reading through them, and
-//! nginx serving HTTPS in front of the instances. It prints the URLs and runs until Ctrl-C or
+//! nginx serving HTTPS in front of the instances. Run as root, the stand-in and each instance are
+//! hosts of their own (network namespaces joined by veth pairs to a bridge, removed at the end);
+//! otherwise, or with `--loopback`, everything listens on 127.0.0.1. It prints the URLs and runs
+//! until Ctrl-C or
 //! SIGTERM, then stops everything it started, in reverse order; a failed start stops what had
 //! started too. `cargo xtask cluster chaos` runs the fault scenarios against it: the `lab`
 //! binary's `cluster-chaos`, built in release.
@@ -12,6 +15,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
+use xtask::netns::Network;
 use xtask::stack;
 use xtask::topology::{DATABASE, Ports, Topology, TopologyOptions};
 
@@ -54,6 +58,9 @@ struct UpArgs {
     /// Show the instances' logs on the terminal.
     #[arg(long)]
     logs: bool,
+    /// Everything on 127.0.0.1, even as root (no network namespaces).
+    #[arg(long)]
+    loopback: bool,
 }
 
 /// Runs `cargo xtask cluster`.
@@ -78,6 +85,7 @@ async fn up(args: UpArgs) -> Result<()> {
         ports: Some(Ports::from_base(args.port, args.instances)),
         instance_output: args.logs,
         progress: true,
+        hosts: !args.loopback && Network::available(),
         ..TopologyOptions::default()
     };
     if args.workers > 0 {
@@ -125,6 +133,21 @@ fn print_urls(topology: &Topology, seconds: f64, options: &TopologyOptions) {
                 .instance_pid(i)
                 .map_or_else(|| "-".to_owned(), |p| p.to_string()),
             topology.metrics_url(i)
+        );
+    }
+    if let (Some((upstream, instances)), Some(machine)) =
+        (topology.hosts().split_first(), topology.gateway())
+    {
+        println!(
+            "  hosts (network namespaces): the stand-in {} ({}); instances {}; \
+             nginx, PgBouncer and PostgreSQL on this machine ({machine} on the bridge)",
+            upstream.address,
+            upstream.namespace,
+            instances
+                .iter()
+                .map(|host| host.address.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         );
     }
     let user = &topology.primary().user;

@@ -9,6 +9,7 @@
 //! benchmarks, which drive the stand-in and the load generator in-process, are the `lab` binary
 //! (`src/bin/lab`, feature `lab`), built in release when one of them is asked for.
 
+pub mod netns;
 pub mod nginx;
 pub mod pg;
 pub mod pgbouncer;

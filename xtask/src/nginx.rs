@@ -38,8 +38,8 @@ pub struct NginxConfig {
     pub https_port: u16,
     /// Plain-HTTP port on 127.0.0.1, for local tools that do not speak TLS.
     pub http_port: u16,
-    /// The API instances' ports on 127.0.0.1.
-    pub upstreams: Vec<u16>,
+    /// The API instances' addresses (on 127.0.0.1, or each on a host of its own).
+    pub upstreams: Vec<std::net::SocketAddr>,
     /// PEM certificate chain.
     pub certificate: PathBuf,
     /// PEM private key.
@@ -53,11 +53,9 @@ impl NginxConfig {
         let servers: String = self
             .upstreams
             .iter()
-            .map(|port| {
+            .map(|address| {
                 let fail_timeout = FAIL_TIMEOUT.as_secs();
-                format!(
-                    "        server 127.0.0.1:{port} max_fails=1 fail_timeout={fail_timeout}s;\n"
-                )
+                format!("        server {address} max_fails=1 fail_timeout={fail_timeout}s;\n")
             })
             .collect();
         format!(

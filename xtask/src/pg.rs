@@ -669,7 +669,7 @@ pub fn find_bin_dir() -> Result<PathBuf> {
     )
 }
 
-fn running_as_root() -> Result<bool> {
+pub(crate) fn running_as_root() -> Result<bool> {
     // /proc/self is owned by the process's effective user.
     Ok(std::fs::metadata("/proc/self")
         .context("cannot read /proc/self")?

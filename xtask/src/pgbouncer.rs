@@ -46,6 +46,21 @@ impl PgBouncer {
     /// When PgBouncer is not installed, the files cannot be written, or it does not answer
     /// within 10 s (the error shows its log's last lines).
     pub async fn start(state_dir: &Path, port: u16, server: &Cluster) -> Result<Self> {
+        Self::start_listening(state_dir, port, server, None).await
+    }
+
+    /// Like [`PgBouncer::start`], listening on `also` as well as 127.0.0.1 when given (the
+    /// gateway address through which the topology's hosts reach it).
+    ///
+    /// # Errors
+    ///
+    /// As [`PgBouncer::start`].
+    pub async fn start_listening(
+        state_dir: &Path,
+        port: u16,
+        server: &Cluster,
+        also: Option<std::net::Ipv4Addr>,
+    ) -> Result<Self> {
         let home = ServerHome::new(state_dir)?;
         let password = std::fs::read_to_string(server.password_file())
             .with_context(|| format!("cannot read {}", server.password_file().display()))?
@@ -53,7 +68,9 @@ impl PgBouncer {
             .to_owned();
         let user = server.user.clone();
         home.write_private("userlist.txt", &format!("\"{user}\" \"{password}\"\n"))?;
-        let config = home.write_private("pgbouncer.ini", &config(&home.dir, port, server))?;
+        let listen = also.map_or_else(|| "127.0.0.1".to_owned(), |ip| format!("127.0.0.1,{ip}"));
+        let config =
+            home.write_private("pgbouncer.ini", &config(&home.dir, &listen, port, server))?;
         let mut bouncer = Self {
             home,
             config,
@@ -162,7 +179,7 @@ impl PgBouncer {
 }
 
 /// The configuration: transaction pooling of every database on `server`, bounded waits.
-fn config(dir: &Path, port: u16, server: &Cluster) -> String {
+fn config(dir: &Path, listen: &str, port: u16, server: &Cluster) -> String {
     let dir = dir.display();
     format!(
         ";; Written by cargo xtask at each start.\n\
@@ -170,7 +187,7 @@ fn config(dir: &Path, port: u16, server: &Cluster) -> String {
          * = host=127.0.0.1 port={server_port}\n\
          \n\
          [pgbouncer]\n\
-         listen_addr = 127.0.0.1\n\
+         listen_addr = {listen}\n\
          listen_port = {port}\n\
          unix_socket_dir =\n\
          auth_type = scram-sha-256\n\

@@ -10,6 +10,7 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use crate::netns::Host;
 use crate::pg::psql;
 
 /// Applies pending migrations (with `api migrate`, the binary at `api`) to the database at `url`
@@ -135,7 +136,29 @@ impl ApiProcess {
         settings: &[(&str, String)],
         quiet: bool,
     ) -> Result<Self> {
-        let mut command = Command::new(binary);
+        Self::start_on(None, binary, port, settings, quiet).await
+    }
+
+    /// Like [`ApiProcess::start_binary`], on `host` (listening on its address) when given.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot start or exits before it answers.
+    pub async fn start_on(
+        host: Option<&Host>,
+        binary: &str,
+        port: u16,
+        settings: &[(&str, String)],
+        quiet: bool,
+    ) -> Result<Self> {
+        let (mut command, address) = match host {
+            Some(host) => {
+                let mut command = host.command(binary);
+                command.env("APP__SERVER__HOST", host.address.to_string());
+                (command, host.address.to_string())
+            }
+            None => (Command::new(binary), "127.0.0.1".to_owned()),
+        };
         command
             .env("APP__SERVER__PORT", port.to_string())
             .stdin(Stdio::null())
@@ -151,7 +174,7 @@ impl ApiProcess {
             .with_context(|| format!("cannot start {binary}"))?;
         let mut api = Self {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base: format!("http://{address}:{port}"),
         };
         api.wait_until_ready().await?;
         Ok(api)
@@ -299,7 +322,7 @@ pub fn free_port() -> Result<u16> {
 #[derive(Debug)]
 pub struct Upstream {
     child: Child,
-    /// `http://127.0.0.1:port`.
+    /// `http://address:port`.
     pub base_url: String,
 }
 
@@ -311,7 +334,27 @@ impl Upstream {
     ///
     /// When it cannot start, exits, or does not listen within 10 s.
     pub async fn start(binary: &str, port: u16, flags: &[String]) -> Result<Self> {
-        let mut child = Command::new(binary)
+        Self::start_on(None, binary, port, flags).await
+    }
+
+    /// Like [`Upstream::start`], on `host` (listening on its address) when given.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot start, exits, or does not listen within 10 s.
+    pub async fn start_on(
+        host: Option<&Host>,
+        binary: &str,
+        port: u16,
+        flags: &[String],
+    ) -> Result<Self> {
+        let (mut command, ip) = match host {
+            Some(host) => (host.command(binary), host.address.to_string()),
+            None => (Command::new(binary), "127.0.0.1".to_owned()),
+        };
+        let mut child = command
+            .arg("--host")
+            .arg(&ip)
             .arg("--port")
             .arg(port.to_string())
             .args(flags)
@@ -320,7 +363,7 @@ impl Upstream {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {binary}"))?;
-        let address = format!("127.0.0.1:{port}");
+        let address = format!("{ip}:{port}");
         for _ in 0..100 {
             if let Some(status) = child.try_wait()? {
                 bail!("the stand-in recommendation service exited during start-up ({status})");

@@ -1,6 +1,9 @@
 //! The scale-out topology on this machine, as one value: a PostgreSQL primary and optionally a
 //! streaming replica, a PgBouncer in front of each, the stand-in recommendation service, N API
-//! instances and nginx in front of them, all on 127.0.0.1.
+//! instances and nginx in front of them: all on 127.0.0.1, or with [`TopologyOptions::hosts`]
+//! the stand-in and each instance on a host of its own (a network namespace, see
+//! [`crate::netns`]), reaching PgBouncer on the machine's bridge address, and nginx reaching
+//! them on theirs.
 //!
 //! [`Topology::start`] brings the parts up in that order and [`Topology::stop`] stops them in
 //! reverse. Every part is held by a value that stops or kills it when dropped, so a start that
@@ -17,6 +20,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use crate::netns::{Host, Network};
 use crate::nginx::{Nginx, NginxConfig, self_signed_certificate};
 use crate::pg::Cluster;
 use crate::pgbouncer::PgBouncer;
@@ -120,6 +124,9 @@ pub struct TopologyOptions {
     pub instance_output: bool,
     /// Whether each step is announced on standard output (`==> …`).
     pub progress: bool,
+    /// Whether the stand-in and each instance run on a host of their own (network namespaces;
+    /// root only, and through PgBouncer only: the databases stay on the machine).
+    pub hosts: bool,
 }
 
 impl Default for TopologyOptions {
@@ -137,6 +144,7 @@ impl Default for TopologyOptions {
             api_settings: Vec::new(),
             instance_output: false,
             progress: false,
+            hosts: false,
         }
     }
 }
@@ -153,6 +161,8 @@ pub struct Topology {
     pgbouncer: PgBouncer,
     replica: Option<Running>,
     primary: Running,
+    /// The hosts (the stand-in's, then the instances'), removed after everything above stopped.
+    network: Option<Network>,
     ports: Ports,
     api_binary: String,
     /// The settings every instance starts with (besides its port).
@@ -198,6 +208,19 @@ impl Topology {
         lock.try_lock()
             .map_err(|e| anyhow::anyhow!("another topology runs from {} ({e})", dir.display()))?;
         let api_binary = options.api_binary.to_string_lossy().into_owned();
+        let network = if options.hosts {
+            if !options.via_pgbouncer {
+                bail!("hosts of their own need PgBouncer: it is what listens on the bridge");
+            }
+            step("making a host for the stand-in and each instance (network namespaces)");
+            let mut names = vec!["upstream".to_owned()];
+            names.extend((0..ports.instances.len()).map(|i| format!("api{i}")));
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            Some(Network::create(ports.https, &names)?)
+        } else {
+            None
+        };
+        let gateway = network.as_ref().map(|n| n.gateway);
 
         step("starting the PostgreSQL primary");
         let settings = ["shared_buffers=128MB", "max_connections=200"].map(String::from);
@@ -233,14 +256,20 @@ impl Topology {
         };
 
         step("starting PgBouncer");
-        let pgbouncer =
-            PgBouncer::start(&dir.join("pgbouncer"), ports.pgbouncer, &primary.0).await?;
+        let pgbouncer = PgBouncer::start_listening(
+            &dir.join("pgbouncer"),
+            ports.pgbouncer,
+            &primary.0,
+            gateway,
+        )
+        .await?;
         let replica_pgbouncer = match &replica {
             Some(replica) => Some(
-                PgBouncer::start(
+                PgBouncer::start_listening(
                     &dir.join("pgbouncer-replica"),
                     ports.replica_pgbouncer,
                     &replica.0,
+                    gateway,
                 )
                 .await?,
             ),
@@ -249,8 +278,14 @@ impl Topology {
 
         step("starting the stand-in recommendation service");
         let upstream_binary = options.upstream_binary.to_string_lossy();
-        let upstream =
-            Upstream::start(&upstream_binary, ports.upstream, &options.upstream_flags).await?;
+        let upstream_host = network.as_ref().map(|n| &n.hosts()[0]);
+        let upstream = Upstream::start_on(
+            upstream_host,
+            &upstream_binary,
+            ports.upstream,
+            &options.upstream_flags,
+        )
+        .await?;
 
         let instance_settings = instance_settings(
             options,
@@ -259,6 +294,7 @@ impl Topology {
             &pgbouncer,
             replica_pgbouncer.as_ref(),
             &upstream.base_url,
+            gateway,
         )?;
         let mut topology = Self {
             nginx: None,
@@ -268,6 +304,7 @@ impl Topology {
             pgbouncer,
             replica,
             primary,
+            network,
             ports,
             api_binary,
             instance_settings,
@@ -288,7 +325,9 @@ impl Topology {
         let config = NginxConfig {
             https_port: topology.ports.https,
             http_port: topology.ports.http,
-            upstreams: topology.ports.instances.clone(),
+            upstreams: (0..topology.instance_count())
+                .map(|i| topology.instance_address(i))
+                .collect(),
             certificate,
             key,
         };
@@ -317,9 +356,33 @@ impl Topology {
         self.ports.instances.len()
     }
 
-    /// Instance `i`'s own URL, `http://127.0.0.1:PORT`.
+    /// Instance `i`'s host, when it has one of its own.
+    fn instance_host(&self, i: usize) -> Option<&Host> {
+        self.network.as_ref().map(|n| &n.hosts()[1 + i])
+    }
+
+    /// Instance `i`'s address: 127.0.0.1 or its host's, and its port.
+    pub fn instance_address(&self, i: usize) -> std::net::SocketAddr {
+        let ip = self.instance_host(i).map_or(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            |host| std::net::IpAddr::V4(host.address),
+        );
+        std::net::SocketAddr::new(ip, self.ports.instances[i])
+    }
+
+    /// Instance `i`'s own URL, `http://ADDRESS:PORT`.
     pub fn instance_url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.ports.instances[i])
+        format!("http://{}", self.instance_address(i))
+    }
+
+    /// This machine's address on the hosts' bridge, when there are hosts.
+    pub fn gateway(&self) -> Option<std::net::Ipv4Addr> {
+        self.network.as_ref().map(|n| n.gateway)
+    }
+
+    /// The hosts of their own (the stand-in's, then each instance's), when there are.
+    pub fn hosts(&self) -> &[Host] {
+        self.network.as_ref().map_or(&[], |n| n.hosts())
     }
 
     /// Instance `i`'s `/metrics` URL.
@@ -506,11 +569,16 @@ impl Topology {
             .iter()
             .map(|(key, value)| (key.as_str(), value.clone()))
             .collect();
-        let instance =
-            ApiProcess::start_binary(&self.api_binary, port, &settings, !self.instance_output)
-                .await
-                .with_context(|| format!("instance {i} (port {port}) did not start"))?;
-        let address = format!("127.0.0.1:{port}");
+        let instance = ApiProcess::start_on(
+            self.instance_host(i),
+            &self.api_binary,
+            port,
+            &settings,
+            !self.instance_output,
+        )
+        .await
+        .with_context(|| format!("instance {i} (port {port}) did not start"))?;
+        let address = self.instance_address(i).to_string();
         let deadline = Instant::now() + READY_DEADLINE;
         while !answers_200(&address, "/readyz").await {
             if Instant::now() >= deadline {
@@ -525,7 +593,8 @@ impl Topology {
 }
 
 /// The settings every instance starts with: its databases (through PgBouncer or not), the
-/// stand-in, and nginx as its one trusted proxy.
+/// stand-in, and nginx as its one trusted proxy. With hosts of their own, the machine (PgBouncer
+/// and nginx) is at `gateway`.
 fn instance_settings(
     options: &TopologyOptions,
     primary: &Cluster,
@@ -533,8 +602,10 @@ fn instance_settings(
     pgbouncer: &PgBouncer,
     replica_pgbouncer: Option<&PgBouncer>,
     upstream: &str,
+    gateway: Option<std::net::Ipv4Addr>,
 ) -> Result<Vec<(String, String)>> {
-    let url = |port: u16| format!("postgres://{}@127.0.0.1:{port}/{DATABASE}", primary.user);
+    let machine = gateway.map_or_else(|| "127.0.0.1".to_owned(), |ip| ip.to_string());
+    let url = |port: u16| format!("postgres://{}@{machine}:{port}/{DATABASE}", primary.user);
     let (primary_port, replica_port) = if options.via_pgbouncer {
         (pgbouncer.port, replica_pgbouncer.map(|b| b.port))
     } else {
@@ -555,7 +626,7 @@ fn instance_settings(
         // nginx, whose X-Forwarded-For the rate limiter believes.
         (
             "APP__RATE_LIMIT__TRUSTED_PROXIES".to_owned(),
-            "127.0.0.1".to_owned(),
+            machine.clone(),
         ),
     ];
     if options.via_pgbouncer {

@@ -1,10 +1,10 @@
 //! The `upstream` binary (`cargo xtask upstream`): the stand-in recommendation service, on
-//! 127.0.0.1, until Ctrl-C or SIGTERM.
+//! 127.0.0.1 (or `--host`), until Ctrl-C or SIGTERM.
 //!
 //! The server itself is this crate's library, where tests start it in-process; the binary only
 //! turns flags into its configuration, serves, and prints a summary on the way out.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -15,7 +15,10 @@ use upstream::{Config, Server};
 #[derive(Debug, Parser)]
 #[command(name = "upstream")]
 struct UpstreamArgs {
-    /// Port to listen on, on 127.0.0.1 (0 picks a free one).
+    /// Address to listen on (a host of `cargo xtask cluster up` listens on its own).
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    host: IpAddr,
+    /// Port to listen on (0 picks a free one).
     #[arg(long, default_value_t = 9100)]
     port: u16,
     #[command(flatten)]
@@ -27,7 +30,7 @@ struct UpstreamArgs {
 async fn main() -> Result<()> {
     let args = UpstreamArgs::parse();
     let config = args.config;
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
+    let addr = SocketAddr::from((args.host, args.port));
     let server = Server::bind(addr, config)
         .await
         .context("cannot start the stand-in recommendation service")?;

@@ -46,6 +46,9 @@ pub struct ClusterChaosArgs {
     /// Users seeded into the topology's primary when it has none (kept between runs).
     #[arg(long, default_value_t = 20_000)]
     users: u32,
+    /// Everything on 127.0.0.1, even as root (no network namespaces).
+    #[arg(long)]
+    loopback: bool,
 }
 
 /// The scenarios, in the order they run.
@@ -121,6 +124,7 @@ pub async fn run(args: ClusterChaosArgs) -> Result<()> {
             dir: "target/cluster-chaos".into(),
             users: args.users,
             instance_output: args.logs,
+            hosts: !args.loopback && xtask::netns::Network::available(),
             ..TopologyOptions::default()
         },
         quick: args.quick,
@@ -162,6 +166,19 @@ async fn run_one(ctx: &Ctx, scenario: Scenario, report: &mut ScenarioReport) -> 
     let mut topology = Topology::start(&ctx.options)
         .await
         .context("the topology did not start")?;
+    report.figure(match (topology.hosts().split_first(), topology.gateway()) {
+        (Some((upstream, instances)), Some(machine)) => format!(
+            "hosts: instances {}, the stand-in {}, each a network namespace; nginx and \
+             PgBouncer on this machine ({machine})",
+            instances
+                .iter()
+                .map(|host| host.address.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            upstream.address
+        ),
+        _ => "hosts: none, everything on 127.0.0.1".to_owned(),
+    });
     let users = xtask::stack::user_count(&topology.primary().url(DATABASE)?)?;
     let load = ctx.load(&topology, users);
     let t = &mut topology;
@@ -631,7 +648,7 @@ async fn leases(t: &Topology) -> Result<Leases> {
 }
 
 fn instance_addr(t: &Topology, i: usize) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], t.ports().instances[i]))
+    t.instance_address(i)
 }
 
 /// Polls every instance's `/readyz` at once until each answers 200 with the primary's `reach` as
