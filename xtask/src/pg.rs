@@ -81,6 +81,73 @@ impl Cluster {
         })
     }
 
+    /// Makes the server speak TLS from its next start (`ssl = on`): a certificate authority of
+    /// this cluster's own and a server certificate it signed, for `localhost` and 127.0.0.1 (P-256,
+    /// openssl). Returns the authority's certificate, which clients verify the server with.
+    /// A replica made afterwards uses the same certificate.
+    ///
+    /// # Errors
+    ///
+    /// When openssl fails or the files cannot be written or handed to the server user.
+    pub fn enable_tls(&mut self) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.server_dir)
+            .with_context(|| format!("cannot create {}", self.server_dir.display()))?;
+        let authority = self.state_dir.join("tls-ca.crt");
+        let authority_key = self.state_dir.join("tls-ca.key");
+        let (certificate, key) = (
+            self.server_dir.join("server.crt"),
+            self.server_dir.join("server.key"),
+        );
+        let p256 = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-noenc",
+        ];
+        openssl(
+            &[
+                &[
+                    "req",
+                    "-x509",
+                    "-days",
+                    "30",
+                    "-subj",
+                    "/CN=dashboard test CA",
+                ],
+                &p256[..],
+                &["-addext", "basicConstraints=critical,CA:TRUE"],
+                &["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            ],
+            &authority_key,
+            &authority,
+        )?;
+        let (ca, ca_key) = (authority.to_string_lossy(), authority_key.to_string_lossy());
+        openssl(
+            &[
+                &["req", "-x509", "-days", "30", "-subj", "/CN=localhost"],
+                &["-CA", &ca, "-CAkey", &ca_key],
+                &p256[..],
+                &["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                &["-addext", "basicConstraints=critical,CA:FALSE"],
+                &["-addext", "extendedKeyUsage=serverAuth"],
+            ],
+            &key,
+            &certificate,
+        )?;
+        // PostgreSQL refuses a key that others may read.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict {}", key.display()))?;
+        self.give_to_server_user(&key)?;
+        self.give_to_server_user(&certificate)?;
+        self.settings.extend([
+            "ssl=on".to_owned(),
+            format!("ssl_cert_file={}", certificate.display()),
+            format!("ssl_key_file={}", key.display()),
+        ]);
+        Ok(authority)
+    }
+
     /// The cluster's data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.server_dir.join("data")
@@ -592,6 +659,28 @@ impl ServerHome {
         }
         Ok(path)
     }
+}
+
+/// Runs `openssl` with the argument groups in `args`, writing a key to `key` and a
+/// certificate to `certificate`.
+fn openssl(args: &[&[&str]], key: &Path, certificate: &Path) -> Result<()> {
+    let output = Command::new("openssl")
+        .args(args.iter().flat_map(|group| group.iter()))
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(certificate)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("cannot run openssl (apt-get install openssl)")?;
+    if !output.status.success() {
+        bail!(
+            "openssl could not make {}: {}",
+            certificate.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Runs one SQL command with psql against `url` (password included) and returns its output

@@ -166,7 +166,9 @@ pub async fn run(args: TestArgs) -> Result<()> {
     lock.try_lock()
         .map_err(|e| anyhow::anyhow!("cannot lock {}: {e}", dir.display()))?;
     let port = free_port()?;
-    let cluster = Cluster::throwaway(&dir, port)?;
+    let mut cluster = Cluster::throwaway(&dir, port)?;
+    // TLS on, for the tests of `sslmode=require`; clients that do not ask for it stay plain.
+    let tls_ca_file = cluster.enable_tls()?;
     let mut guard = ClusterGuard {
         cluster,
         scaleout: None,
@@ -177,7 +179,13 @@ pub async fn run(args: TestArgs) -> Result<()> {
     guard.cluster.create_database(TEMPLATE, None)?;
     let started = std::time::Instant::now();
     let scaleout = Scaleout::start(&guard.cluster, &dir).await?;
-    let mut test_env = vec![("DATABASE_URL", guard.cluster.url(TEMPLATE)?)];
+    let mut test_env = vec![
+        ("DATABASE_URL", guard.cluster.url(TEMPLATE)?),
+        (
+            "DATABASE_TLS_CA_FILE",
+            tls_ca_file.canonicalize()?.to_string_lossy().into_owned(),
+        ),
+    ];
     test_env.extend(scaleout.env(TEMPLATE)?);
     eprintln!(
         "test cluster: replica on 127.0.0.1:{}, PgBouncers on :{} and :{} ({:.1} s)",

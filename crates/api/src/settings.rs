@@ -509,6 +509,21 @@ mod tests {
     }
 
     #[test]
+    fn the_database_ca_file_comes_from_the_environment() {
+        let settings = Settings::load_from(&config_dir(), &env(&[])).unwrap();
+        assert_eq!(settings.database.tls_ca_file, None);
+        let settings = Settings::load_from(
+            &config_dir(),
+            &env(&[("APP__DATABASE__TLS_CA_FILE", "/etc/dashboard/ca.crt")]),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.database.tls_ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/dashboard/ca.crt"))
+        );
+    }
+
+    #[test]
     fn a_bad_value_names_its_key() {
         let err = Settings::load_from(&config_dir(), &env(&[("APP__DATABASE__MAX_SIZE", "lots")]))
             .unwrap_err()

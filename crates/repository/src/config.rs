@@ -25,6 +25,9 @@ pub struct DbConfig {
     /// A file holding the password, read when neither the URL nor `password` has one. A missing
     /// file means no password, so a local cluster that was never started does not stop start-up.
     pub password_file: Option<PathBuf>,
+    /// PEM file of the roots a server's certificate must chain to when a URL says
+    /// `sslmode=require` (the system's roots when unset); see the `tls` module.
+    pub tls_ca_file: Option<PathBuf>,
     /// Maximum number of pooled connections.
     pub max_size: usize,
     /// How long a caller waits for a free connection before getting [`Error::PoolTimeout`].
@@ -75,6 +78,7 @@ impl Default for DbConfig {
             url: "postgres://dashboard@127.0.0.1:54320/dashboard".to_owned(),
             password: None,
             password_file: None,
+            tls_ca_file: None,
             max_size: 20,
             wait_timeout: Duration::from_secs(1),
             create_timeout: Duration::from_secs(2),

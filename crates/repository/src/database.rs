@@ -19,13 +19,14 @@ use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Status, Timeouts,
     Transaction,
 };
+use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql, Type};
-use tokio_postgres::{NoTls, Row};
 use tracing::instrument;
 
 use crate::health::{DatabaseState, Node, Role};
 use crate::models::{Order, OrderSummary, Page, Profile, Review, UserSummary};
+use crate::tls::Tls;
 use crate::{DbConfig, Error, Statements};
 
 /// One statement: its text and its parameters' types (which an unnamed statement sends along).
@@ -164,6 +165,8 @@ pub struct LeaseCount {
 pub(crate) struct Target {
     lanes: Vec<Pool>,
     homes: Vec<Arc<OnceLock<crate::lane::Home>>>,
+    /// How its connections are made (and cancel requests sent).
+    pub(crate) tls: Tls,
     /// Leases handed out from this database, and (a replica's) statements that had to run
     /// again on the primary: what `/metrics` shows of where the reads go.
     leases: AtomicU64,
@@ -172,10 +175,14 @@ pub(crate) struct Target {
 
 impl Target {
     fn build(pg: &tokio_postgres::Config, config: &DbConfig, count: usize) -> Result<Self, Error> {
+        let tls = Tls::for_config(pg, config.tls_ca_file.as_deref())?;
         let mut homes = Vec::with_capacity(count);
         let lanes = (0..count)
             .map(|lane| {
-                let connect = crate::lane::HomeConnect::default();
+                let connect = crate::lane::HomeConnect {
+                    home: Arc::default(),
+                    tls: tls.clone(),
+                };
                 homes.push(Arc::clone(&connect.home));
                 let manager = Manager::from_connect(
                     pg.clone(),
@@ -200,6 +207,7 @@ impl Target {
         Ok(Self {
             lanes,
             homes,
+            tls,
             leases: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
         })
@@ -445,7 +453,7 @@ impl Database {
         let target = &replica.as_ref().unwrap_or(&self.primary).target;
         target.leases.fetch_add(1, Ordering::Relaxed);
         Conn {
-            main: Link::new(object),
+            main: Link::new(object, target.tls.clone()),
             fallback: tokio::sync::OnceCell::new(),
             primary: Arc::clone(&self.primary),
             lane,
@@ -568,11 +576,14 @@ struct Link {
     restarts: AtomicU64,
     /// Held while one statement restarts the transaction, so its siblings do not restart it too.
     restarting: tokio::sync::Mutex<()>,
+    /// How a cancel request reaches the server.
+    tls: Tls,
 }
 
 impl Link {
-    fn new(object: Object) -> Self {
+    fn new(object: Object, tls: Tls) -> Self {
         Self {
+            tls,
             object: Some(object),
             begun: AtomicBool::new(false),
             broken: AtomicBool::new(false),
@@ -659,8 +670,7 @@ impl Link {
                 let client = Object::take(object);
                 if cancel {
                     // Bounded: a server that does not answer must not keep this task alive.
-                    let sent =
-                        tokio::time::timeout(CANCEL_TIMEOUT, token.cancel_query(NoTls)).await;
+                    let sent = tokio::time::timeout(CANCEL_TIMEOUT, self.tls.cancel(&token)).await;
                     if !matches!(sent, Ok(Ok(()))) {
                         tracing::debug!(
                             "could not send a cancel request for an abandoned statement"
@@ -728,6 +738,7 @@ impl Drop for Conn {
             broken: AtomicBool::new(false),
             restarts: AtomicU64::new(0),
             restarting: tokio::sync::Mutex::new(()),
+            tls: Tls::Off,
         };
         let links = [
             Some(std::mem::replace(&mut self.main, placeholder)),
@@ -1027,7 +1038,7 @@ impl Conn {
             }
             error
         })?;
-        Ok(Link::new(object))
+        Ok(Link::new(object, self.primary.target.tls.clone()))
     }
 
     /// Marks the connection as not to be reused.

@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 use crate::database::{Limits, Target};
@@ -378,7 +377,8 @@ impl Node {
         let client = match slot.take() {
             Some(client) if !client.is_closed() => client,
             _ => {
-                let connect = tokio::time::timeout(limits.connect_timeout, self.pg.connect(NoTls));
+                let connect =
+                    tokio::time::timeout(limits.connect_timeout, self.target.tls.connect(&self.pg));
                 match connect.await {
                     Err(_) => return Err(Failure::TimedOut(limits.connect_timeout)),
                     Ok(Err(e)) if e.code() == Some(&SqlState::TOO_MANY_CONNECTIONS) => {

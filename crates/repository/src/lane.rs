@@ -29,7 +29,9 @@ use deadpool_postgres::Connect;
 use futures::future::BoxFuture;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, Config};
+
+use crate::tls::Tls;
 
 /// The runtime (and thread) where a lane's connections are opened and driven.
 #[derive(Debug)]
@@ -49,9 +51,10 @@ impl Home {
 
 /// Opens a lane's connections on the lane's home runtime once it has one, on the caller's
 /// runtime before (start-up checks) or if the home runtime is gone.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct HomeConnect {
     pub(crate) home: Arc<OnceLock<Home>>,
+    pub(crate) tls: Tls,
 }
 
 impl Connect for HomeConnect {
@@ -60,6 +63,7 @@ impl Connect for HomeConnect {
         pg_config: &Config,
     ) -> BoxFuture<'_, Result<(Client, JoinHandle<()>), tokio_postgres::Error>> {
         let config = pg_config.clone();
+        let tls = self.tls.clone();
         let home = self
             .home
             .get()
@@ -69,19 +73,19 @@ impl Connect for HomeConnect {
             if let Some(handle) = home {
                 // A task on the home runtime opens the socket there (registering it with that
                 // runtime's reactor) and spawns the driver there.
-                if let Ok(opened) = handle.spawn(open(config.clone())).await {
+                if let Ok(opened) = handle.spawn(open(config.clone(), tls.clone())).await {
                     return opened;
                 }
                 // The home runtime shut down (the server is stopping): open it here.
             }
-            open(config).await
+            open(config, tls).await
         })
     }
 }
 
 /// Opens one connection and spawns its driver task on the current runtime.
-async fn open(config: Config) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
+async fn open(config: Config, tls: Tls) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
+    let (client, connection) = tls.connect(&config).await?;
     let driver = tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "pooled database connection ended");

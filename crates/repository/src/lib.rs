@@ -22,6 +22,7 @@ mod health;
 mod lane;
 pub mod migrations;
 pub mod models;
+mod tls;
 
 pub use config::{DbConfig, Secret, Statements, mask_url};
 pub use database::{Conn, Database, LeaseCount, PoolStatus, SETTLE_TIMEOUT};
@@ -38,10 +39,10 @@ pub use models::{Order, OrderSummary, Page, Profile, Review, UserSummary};
 /// reached within `create_timeout`, or another [`Error`] the server reports.
 pub async fn connect(config: &DbConfig) -> Result<tokio_postgres::Client, Error> {
     let pg = config.pg_config()?;
-    let (client, connection) =
-        tokio::time::timeout(config.create_timeout, pg.connect(tokio_postgres::NoTls))
-            .await
-            .map_err(|_| Error::Unavailable("connecting timed out".to_owned()))??;
+    let tls = tls::Tls::for_config(&pg, config.tls_ca_file.as_deref())?;
+    let (client, connection) = tokio::time::timeout(config.create_timeout, tls.connect(&pg))
+        .await
+        .map_err(|_| Error::Unavailable("connecting timed out".to_owned()))??;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "direct database connection ended");
