@@ -129,7 +129,17 @@ impl DbConfig {
     }
 
     fn pg_config_of(&self, url: &str, key: &str) -> Result<tokio_postgres::Config, Error> {
-        let mut pg = tokio_postgres::Config::from_str(url)
+        // libpq's `verify-full` is what `require` does here (see the `tls` module); the driver
+        // knows only disable, prefer and require. `verify-ca` (no host name check) is refused
+        // rather than quietly made stricter or weaker.
+        if url.contains("sslmode=verify-ca") {
+            return Err(Error::Config(format!(
+                "{key}: sslmode=verify-ca is not supported; use sslmode=verify-full (or require, \
+                 the same here: the certificate and the host name are verified)"
+            )));
+        }
+        let url = url.replace("sslmode=verify-full", "sslmode=require");
+        let mut pg = tokio_postgres::Config::from_str(&url)
             .map_err(|e| Error::Config(format!("{key} is not a valid PostgreSQL URL: {e}")))?;
         if pg.get_password().is_none() {
             if let Some(password) = &self.password {
@@ -233,7 +243,9 @@ fn urls<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>
 /// database), so no password survives, whichever form it was given in (`user:password@`,
 /// `?password=`, or `password=` in the key-value form). A password is shown as `***`.
 pub fn mask_url(url: &str) -> String {
-    let Ok(pg) = tokio_postgres::Config::from_str(url) else {
+    let Ok(pg) =
+        tokio_postgres::Config::from_str(&url.replace("sslmode=verify-full", "sslmode=require"))
+    else {
         return "<unparsable database URL>".to_owned();
     };
     let mut text = String::from("postgres://");
@@ -322,6 +334,36 @@ mod tests {
             assert_eq!(masked, "postgres://app:***@db:5432/x");
         }
         assert_eq!(mask_url("not a url"), "<unparsable database URL>");
+    }
+
+    #[test]
+    fn libpq_sslmodes_map_onto_what_the_driver_knows() {
+        use tokio_postgres::config::SslMode;
+        let mode = |url: &str| {
+            DbConfig::with_url(url.to_owned())
+                .pg_config()
+                .map(|pg| pg.get_ssl_mode())
+        };
+        assert!(matches!(mode("postgres://u@h/d"), Ok(SslMode::Prefer)));
+        assert!(matches!(
+            mode("postgres://u@h/d?sslmode=require"),
+            Ok(SslMode::Require)
+        ));
+        assert!(matches!(
+            mode("postgres://u@h/d?sslmode=verify-full"),
+            Ok(SslMode::Require)
+        ));
+        assert!(matches!(
+            mode("postgres://u@h/d?sslmode=disable"),
+            Ok(SslMode::Disable)
+        ));
+        let refused = mode("postgres://u@h/d?sslmode=verify-ca")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("database.url") && refused.contains("verify-ca"),
+            "{refused}"
+        );
     }
 
     #[test]
