@@ -941,10 +941,17 @@ impl Conn {
                 Ok(Err(Error::Unavailable(reason))) => replica.failed(&reason),
                 // Not answered (a replica gone behind a pooler makes statements wait): the
                 // session is not used again, its statement abandoned, and the read goes to the
-                // primary. The replica stays in the reads: a slow replica is not a gone one;
-                // its check (bounded the same way) decides.
-                Err(_) => self.main.broken.store(true, Ordering::Relaxed),
-                Ok(result) => return result,
+                // primary. A slow replica is not a gone one: it stays in the reads, its check
+                // (bounded the same way) decides, unless reads keep going unanswered (see the
+                // `health` module).
+                Err(_) => {
+                    self.main.broken.store(true, Ordering::Relaxed);
+                    replica.read_timed_out(bound);
+                }
+                Ok(result) => {
+                    replica.read_answered();
+                    return result;
+                }
             }
             replica.target.fallbacks.fetch_add(1, Ordering::Relaxed);
             let link = self

@@ -14,6 +14,11 @@
 //! lagging and skipped (its rows may be any age); if the primary is down too, the replica keeps
 //! serving what it has, which is the point of reading from it then.
 //!
+//! A replica that answers its checks but not its reads (a lock replayed from the primary, an
+//! overloaded disk) costs each read `replica_timeout` before the primary serves it. After
+//! [`SLOW_READS`] such reads in a row it is left out of the reads for [`SLOW_HOLD`] (readiness
+//! shows it down, with why), then tried again: at most a few slow reads per hold, not all of them.
+//!
 //! A replica starts unchecked, which reads treat as unusable: until its first check answers,
 //! reads go to the primary. A statement that finds a replica gone marks it down at once (see
 //! [`crate::Conn`]); the next check brings it back. A replica's check is bounded by
@@ -26,7 +31,7 @@
 //! a check finds it back.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -105,6 +110,12 @@ pub struct DatabaseState {
     pub error: Option<String>,
 }
 
+/// How many reads in a row may go unanswered within `replica_timeout` before the replica is left
+/// out of the reads for [`SLOW_HOLD`].
+pub(crate) const SLOW_READS: u32 = 3;
+/// How long a replica whose reads go unanswered stays out of the reads.
+pub(crate) const SLOW_HOLD: Duration = Duration::from_secs(5);
+
 const UNCHECKED: u8 = 0;
 const UP: u8 = 1;
 const LAGGING: u8 = 2;
@@ -129,6 +140,11 @@ pub(crate) struct Node {
     session: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
     /// A replica's primary, asked when the replica stopped streaming and fell behind.
     primary: Option<std::sync::Arc<Node>>,
+    /// Replica reads in a row that got no answer within `replica_timeout`.
+    slow_reads: AtomicU32,
+    /// Until when (milliseconds after `born`; 0: not) the replica is left out for slow reads.
+    held_until: AtomicU64,
+    born: Instant,
 }
 
 /// What a check found on a database that answered.
@@ -169,6 +185,9 @@ impl Node {
             pg,
             session: tokio::sync::Mutex::new(None),
             primary,
+            slow_reads: AtomicU32::new(0),
+            held_until: AtomicU64::new(0),
+            born: Instant::now(),
         }
     }
 
@@ -178,7 +197,39 @@ impl Node {
 
     /// Whether reads may go to this replica.
     pub(crate) fn usable(&self) -> bool {
-        self.reach.load(Ordering::Relaxed) == UP
+        self.reach.load(Ordering::Relaxed) == UP && !self.held()
+    }
+
+    /// Whether the replica is left out of the reads for slow reads now.
+    fn held(&self) -> bool {
+        let until = self.held_until.load(Ordering::Relaxed);
+        until != 0 && millis(self.born.elapsed()) < until
+    }
+
+    /// A read on this replica got no answer within `replica_timeout`: the [`SLOW_READS`]-th in
+    /// a row leaves it out of the reads for [`SLOW_HOLD`].
+    pub(crate) fn read_timed_out(&self, bound: Duration) {
+        let in_a_row = self.slow_reads.fetch_add(1, Ordering::Relaxed) + 1;
+        if in_a_row >= SLOW_READS {
+            self.slow_reads.store(0, Ordering::Relaxed);
+            let until = millis(self.born.elapsed() + SLOW_HOLD);
+            if self.held_until.swap(until, Ordering::Relaxed) < until {
+                tracing::warn!(
+                    database = %self.name,
+                    reads = in_a_row,
+                    ?bound,
+                    hold = ?SLOW_HOLD,
+                    "read replica answers no reads in time; left out of the reads for a while"
+                );
+            }
+        }
+    }
+
+    /// A read on this replica was answered in time.
+    pub(crate) fn read_answered(&self) {
+        if self.slow_reads.load(Ordering::Relaxed) != 0 {
+            self.slow_reads.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Whether the last check found this database not answering.
@@ -435,6 +486,18 @@ impl Node {
     /// The database's state for a readiness report.
     pub(crate) fn state(&self) -> DatabaseState {
         let reach = match self.reach.load(Ordering::Relaxed) {
+            UP if self.held() => {
+                return DatabaseState {
+                    name: self.name.clone(),
+                    role: self.role,
+                    reach: Reach::Down,
+                    lag_ms: None,
+                    error: Some(format!(
+                        "{SLOW_READS} reads in a row got no answer in time; left out of the reads \
+                         for {SLOW_HOLD:?}"
+                    )),
+                };
+            }
             UP => Reach::Up,
             LAGGING => Reach::Lagging,
             DOWN => Reach::Down,
@@ -449,6 +512,11 @@ impl Node {
             error: self.error.lock().ok().and_then(|e| e.clone()),
         }
     }
+}
+
+/// A duration in whole milliseconds, saturating.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A driver error as one line, through the repository's error type (no SQL text).

@@ -509,6 +509,63 @@ async fn a_replica_read_that_gets_no_answer_in_time_is_read_from_the_primary() {
 }
 
 #[tokio::test]
+async fn a_replica_whose_reads_keep_going_unanswered_is_left_out_for_a_while() {
+    let db = TestDb::create().await;
+    insert_fixtures(&db).await;
+    // As above: a stand-in replica that answers its checks, but whose reads wait on a lock.
+    let slow = TestDb::create().await;
+    insert_fixtures(&slow).await;
+    let database = Database::connect_lazy(&DbConfig {
+        replica_urls: vec![slow.url().to_owned()],
+        replica_timeout: Duration::from_millis(200),
+        ..db.config()
+    })
+    .unwrap();
+    database.check_replicas().await;
+    let lock = TableLock::take(&slow, "users").await;
+    // Three reads in a row wait out replica_timeout, each then served by the primary.
+    for _ in 0..3 {
+        let conn = database.conn().await.unwrap();
+        assert!(conn.on_replica());
+        assert_eq!(conn.profile(1).await.unwrap().unwrap().username, "ada");
+        assert!(!conn.on_replica());
+    }
+    // Then the replica is left out: the next lease goes to the primary without waiting, and
+    // readiness says why, although the replica's check still answers.
+    let conn = database.conn().await.unwrap();
+    assert!(!conn.on_replica());
+    drop(conn);
+    database.check_replicas().await;
+    let states = database.states(Duration::from_secs(2)).await;
+    assert_eq!(states[1].reach, Reach::Down, "{states:?}");
+    assert!(
+        states[1]
+            .error
+            .as_deref()
+            .is_some_and(|why| why.contains("no answer in time")),
+        "{states:?}"
+    );
+    lock.release().await;
+    // After the hold (5 s) it is read from again (bounded).
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        database.check_replicas().await;
+        if database.conn().await.unwrap().on_replica() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "never read from again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let conn = database.conn().await.unwrap();
+    assert!(conn.on_replica());
+    assert_eq!(conn.profile(1).await.unwrap().unwrap().username, "ada");
+    assert!(conn.on_replica());
+}
+
+#[tokio::test]
 async fn once_no_database_answers_reads_fail_at_once_until_one_does() {
     // A server that accepts connections and never answers.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
