@@ -945,8 +945,11 @@ impl Conn {
                 // (bounded the same way) decides, unless reads keep going unanswered (see the
                 // `health` module).
                 Err(_) => {
-                    self.main.broken.store(true, Ordering::Relaxed);
-                    replica.read_timed_out(bound);
+                    // Counted once per lease: the statements pipelined behind a slow one time
+                    // out with it.
+                    if !self.main.broken.swap(true, Ordering::Relaxed) {
+                        replica.read_timed_out(bound);
+                    }
                 }
                 Ok(result) => {
                     replica.read_answered();

@@ -16,8 +16,9 @@
 //!
 //! A replica that answers its checks but not its reads (a lock replayed from the primary, an
 //! overloaded disk) costs each read `replica_timeout` before the primary serves it. After
-//! [`SLOW_READS`] such reads in a row it is left out of the reads for [`SLOW_HOLD`] (readiness
-//! shows it down, with why), then tried again: at most a few slow reads per hold, not all of them.
+//! [`SLOW_READS`] such leases in a row (a lease's pipelined statements count once) it is left out
+//! of the reads for [`SLOW_HOLD`] (readiness shows it down, with why), then tried again: what
+//! reads start within one `replica_timeout` after each hold pay for it, not all of them.
 //!
 //! A replica starts unchecked, which reads treat as unusable: until its first check answers,
 //! reads go to the primary. A statement that finds a replica gone marks it down at once (see
@@ -42,12 +43,16 @@ use crate::database::{Limits, Target};
 
 /// The lag of a replica in milliseconds (0 when it streams and has replayed all it received),
 /// or -1 for a server that is not a replica; and whether a WAL receiver runs (the view shows its
-/// row, if not its details, to roles without `pg_read_all_stats`).
+/// row, if not its details, to roles without `pg_read_all_stats`). A replica that has replayed no
+/// transaction since it started has no replay time: no lag while it streams, unknown (a day, so
+/// past any limit) when it does not.
 const LAG_SQL: &str = "SELECT CASE \
       WHEN NOT pg_is_in_recovery() THEN -1 \
-      WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() \
-        AND EXISTS (SELECT FROM pg_stat_wal_receiver) THEN 0 \
-      ELSE coalesce((extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, 0) \
+      WHEN EXISTS (SELECT FROM pg_stat_wal_receiver) THEN CASE \
+        WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
+        ELSE coalesce((extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, 0) \
+        END \
+      ELSE coalesce((extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, 86400000) \
     END, \
     NOT pg_is_in_recovery() OR EXISTS (SELECT FROM pg_stat_wal_receiver)";
 
@@ -110,8 +115,8 @@ pub struct DatabaseState {
     pub error: Option<String>,
 }
 
-/// How many reads in a row may go unanswered within `replica_timeout` before the replica is left
-/// out of the reads for [`SLOW_HOLD`].
+/// How many leases in a row may have a read unanswered within `replica_timeout` before the replica
+/// is left out of the reads for [`SLOW_HOLD`].
 pub(crate) const SLOW_READS: u32 = 3;
 /// How long a replica whose reads go unanswered stays out of the reads.
 pub(crate) const SLOW_HOLD: Duration = Duration::from_secs(5);
@@ -206,14 +211,14 @@ impl Node {
         until != 0 && millis(self.born.elapsed()) < until
     }
 
-    /// A read on this replica got no answer within `replica_timeout`: the [`SLOW_READS`]-th in
-    /// a row leaves it out of the reads for [`SLOW_HOLD`].
+    /// A lease on this replica had a read with no answer within `replica_timeout`: the
+    /// [`SLOW_READS`]-th such lease in a row leaves it out of the reads for [`SLOW_HOLD`].
     pub(crate) fn read_timed_out(&self, bound: Duration) {
         let in_a_row = self.slow_reads.fetch_add(1, Ordering::Relaxed) + 1;
         if in_a_row >= SLOW_READS {
             self.slow_reads.store(0, Ordering::Relaxed);
             let until = millis(self.born.elapsed() + SLOW_HOLD);
-            if self.held_until.swap(until, Ordering::Relaxed) < until {
+            if self.held_until.fetch_max(until, Ordering::Relaxed) < until {
                 tracing::warn!(
                     database = %self.name,
                     reads = in_a_row,
@@ -225,7 +230,7 @@ impl Node {
         }
     }
 
-    /// A read on this replica was answered in time.
+    /// A read on this replica was answered in time: the count of slow leases starts again.
     pub(crate) fn read_answered(&self) {
         if self.slow_reads.load(Ordering::Relaxed) != 0 {
             self.slow_reads.store(0, Ordering::Relaxed);
@@ -303,7 +308,7 @@ impl Node {
         let _running = Running(&self.checking);
         let found = self.ask(limits, self.bound(limits)).await;
         let orphan = self.orphan(limits, &found, None).await;
-        self.record(limits, found, orphan);
+        self.record(limits, found, orphan.unwrap_or(false));
         if let Ok(mut due) = self.due.lock() {
             *due = Some(Instant::now() + limits.check_interval);
         }
@@ -324,11 +329,13 @@ impl Node {
                     ..self.state()
                 }
             }
-            found => {
-                let orphan = self.orphan(limits, &found, Some(within)).await;
-                self.record(limits, found, orphan);
-                self.state()
-            }
+            found => match self.orphan(limits, &found, Some(within)).await {
+                Some(orphan) => {
+                    self.record(limits, found, orphan);
+                    self.state()
+                }
+                None => self.state(),
+            },
         }
     }
 
@@ -352,21 +359,24 @@ impl Node {
         limits: Limits,
         found: &Result<Answer, Failure>,
         within: Option<Duration>,
-    ) -> bool {
+    ) -> Option<bool> {
         let Some(primary) = &self.primary else {
-            return false;
+            return Some(false);
         };
         if !matches!(found, Ok(answer) if !answer.streaming && answer.lag > limits.max_lag) {
-            return false;
+            return Some(false);
         }
         let bound = primary.bound(limits);
         let bound = within.map_or(bound, |within| within.min(bound));
         match primary.ask(limits, bound).await {
-            Err(Failure::TimedOut(_)) if within.is_some() => primary.is_down(),
+            // A report's shorter wait ran out: not proof either way. Unless the primary's own
+            // checks found it down, the report leaves the replica as it was, for the background
+            // check (which waits the primary's full bound) to decide.
+            Err(Failure::TimedOut(_)) if within.is_some() => primary.is_down().then_some(true),
             asked => {
                 let down = asked.is_err();
                 primary.record(limits, asked, false);
-                down
+                Some(down)
             }
         }
     }
@@ -493,8 +503,8 @@ impl Node {
                     reach: Reach::Down,
                     lag_ms: None,
                     error: Some(format!(
-                        "{SLOW_READS} reads in a row got no answer in time; left out of the reads \
-                         for {SLOW_HOLD:?}"
+                        "{SLOW_READS} leases in a row had a read with no answer in time; left out \
+                         of the reads for {SLOW_HOLD:?}"
                     )),
                 };
             }

@@ -54,6 +54,13 @@ impl Tls {
     /// certificate, or no file is set and the system has no roots.
     pub(crate) fn for_config(pg: &Config, ca_file: Option<&Path>) -> Result<Self, Error> {
         if pg.get_ssl_mode() != SslMode::Require {
+            if let Some(path) = ca_file {
+                tracing::warn!(
+                    ca_file = %path.display(),
+                    "database.tls_ca_file is set but the URL does not say sslmode=require: \
+                     connecting without TLS"
+                );
+            }
             return Ok(Self::Off);
         }
         let mut roots = rustls::RootCertStore::empty();

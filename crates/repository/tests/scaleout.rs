@@ -366,6 +366,51 @@ async fn a_replica_further_behind_than_the_limit_is_skipped() {
     assert!(!used_replica);
 }
 
+/// Sets the replica's `primary_conninfo` (through `url`, a superuser's) and reloads it.
+async fn set_conninfo(url: &str, value: &str) {
+    let admin = repository::connect(&DbConfig::with_url(url.to_owned()))
+        .await
+        .unwrap();
+    let statement: String = admin
+        .query_one(
+            "SELECT format('ALTER SYSTEM SET primary_conninfo = %L', $1::text)",
+            &[&value],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    admin.batch_execute(&statement).await.unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+}
+
+/// Puts the shared replica's `primary_conninfo` back when dropped, on a thread with a runtime of
+/// its own (so also while a failing test unwinds).
+struct ConninfoRestore {
+    url: String,
+    conninfo: String,
+}
+
+impl Drop for ConninfoRestore {
+    fn drop(&mut self) {
+        let (url, conninfo) = (self.url.clone(), self.conninfo.clone());
+        let restored = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(set_conninfo(&url, &conninfo));
+        })
+        .join();
+        assert!(
+            restored.is_ok() || std::thread::panicking(),
+            "could not restore the replica's primary_conninfo"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_replica_that_stopped_streaming_is_skipped_while_its_primary_answers_and_serves_when_it_does_not()
  {
@@ -409,22 +454,12 @@ async fn a_replica_that_stopped_streaming_is_skipped_while_its_primary_answers_a
         .await
         .unwrap()
         .get(0);
-    let set_conninfo = async |value: &str| {
-        let statement: String = admin
-            .query_one(
-                "SELECT format('ALTER SYSTEM SET primary_conninfo = %L', $1::text)",
-                &[&value],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        admin.batch_execute(&statement).await.unwrap();
-        admin
-            .batch_execute("SELECT pg_reload_conf()")
-            .await
-            .unwrap();
+    set_conninfo(&replica, "").await;
+    // Put back when this ends, a failing assertion or a panic included.
+    let restore = ConninfoRestore {
+        url: replica.clone(),
+        conninfo: conninfo.clone(),
     };
-    set_conninfo("").await;
     let mut seen = Vec::new();
     let mut skipped = false;
     let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -451,7 +486,7 @@ async fn a_replica_that_stopped_streaming_is_skipped_while_its_primary_answers_a
     orphaned.check_replicas().await;
     let orphan_states = orphaned.states(Duration::from_secs(2)).await;
     let orphan_reads = orphaned.conn().await.map(|conn| conn.on_replica());
-    set_conninfo(&conninfo).await;
+    drop(restore);
     assert_eq!(
         orphan_states
             .iter()
@@ -522,9 +557,22 @@ async fn a_replica_whose_reads_keep_going_unanswered_is_left_out_for_a_while() {
     })
     .unwrap();
     database.check_replicas().await;
-    let lock = TableLock::take(&slow, "users").await;
-    // Three reads in a row wait out replica_timeout, each then served by the primary.
-    for _ in 0..3 {
+    let mut locks = Vec::new();
+    for table in ["users", "orders", "reviews"] {
+        locks.push(TableLock::take(&slow, table).await);
+    }
+    // A lease whose three pipelined reads all wait out replica_timeout (each then served by the
+    // primary) counts once: the replica stays in the reads.
+    let conn = database.conn().await.unwrap();
+    assert!(conn.on_replica());
+    let (profile, orders, reviews) = tokio::join!(conn.profile(1), conn.orders(1), conn.reviews(1));
+    assert_eq!(profile.unwrap().unwrap().username, "ada");
+    assert_eq!(orders.unwrap().items.len(), 2);
+    assert_eq!(reviews.unwrap().items.len(), 1);
+    assert!(!conn.on_replica());
+    drop(conn);
+    // Two more such leases make three in a row.
+    for _ in 0..2 {
         let conn = database.conn().await.unwrap();
         assert!(conn.on_replica());
         assert_eq!(conn.profile(1).await.unwrap().unwrap().username, "ada");
@@ -545,7 +593,9 @@ async fn a_replica_whose_reads_keep_going_unanswered_is_left_out_for_a_while() {
             .is_some_and(|why| why.contains("no answer in time")),
         "{states:?}"
     );
-    lock.release().await;
+    for lock in locks {
+        lock.release().await;
+    }
     // After the hold (5 s) it is read from again (bounded).
     let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
