@@ -24,6 +24,19 @@ pub struct Host {
 }
 
 impl Host {
+    /// Whether a TCP connection from this host to `to` opens within 5 s (bash's `/dev/tcp`).
+    pub async fn reaches(&self, to: std::net::SocketAddr) -> bool {
+        let mut command = self.command("bash");
+        command
+            .args(["-c", &format!("exec 3<>/dev/tcp/{}/{}", to.ip(), to.port())])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let status = tokio::time::timeout(std::time::Duration::from_secs(5), command.status());
+        matches!(status.await, Ok(Ok(status)) if status.success())
+    }
+
     /// A command that runs `program` on this host.
     pub fn command(&self, program: &str) -> tokio::process::Command {
         let mut command = tokio::process::Command::new("ip");
@@ -42,44 +55,65 @@ pub struct Network {
 }
 
 impl Network {
-    /// Whether this process can make namespaces: it runs as root and `ip` works.
+    /// Whether this process can make namespaces: it runs as root, and making (and removing) a
+    /// scratch one works (root in a container without the capabilities cannot).
     pub fn available() -> bool {
-        crate::pg::running_as_root().unwrap_or(false)
-            && Command::new("ip")
-                .args(["netns", "list"])
-                .output()
-                .is_ok_and(|output| output.status.success())
+        if !crate::pg::running_as_root().unwrap_or(false) {
+            return false;
+        }
+        let probe = format!("dash-probe-{}", std::process::id());
+        let made = ip(&["netns", "add", &probe]).is_ok();
+        made && ip(&["netns", "del", &probe]).is_ok()
     }
 
-    /// Makes a bridge `dash<tag>br` with `10.213.<subnet>.1/24` and one namespace per name in
-    /// `names` (`dash<tag>-<name>`), at `.10`, `.11`, …, each joined to the bridge by a veth pair.
-    /// Leftovers of the same names (a run that was killed) are removed first.
+    /// Makes a bridge `dash<tag>br` with `10.213.<subnet>.1/24` (a subnet no interface here is
+    /// on) and one namespace per name in `names` (`dash<tag>-<name>`), at `.10`, `.11`, …, each
+    /// joined to the bridge by a veth pair. Leftovers of the same names (a run that was killed:
+    /// processes, namespaces, interfaces) are removed first.
     ///
     /// # Errors
     ///
     /// When a name is too long for an interface (the tag makes it so), or `ip` fails; what was
     /// made so far is removed again.
     pub fn create(tag: u16, names: &[&str]) -> Result<Self> {
-        let third = tag % 250 + 1;
         let bridge = format!("dash{tag}br");
-        let mut network = Self {
-            bridge,
-            gateway: Ipv4Addr::new(10, 213, u8::try_from(third).unwrap_or(1), 1),
-            hosts: Vec::new(),
-        };
-        let [a, b, c, _] = network.gateway.octets();
-        let prefixed: Vec<(String, Ipv4Addr)> = names
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                let last = u8::try_from(10 + i).context("at most 240 hosts")?;
-                Ok((format!("dash{tag}-{name}"), Ipv4Addr::new(a, b, c, last)))
-            })
-            .collect::<Result<_>>()?;
-        for (namespace, _) in &prefixed {
+        let namespaces: Vec<String> = names.iter().map(|n| format!("dash{tag}-{n}")).collect();
+        let veths: Vec<String> = (0..names.len()).map(|i| format!("dash{tag}v{i}")).collect();
+        if let Some(long) = veths.iter().chain([&bridge]).find(|name| name.len() > 15) {
+            bail!("interface name {long} is longer than 15 bytes");
+        }
+        // What a run that was killed left: its processes, namespaces and interfaces.
+        for namespace in &namespaces {
+            kill_everything_in(namespace);
             let _ = ip(&["netns", "del", namespace]);
         }
-        let _ = ip(&["link", "del", &network.bridge]);
+        for link in veths.iter().chain([&bridge]) {
+            let _ = ip(&["link", "del", link]);
+        }
+        // A /24 in 10.213.0.0/16 that no interface of this machine is on (another topology's
+        // bridge, a VPN), starting from one the tag picks.
+        let addresses = Command::new("ip")
+            .args(["-4", "-o", "addr", "show"])
+            .output()
+            .context("cannot run ip (Debian package iproute2)")?;
+        let addresses = String::from_utf8_lossy(&addresses.stdout).into_owned();
+        let third = (0..250)
+            .map(|k| u8::try_from((usize::from(tag) + k) % 250 + 1).unwrap_or(1))
+            .find(|third| !addresses.contains(&format!(" 10.213.{third}.")))
+            .context("every 10.213.x.0/24 subnet is in use")?;
+        let mut network = Self {
+            bridge,
+            gateway: Ipv4Addr::new(10, 213, third, 1),
+            hosts: Vec::new(),
+        };
+        let prefixed: Vec<(String, Ipv4Addr)> = namespaces
+            .into_iter()
+            .enumerate()
+            .map(|(i, namespace)| {
+                let last = u8::try_from(10 + i).context("at most 240 hosts")?;
+                Ok((namespace, Ipv4Addr::new(10, 213, third, last)))
+            })
+            .collect::<Result<_>>()?;
 
         ip(&["link", "add", &network.bridge, "type", "bridge"])?;
         ip(&[
@@ -90,21 +124,16 @@ impl Network {
             &network.bridge,
         ])?;
         ip(&["link", "set", &network.bridge, "up"])?;
-        for (i, (namespace, address)) in prefixed.into_iter().enumerate() {
-            // The root end of the pair; its name must fit 15 bytes.
-            let veth = format!("dash{tag}v{i}");
-            if veth.len() > 15 {
-                bail!("interface name {veth} is longer than 15 bytes");
-            }
+        for ((namespace, address), veth) in prefixed.into_iter().zip(&veths) {
             ip(&["netns", "add", &namespace])?;
             network.hosts.push(Host {
                 namespace: namespace.clone(),
                 address,
             });
             ip(&[
-                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &namespace,
+                "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", &namespace,
             ])?;
-            ip(&["link", "set", &veth, "master", &network.bridge, "up"])?;
+            ip(&["link", "set", veth, "master", &network.bridge, "up"])?;
             let inside = |args: &[&str]| {
                 let mut all = vec!["-n", namespace.as_str()];
                 all.extend_from_slice(args);
@@ -125,14 +154,34 @@ impl Network {
 
 impl Drop for Network {
     fn drop(&mut self) {
-        // Deleting a namespace deletes its end of the pair, and with it the root end.
+        // Deleting a namespace deletes its end of the pair, and with it the root end, once no
+        // process is left in it.
         for host in &self.hosts {
+            kill_everything_in(&host.namespace);
             if let Err(e) = ip(&["netns", "del", &host.namespace]) {
                 eprintln!("warning: {e:#}");
             }
         }
         if let Err(e) = ip(&["link", "del", &self.bridge]) {
             eprintln!("warning: {e:#}");
+        }
+    }
+}
+
+/// Kills (SIGKILL) whatever still runs in `namespace`, if it exists.
+fn kill_everything_in(namespace: &str) {
+    let Ok(output) = Command::new("ip")
+        .args(["netns", "pids", namespace])
+        .output()
+    else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&output.stdout).split_whitespace() {
+        if let Ok(pid) = pid.parse::<i32>() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -188,8 +237,9 @@ mod tests {
     #[test]
     fn hosts_reach_each_other_and_the_machine_and_are_removed_when_dropped() {
         if !Network::available() {
-            // Not root: the topology runs on loopback ports, and so does nothing here.
-            assert!(!crate::pg::running_as_root().unwrap() || Command::new("ip").output().is_err());
+            // Not root, or no right to make namespaces: the topology runs on loopback ports, and
+            // making a network fails with an error rather than half-way.
+            assert!(Network::create(39_999, &["a"]).is_err());
             return;
         }
         // A tag of this process's own, so a running cluster (8443) or another run is not hit.

@@ -286,6 +286,21 @@ impl Topology {
             &options.upstream_flags,
         )
         .await?;
+        if let Some((stand_in, first)) = network
+            .as_ref()
+            .and_then(|network| Some((network.hosts().first()?, network.hosts().get(1)?)))
+        {
+            // Host to host crosses the bridge, which a firewall may stop (Docker's FORWARD
+            // policy with br_netfilter): say so now rather than as timed-out recommendations.
+            let to = std::net::SocketAddr::from((stand_in.address, ports.upstream));
+            if !first.reaches(to).await {
+                bail!(
+                    "host {} cannot reach the stand-in at {to} across the bridge (a firewall \
+                     that filters bridged traffic?); run with --loopback",
+                    first.namespace
+                );
+            }
+        }
 
         let instance_settings = instance_settings(
             options,
