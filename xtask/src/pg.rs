@@ -241,7 +241,8 @@ impl Cluster {
 
     /// Makes a streaming hot standby of this running cluster in `state_dir`, listening on `port`:
     /// a fresh `pg_basebackup -R` (any earlier copy there is stopped and replaced), with this
-    /// cluster's superuser, password and server settings (and a 1 s `wal_retrieve_retry_interval`). Start and stop it like any cluster.
+    /// cluster's superuser, password and server settings (and a 1 s `wal_retrieve_retry_interval`),
+    /// streaming through a replication slot of its own. Start and stop it like any cluster.
     ///
     /// initdb's `pg_hba.conf` already lets replication connections in from 127.0.0.1 with the
     /// password, and the superuser may replicate, so the primary needs no change.
@@ -264,6 +265,19 @@ impl Cluster {
         let password = std::fs::read_to_string(self.password_file())
             .with_context(|| format!("cannot read {}", self.password_file().display()))?;
         write_private(&replica.password_file(), password.trim())?;
+        // A replication slot keeps the primary from removing WAL the replica has not received
+        // yet. Without one, a replica that stops receiving for a moment (restarted, cut off by a
+        // test) while the primary writes fast (every CREATE DATABASE logs a whole database and
+        // forces a checkpoint) finds its next segment gone and never catches up again. Slots of
+        // replicas made earlier (inactive: their replica was stopped above) are dropped first,
+        // or they would keep WAL forever.
+        let slot = format!("xtask_replica_{port}");
+        self.psql(
+            "postgres",
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name LIKE 'xtask\\_replica\\_%' AND NOT active",
+        )
+        .context("cannot drop the replication slots of earlier replicas")?;
         let output = replica.run_with_env(
             "pg_basebackup",
             &[
@@ -276,6 +290,9 @@ impl Cluster {
                 "-D",
                 &data.to_string_lossy(),
                 "-R",
+                "-C",
+                "-S",
+                &slot,
                 "-X",
                 "stream",
                 "-c",
@@ -300,7 +317,9 @@ impl Cluster {
     ///
     /// When either cannot be queried, or the replica is still behind after `timeout`.
     pub async fn wait_for_replay(&self, primary: &Cluster, timeout: Duration) -> Result<()> {
-        let lsn = primary.psql("postgres", "SELECT pg_current_wal_lsn()")?;
+        // The insert position: with synchronous_commit off, a commit may not be written yet
+        // (the write position would be before it, and the replica "caught up" without it).
+        let lsn = primary.psql("postgres", "SELECT pg_current_wal_insert_lsn()")?;
         let lsn = lsn.trim();
         let caught_up = format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
         let deadline = Instant::now() + timeout;

@@ -121,7 +121,9 @@ impl TestDb {
     }
 
     /// Waits (at most 30 s) until the replica (`REPLICA_URL`) has replayed the primary's WAL up
-    /// to now: what was written to this database is then readable there.
+    /// to now (its insert position: the test cluster commits without waiting for the WAL to be
+    /// written, so the write position may still be before the last commit): what was written to
+    /// this database is then readable there.
     ///
     /// # Panics
     ///
@@ -131,7 +133,7 @@ impl TestDb {
             .await
             .unwrap_or_else(|e| panic!("cannot reach the primary: {e}"));
         let lsn: String = primary
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
             .and_then(|row| row.try_get(0))
             .unwrap_or_else(|e| panic!("cannot read the primary's WAL position: {e}"));
