@@ -306,7 +306,7 @@ impl Node {
             }
         }
         let _running = Running(&self.checking);
-        let found = self.ask(limits, self.bound(limits)).await;
+        let found = self.ask(self.bound(limits), limits.connect_timeout).await;
         let orphan = self.orphan(limits, &found, None).await;
         self.record(limits, found, orphan.unwrap_or(false));
         if let Ok(mut due) = self.due.lock() {
@@ -318,7 +318,8 @@ impl Node {
     /// except no answer within `within` (shorter than a check's own bound, so not proof enough
     /// to make reads fail fast): that is only reported.
     pub(crate) async fn report(&self, limits: Limits, within: Duration) -> DatabaseState {
-        match self.ask(limits, self.bound(limits).min(within)).await {
+        let connect = limits.connect_timeout.min(within);
+        match self.ask(self.bound(limits).min(within), connect).await {
             Err(Failure::TimedOut(bound)) => {
                 // Not proof enough to fail reads fast, but worth a check of its own.
                 self.suspect.store(true, Ordering::Relaxed);
@@ -368,7 +369,8 @@ impl Node {
         }
         let bound = primary.bound(limits);
         let bound = within.map_or(bound, |within| within.min(bound));
-        match primary.ask(limits, bound).await {
+        let connect = within.map_or(limits.connect_timeout, |w| w.min(limits.connect_timeout));
+        match primary.ask(bound, connect).await {
             // A report's shorter wait ran out: not proof either way. Unless the primary's own
             // checks found it down, the report leaves the replica as it was, for the background
             // check (which waits the primary's full bound) to decide.
@@ -428,10 +430,10 @@ impl Node {
     }
 
     /// Asks the database, on the checks' own session, how far behind it is (zero for a server
-    /// that is not in recovery): opening the session within the connect bound
-    /// (`create_timeout`), the question within `bound`. A server that refuses the session because
+    /// that is not in recovery): opening the session within `connect_bound` (`create_timeout`, or
+    /// a readiness report's shorter wait), the question within `bound`. A server that refuses the session because
     /// it has no connection slot left (53300) answers: it is full, not gone.
-    async fn ask(&self, limits: Limits, bound: Duration) -> Result<Answer, Failure> {
+    async fn ask(&self, bound: Duration, connect_bound: Duration) -> Result<Answer, Failure> {
         let mut slot = self.session.lock().await;
         // Taken out while in use: a check cut short drops it (closing it) rather than leave a
         // half-answered query for the next check.
@@ -439,9 +441,9 @@ impl Node {
             Some(client) if !client.is_closed() => client,
             _ => {
                 let connect =
-                    tokio::time::timeout(limits.connect_timeout, self.target.tls.connect(&self.pg));
+                    tokio::time::timeout(connect_bound, self.target.tls.connect(&self.pg));
                 match connect.await {
-                    Err(_) => return Err(Failure::TimedOut(limits.connect_timeout)),
+                    Err(_) => return Err(Failure::TimedOut(connect_bound)),
                     Ok(Err(e)) if e.code() == Some(&SqlState::TOO_MANY_CONNECTIONS) => {
                         return Ok(Answer {
                             lag: Duration::ZERO,
