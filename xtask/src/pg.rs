@@ -317,10 +317,18 @@ impl Cluster {
     ///
     /// When either cannot be queried, or the replica is still behind after `timeout`.
     pub async fn wait_for_replay(&self, primary: &Cluster, timeout: Duration) -> Result<()> {
-        // The insert position: with synchronous_commit off, a commit may not be written yet
-        // (the write position would be before it, and the replica "caught up" without it).
-        let lsn = primary.psql("postgres", "SELECT pg_current_wal_insert_lsn()")?;
-        let lsn = lsn.trim();
+        // With synchronous_commit off, a commit may not be written yet, so the write position
+        // could be before it (and the replica "caught up" without it). A transaction that
+        // commits synchronously flushes everything before it; the write position after it is
+        // then past every earlier commit. (The insert position is no good: after a record that
+        // ends a page it points past the next page's header, which an idle primary may not
+        // write for 15 s.)
+        let lsn = primary.psql(
+            "postgres",
+            "BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT; \
+             SELECT pg_current_wal_lsn()",
+        )?;
+        let lsn = lsn.lines().last().unwrap_or_default().trim();
         let caught_up = format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
         let deadline = Instant::now() + timeout;
         loop {

@@ -121,9 +121,10 @@ impl TestDb {
     }
 
     /// Waits (at most 30 s) until the replica (`REPLICA_URL`) has replayed the primary's WAL up
-    /// to now (its insert position: the test cluster commits without waiting for the WAL to be
-    /// written, so the write position may still be before the last commit): what was written to
-    /// this database is then readable there.
+    /// to now: what was written to this database is then readable there. The test cluster
+    /// commits without waiting for the WAL to be written, so a transaction that commits
+    /// synchronously flushes it first (otherwise the write position may be before the last
+    /// commit).
     ///
     /// # Panics
     ///
@@ -132,8 +133,14 @@ impl TestDb {
         let primary = repository::connect(&self.admin)
             .await
             .unwrap_or_else(|e| panic!("cannot reach the primary: {e}"));
+        primary
+            .batch_execute(
+                "BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT",
+            )
+            .await
+            .unwrap_or_else(|e| panic!("cannot flush the primary's WAL: {e}"));
         let lsn: String = primary
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
             .await
             .and_then(|row| row.try_get(0))
             .unwrap_or_else(|e| panic!("cannot read the primary's WAL position: {e}"));
