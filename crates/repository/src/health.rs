@@ -18,7 +18,9 @@
 //! overloaded disk) costs each read `replica_timeout` before the primary serves it. After
 //! [`SLOW_READS`] such leases in a row (a lease's pipelined statements count once) it is left out
 //! of the reads for [`SLOW_HOLD`] (readiness shows it down, with why), then tried again: what
-//! reads start within one `replica_timeout` after each hold pay for it, not all of them.
+//! reads start within one `replica_timeout` after each hold pay for it, not all of them. A check
+//! that finds a replica back from down (or lagging) ends a hold: the reads that went unanswered
+//! were the outage's.
 //!
 //! A replica starts unchecked, which reads treat as unusable: until its first check answers,
 //! reads go to the primary. A statement that finds a replica gone marks it down at once (see
@@ -45,11 +47,12 @@ use crate::database::{Limits, Target};
 /// or -1 for a server that is not a replica; and whether a WAL receiver runs (the view shows its
 /// row, if not its details, to roles without `pg_read_all_stats`). A replica that has replayed no
 /// transaction since it started has no replay time: no lag while it streams, unknown (a day, so
-/// past any limit) when it does not.
+/// past any limit) when it does not. "All it received" is `receive <= replay`: a restarted
+/// replica's receiver starts at the beginning of the segment it replayed into, behind replay.
 const LAG_SQL: &str = "SELECT CASE \
       WHEN NOT pg_is_in_recovery() THEN -1 \
       WHEN EXISTS (SELECT FROM pg_stat_wal_receiver) THEN CASE \
-        WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
+        WHEN pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0 \
         ELSE coalesce((extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, 0) \
         END \
       ELSE coalesce((extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, 86400000) \
@@ -214,6 +217,10 @@ impl Node {
     /// A lease on this replica had a read with no answer within `replica_timeout`: the
     /// [`SLOW_READS`]-th such lease in a row leaves it out of the reads for [`SLOW_HOLD`].
     pub(crate) fn read_timed_out(&self, bound: Duration) {
+        if self.reach.load(Ordering::Relaxed) != UP {
+            // Down or lagging already: out of the reads until a check brings it back.
+            return;
+        }
         let in_a_row = self.slow_reads.fetch_add(1, Ordering::Relaxed) + 1;
         if in_a_row >= SLOW_READS {
             self.slow_reads.store(0, Ordering::Relaxed);
@@ -404,6 +411,12 @@ impl Node {
         // included: nothing else would look at it again while reads fail fast).
         self.suspect.store(reach != UP, Ordering::Relaxed);
         let was = self.reach.swap(reach, Ordering::Relaxed);
+        if was != UP && reach == UP {
+            // Back from down (or lagging): reads that went unanswered meanwhile were the
+            // outage's, not slowness, so a hold they started ends now.
+            self.held_until.store(0, Ordering::Relaxed);
+            self.slow_reads.store(0, Ordering::Relaxed);
+        }
         if was != reach {
             let name = &self.name;
             match reach {
