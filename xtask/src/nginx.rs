@@ -260,24 +260,16 @@ pub fn self_signed_certificate(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     if certificate.is_file() && key.is_file() {
         return Ok((certificate, key));
     }
-    let output = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec"])
-        .args(["-pkeyopt", "ec_paramgen_curve:prime256v1", "-noenc"])
-        .args(["-days", "730", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&certificate)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .context("cannot run openssl (apt-get install openssl)")?;
-    if !output.status.success() {
-        bail!(
-            "openssl could not make a certificate: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
+    crate::pg::openssl(
+        &[
+            &["req", "-x509", "-newkey", "ec"],
+            &["-pkeyopt", "ec_paramgen_curve:prime256v1", "-noenc"],
+            &["-days", "730", "-subj", "/CN=localhost"],
+            &["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        ],
+        &key,
+        &certificate,
+    )?;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot restrict {}", key.display()))?;
     Ok((certificate, key))

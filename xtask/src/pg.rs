@@ -690,7 +690,7 @@ impl ServerHome {
 
 /// Runs `openssl` with the argument groups in `args`, writing a key to `key` and a
 /// certificate to `certificate`.
-fn openssl(args: &[&[&str]], key: &Path, certificate: &Path) -> Result<()> {
+pub(crate) fn openssl(args: &[&[&str]], key: &Path, certificate: &Path) -> Result<()> {
     let output = Command::new("openssl")
         .args(args.iter().flat_map(|group| group.iter()))
         .arg("-keyout")
